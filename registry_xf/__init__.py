@@ -1,0 +1,67 @@
+"""registry_xf: transformer models built from a registry of small, versioned components.
+
+A model is a config file naming registered components; loading builds it on the meta
+device and reads each weight once, straight onto the target device and dtype.
+"""
+
+import logging
+
+from . import layers as _layers  # noqa: F401  (importing registers the components)
+from .about import FORMAT_VERSION, __version__
+from .assemblies import Assembly, Encoder, ModelOutput
+from .config.resolve import fill, read_config, resolve, validate
+from .converters import (
+    albert as _albert,  # noqa: F401
+    bert as _bert,  # noqa: F401
+    distilbert as _distilbert,  # noqa: F401
+    electra as _electra,  # noqa: F401
+    roberta as _roberta,  # noqa: F401
+)
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    LoadError,
+    RegistryNameError,
+    RegistryXFError,
+    UnsupportedModelError,
+)
+from .loading import weights as _weights  # noqa: F401
+from .loading.hf import config_from_hf, export_hf
+from .loading.load import build, load
+from .loading.save import save
+from .loading.sources import DEFAULT_MODEL
+from .pipelines import Embedder, Pooler
+from .registry import registry
+from .tokenizers import HFTokenizer
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FORMAT_VERSION",
+    "Assembly",
+    "CheckpointError",
+    "ConfigError",
+    "Embedder",
+    "Encoder",
+    "HFTokenizer",
+    "InputError",
+    "LoadError",
+    "ModelOutput",
+    "Pooler",
+    "RegistryNameError",
+    "RegistryXFError",
+    "UnsupportedModelError",
+    "__version__",
+    "build",
+    "config_from_hf",
+    "export_hf",
+    "fill",
+    "load",
+    "read_config",
+    "registry",
+    "resolve",
+    "save",
+    "validate",
+]

@@ -1,0 +1,82 @@
+"""The generic encoder: embeddings, a stack of layers, an optional final norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..layers.attention_mask import AttentionMask
+from ..registry import registry
+from .base import Assembly
+from .outputs import ModelOutput
+
+
+class Encoder(Assembly):
+    """A bidirectional transformer encoder (BERT, RoBERTa, ALBERT, ...).
+
+    Families differ only in the components their config gives it.
+    """
+
+    def __init__(
+        self, embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None
+    ):
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = layers
+        self.final_norm = final_norm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens."""
+        self.check_inputs(input_ids, attention_mask)
+        self.embeddings.check(input_ids, token_type_ids)
+        mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
+        h = self.embeddings(input_ids, token_type_ids, positions)
+        states = [h] if output_hidden_states else []
+        for layer in self.layers.applied():
+            h = layer(h, mask, positions)
+            if output_hidden_states:
+                states.append(h)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+            if output_hidden_states:
+                states[-1] = h
+        return ModelOutput(last_hidden_state=h, hidden_states=states)
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, seq); found shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                f"shape {tuple(input_ids.shape)}"
+            )
+        limit = self.max_positions
+        if limit is not None and input_ids.shape[1] > limit:
+            raise InputError(
+                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{limit} positions; truncate the input (the tokenizer's max_length does that)"
+            )
+
+    @property
+    def width(self) -> int:
+        """Width of the hidden states."""
+        return int(self.embeddings.output_width)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.embeddings, "max_positions", None)
+
+
+@registry.architectures.register("registry_xf.Encoder.v1")
+def encoder(embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None) -> Encoder:
+    """A transformer encoder from embeddings, a layer stack and an optional final norm."""
+    return Encoder(embeddings, layers, final_norm)

@@ -1,0 +1,1 @@
+"""Config files: validation, conversion and resolution of registered functions."""

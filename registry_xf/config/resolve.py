@@ -1,0 +1,193 @@
+"""Read, override, validate, fill and resolve configs.
+
+Resolution takes two passes over the config tree. The first builds nothing: it looks
+up every ``@registry = "name"``, converts every argument and collects every problem
+with its dotted path, so one error lists them all. The second calls the functions,
+children first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from confection import Config
+
+from ..errors import ConfigError, ConfigProblem, RegistryNameError, close_names
+from .schema import Unbuilt, schema_for
+
+
+def read_config(
+    source: str | Path | Config | Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """A config (not interpolated) from a ``.cfg`` path, config text or mapping, with overrides.
+
+    Overrides are dotted paths (``{"hyper.n_layers": 4}``); a path that does not exist
+    in the config is an error naming the closest paths.
+    """
+    name = None
+    if isinstance(source, Config):
+        text = source.to_str(interpolate=False)
+    elif isinstance(source, Mapping):
+        text = Config(source).to_str(interpolate=False)
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError([ConfigProblem("", f"config file not found: {path}")])
+        text = path.read_text(encoding="utf8")
+        name = str(path)
+    else:
+        text = source
+    try:
+        base = Config().from_str(text, interpolate=False)
+    except Exception as e:  # confection's parse errors: keep them, add the file name
+        raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=name) from None
+    overrides = dict(overrides or {})
+    problems = [
+        ConfigProblem(key, "override names a setting that is not in the config."
+                      + _suggest_path(key, base))
+        for key in overrides
+        if not _has_path(base, key)
+    ]
+    if problems:
+        raise ConfigError(problems, source=name)
+    try:
+        return Config().from_str(text, interpolate=False, overrides=overrides)
+    except Exception as e:
+        raise ConfigError([ConfigProblem("", f"cannot apply overrides: {e}")], source=name) from None
+
+
+def interpolate(config: Config) -> Config:
+    try:
+        return Config(config).interpolate()
+    except Exception as e:
+        raise ConfigError([ConfigProblem("", f"cannot interpolate config: {e}")]) from None
+
+
+def _has_path(config: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _all_paths(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, Mapping):
+        return [prefix] if prefix else []
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        paths += _all_paths(value, path) if isinstance(value, Mapping) else [path]
+    return paths
+
+
+def _suggest_path(key: str, config: Mapping[str, Any]) -> str:
+    found = close_names(key, _all_paths(config))
+    return (" Did you mean " + " or ".join(repr(f) for f in found) + "?") if found else ""
+
+
+def _promise(node: Mapping[str, Any]) -> tuple[str, str] | None:
+    keys = [k for k in node if isinstance(k, str) and k.startswith("@")]
+    if not keys:
+        return None
+    return keys[0][1:], node[keys[0]]
+
+
+class _Walker:
+    def __init__(self, build: bool):
+        self.build = build
+        self.problems: list[ConfigProblem] = []
+
+    def walk(self, node: Any, path: str) -> tuple[Any, Any]:
+        """Return (resolved value, filled config node)."""
+        if isinstance(node, Mapping):
+            promise = _promise(node)
+            if promise is not None:
+                return self.call(node, promise, path)
+            resolved, filled = {}, {}
+            for key, value in node.items():
+                resolved[key], filled[key] = self.walk(value, f"{path}.{key}" if path else key)
+            return resolved, filled
+        if isinstance(node, list):
+            pairs = [self.walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        return node, node
+
+    def call(self, node: Mapping[str, Any], promise: tuple[str, str], path: str) -> tuple[Any, Any]:
+        from ..registry import registry
+
+        reg_name, func_name = promise
+        args, filled = {}, {f"@{reg_name}": func_name}
+        for key, value in node.items():
+            if key == f"@{reg_name}":
+                continue
+            args[key], filled[key] = self.walk(value, f"{path}.{key}")
+        try:
+            func = registry.get_registry(reg_name).get(func_name)
+        except RegistryNameError as e:
+            self.problems.append(ConfigProblem(f"{path}.@{reg_name}", str(e)))
+            return Unbuilt(path), filled
+        schema = schema_for(func)
+        converted, problems = schema.check(args, path)
+        self.problems += problems
+        for name, default in schema.defaults().items():
+            if name not in filled and _serialisable(default):
+                filled[name] = default
+        if not self.build or problems or self.problems:
+            return Unbuilt(path), filled
+        try:
+            return schema.func(**converted), filled
+        except ConfigError as e:
+            self.problems += [
+                ConfigProblem(f"{path}.{p.path}" if p.path else path, p.message, p.found, p.has_found)
+                for p in e.problems
+            ]
+        except (ValueError, TypeError) as e:
+            self.problems.append(ConfigProblem(path, f"{func_name}: {e}"))
+        return Unbuilt(path), filled
+
+
+def _serialisable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def validate(config: Mapping[str, Any], source: str | None = None) -> Config:
+    """Check an interpolated config without building anything; return it filled with defaults.
+
+    Raises ``ConfigError`` listing every problem with its dotted path.
+    """
+    walker = _Walker(build=False)
+    _, filled = walker.walk(config, "")
+    if walker.problems:
+        raise ConfigError(walker.problems, source=source)
+    return Config(filled)
+
+
+def fill(config: Config, source: str | None = None) -> Config:
+    """The config with every default written out, variables (``${...}``) kept.
+
+    Validates the interpolated config first, so a filled config is a valid one.
+    """
+    validate(interpolate(config), source=source)
+    walker = _Walker(build=False)
+    _, filled = walker.walk(config, "")
+    return Config(filled)
+
+
+def resolve(config: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Build every component of an interpolated config; return the resolved tree."""
+    validate(config, source=source)
+    walker = _Walker(build=True)
+    resolved, _ = walker.walk(config, "")
+    if walker.problems:
+        raise ConfigError(walker.problems, source=source)
+    return resolved

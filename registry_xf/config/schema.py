@@ -1,0 +1,186 @@
+"""Argument schemas of registered functions, built from their type hints.
+
+confection checks a value's type but never converts it, so ``"bfloat16"`` would reach a
+function that expects a ``torch.dtype``. Each registered function therefore gets a
+schema: one pydantic ``TypeAdapter`` per parameter, which converts values and reports
+every problem with its parameter name. The resolver prefixes those names with the
+config path; direct calls (and confection) go through the ``validated`` wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from ..errors import ConfigError, ConfigProblem, did_you_mean
+
+_ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True)
+
+
+@dataclass
+class Param:
+    name: str
+    annotation: Any
+    default: Any
+    doc_annotation: str
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    @functools.cached_property
+    def adapter(self) -> TypeAdapter | None:
+        if self.annotation is inspect.Parameter.empty or self.annotation is Any:
+            return None
+        try:
+            return TypeAdapter(self.annotation, config=_ADAPTER_CONFIG)
+        except Exception:  # pydantic cannot build a validator: accept as-is
+            return TypeAdapter(Any)
+
+
+@dataclass
+class Schema:
+    """What a registered function accepts."""
+
+    func: Callable[..., Any]
+    params: dict[str, Param] = field(default_factory=dict)
+    accepts_any_kwargs: bool = False
+
+    def check(self, args: dict[str, Any], path: str = "") -> tuple[dict[str, Any], list[ConfigProblem]]:
+        """Convert ``args``; return the converted arguments and every problem found.
+
+        Values that are ``Unbuilt`` (not yet built sub-components) are passed through.
+        """
+        problems: list[ConfigProblem] = []
+        converted: dict[str, Any] = {}
+        prefix = f"{path}." if path else ""
+        for name, value in args.items():
+            param = self.params.get(name)
+            if param is None:
+                if self.accepts_any_kwargs:
+                    converted[name] = value
+                    continue
+                problems.append(
+                    ConfigProblem(
+                        prefix + name,
+                        f"unexpected argument for {_func_name(self.func)}."
+                        + did_you_mean(name, self.params)
+                        + f" Accepted: {', '.join(self.params) or 'none'}",
+                    )
+                )
+                continue
+            if isinstance(value, Unbuilt) or param.adapter is None:
+                converted[name] = value
+                continue
+            try:
+                converted[name] = param.adapter.validate_python(value)
+            except ValidationError as e:
+                for err in e.errors(include_url=False):
+                    loc = ".".join(str(p) for p in err["loc"])
+                    where = prefix + name + (f".{loc}" if loc else "")
+                    problems.append(
+                        ConfigProblem(
+                            where,
+                            f"{_clean(err['msg'])}; expected {param.doc_annotation}",
+                            found=value,
+                            has_found=True,
+                        )
+                    )
+        for name, param in self.params.items():
+            if param.required and name not in args:
+                problems.append(
+                    ConfigProblem(
+                        prefix + name,
+                        f"missing required argument of {_func_name(self.func)}; "
+                        f"expected {param.doc_annotation}",
+                    )
+                )
+        return converted, problems
+
+    def defaults(self) -> dict[str, Any]:
+        return {n: p.default for n, p in self.params.items() if not p.required}
+
+
+class Unbuilt:
+    """Stands for a sub-component during validation, before anything is built."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"<component at {self.path}>"
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def _func_name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+
+
+def _annotation_text(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any value"
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("torch.nn.modules.module.", "")
+
+
+@functools.lru_cache(maxsize=None)
+def schema_for(func: Callable[..., Any]) -> Schema:
+    """The (cached) schema of a function or class, from its signature and type hints."""
+    func = inspect.unwrap(func)
+    target = func.__init__ if inspect.isclass(func) else func  # type: ignore[misc]
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:
+        hints = {}
+    sig = inspect.signature(func)
+    schema = Schema(func=func)
+    for name, p in sig.parameters.items():
+        if p.kind is p.VAR_KEYWORD:
+            schema.accepts_any_kwargs = True
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            continue
+        annotation = hints.get(name, p.annotation)
+        schema.params[name] = Param(name, annotation, p.default, _annotation_text(annotation))
+    return schema
+
+
+def validated(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``func`` so that its keyword arguments are converted before the call.
+
+    The wrapper shows an all-``Any`` signature, so confection lets values through to be
+    converted here instead of rejecting ``"bfloat16"`` for a ``torch.dtype``.
+    """
+    if getattr(func, "__registry_xf_validated__", False):
+        return func
+    schema = schema_for(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args:  # positional use from Python: bind to names first
+            bound = inspect.signature(schema.func).bind_partial(*args)
+            kwargs = {**bound.arguments, **kwargs}
+        converted, problems = schema.check(kwargs)
+        if problems:
+            raise ConfigError(problems, source=_func_name(schema.func))
+        return schema.func(**converted)
+
+    sig = inspect.signature(func)
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(annotation=Any) for p in sig.parameters.values()],
+        return_annotation=Any,
+    )
+    wrapper.__registry_xf_validated__ = True  # type: ignore[attr-defined]
+    return wrapper

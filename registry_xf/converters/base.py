@@ -1,0 +1,168 @@
+"""What a family's converter declares, and the machinery every family shares.
+
+A converter is data: how HF ``config.json`` values map to the ``[hyper]`` section of the
+family's ``.cfg`` and back, and how HF weight names map to ours and back. Weight names are
+templates (``encoder.layer.{i}.attention.output.dense.{p}``); a rule may join several HF
+tensors into one of ours (fused query/key/value) and split it again on export.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>[^.]+)", pattern)
+    return re.compile(pattern + r"\Z")
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Our parameter ``ours`` is made of the HF tensor(s) ``hf``, concatenated on ``dim``.
+
+    ``transpose`` swaps the two dimensions of a matrix (GPT-2's Conv1D layout).
+    """
+
+    ours: str
+    hf: tuple[str, ...]
+    dim: int = 0
+    transpose: bool = False
+
+    def match(self, key: str) -> list[str] | None:
+        """HF names for our ``key`` if this rule covers it."""
+        m = _template_regex(self.ours).match(key)
+        if m is None:
+            return None
+        return [h.format(**m.groupdict()) for h in self.hf]
+
+    def join(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        t = tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=self.dim)
+        return t.t() if self.transpose else t
+
+    def split(self, tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+        if self.transpose:
+            tensor = tensor.t()
+        if len(self.hf) == 1:
+            return [tensor]
+        return list(tensor.split(list(sizes), dim=self.dim))
+
+
+def rule(ours: str, *hf: str, dim: int = 0, transpose: bool = False) -> KeyRule:
+    return KeyRule(ours, tuple(hf), dim, transpose)
+
+
+def attention_rules(ours: str, q: str, k: str, v: str, o: str) -> list[KeyRule]:
+    """Rules for one attention block in both layouts (fused or separate projections)."""
+    return [
+        rule(f"{ours}.qkv_proj.{{p}}", f"{q}.{{p}}", f"{k}.{{p}}", f"{v}.{{p}}"),
+        rule(f"{ours}.q_proj.{{p}}", f"{q}.{{p}}"),
+        rule(f"{ours}.k_proj.{{p}}", f"{k}.{{p}}"),
+        rule(f"{ours}.v_proj.{{p}}", f"{v}.{{p}}"),
+        rule(f"{ours}.o_proj.{{p}}", f"{o}.{{p}}"),
+    ]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``[hyper]`` value and the HF ``config.json`` key it comes from."""
+
+    hyper: str
+    hf: str
+    default: Any = None
+
+
+@dataclass
+class HFConverter:
+    """Everything needed to read and write one family's HF checkpoints."""
+
+    name: str
+    family: str  # configs/<family>.cfg
+    model_types: tuple[str, ...]
+    hf_architecture: str  # written to config.json "architectures" on export
+    settings: Sequence[Setting]
+    rules: Sequence[KeyRule]
+    checkpoint_prefixes: tuple[str, ...] = ()
+    # HF keys that are not part of the encoder (task heads, stale buffers): skipped, reported.
+    ignored: tuple[str, ...] = ()
+    # Extra conversion of config.json beyond the one-to-one settings (and its inverse).
+    extra_from_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    extra_to_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    checks: Callable[[dict[str, Any]], None] | None = None
+    _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ignored_re = [re.compile(p) for p in self.ignored]
+
+    def hyper_from_hf(self, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """``[hyper]`` overrides for an HF ``config.json``."""
+        model_type = hf_config.get("model_type")
+        if model_type not in self.model_types:
+            raise UnsupportedModelError(
+                f"converter {self.name} reads model_type {', '.join(self.model_types)}, "
+                f"not {model_type!r}"
+            )
+        if self.checks is not None:
+            self.checks(hf_config)
+        values = {s.hyper: hf_config.get(s.hf, s.default) for s in self.settings}
+        if self.extra_from_hf is not None:
+            values.update(self.extra_from_hf(hf_config))
+        return {k: v for k, v in values.items() if v is not None}
+
+    def hyper_to_hf(self, hyper: dict[str, Any]) -> dict[str, Any]:
+        """An HF ``config.json`` for ``[hyper]`` values."""
+        out: dict[str, Any] = {
+            "model_type": self.model_types[0],
+            "architectures": [self.hf_architecture],
+        }
+        for s in self.settings:
+            if s.hyper in hyper:
+                out[s.hf] = hyper[s.hyper]
+        if self.extra_to_hf is not None:
+            out.update(self.extra_to_hf(hyper))
+        return out
+
+    def hf_names(self, ours: str) -> tuple[KeyRule, list[str]] | None:
+        for r in self.rules:
+            names = r.match(ours)
+            if names is not None:
+                return r, names
+        return None
+
+    def strip_prefix(self, keys: Sequence[str]) -> dict[str, str]:
+        """Checkpoint key → name without a task model's prefix (``bert.``), where present."""
+        for prefix in self.checkpoint_prefixes:
+            if any(k.startswith(prefix) for k in keys):
+                return {k: k.removeprefix(prefix) for k in keys}
+        return {k: k for k in keys}
+
+    def is_ignored(self, hf_key: str) -> bool:
+        return any(p.match(hf_key) for p in self._ignored_re)
+
+
+def all_converters() -> list[HFConverter]:
+    from ..registry import registry
+
+    return [registry.converters.get(name)() for name in registry.converters.names()]
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for c in all_converters() for t in c.model_types})
+
+
+def converter_for_model_type(model_type: str | None, where: str = "config.json") -> HFConverter:
+    """The converter reading HF ``model_type``; an unsupported one lists what is supported."""
+    for converter in all_converters():
+        if model_type in converter.model_types:
+            return converter
+    raise UnsupportedModelError(
+        f"{where}: model_type {model_type!r} is not supported. Supported model types: "
+        f"{', '.join(supported_model_types())}"
+    )

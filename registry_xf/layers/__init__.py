@@ -1,0 +1,29 @@
+"""Building blocks: embeddings, positions, attention, feed-forward, norms, layers."""
+
+from .activations import Activation
+from .attention import SelfAttention
+from .attention_mask import AttentionMask
+from .embeddings import TransformerEmbeddings
+from .feedforward import FeedForward
+from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
+from .norms import LayerNorm, RMSNorm
+from .positions import ALiBi, LearnedPositions, RotaryEmbeddings, SinusoidalPositions
+from .transformer_layer import TransformerLayer
+
+__all__ = [
+    "ALiBi",
+    "Activation",
+    "AttentionMask",
+    "FeedForward",
+    "LayerNorm",
+    "LayerStack",
+    "LearnedPositions",
+    "PatternLayerStack",
+    "RMSNorm",
+    "RotaryEmbeddings",
+    "SelfAttention",
+    "SharedLayerStack",
+    "SinusoidalPositions",
+    "TransformerEmbeddings",
+    "TransformerLayer",
+]

@@ -1,0 +1,162 @@
+"""Multi-head self-attention: MHA, GQA and MQA; fused or separate projections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import registry
+from .attention_mask import AttentionMask
+from .positions import ALiBi, RotaryEmbeddings
+
+Backend = Literal["sdpa", "eager"]
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with ``n_heads`` query heads sharing ``n_kv_heads`` key/value heads.
+
+    ``qkv="fused"`` computes queries, keys and values with one matrix (rows in that
+    order), which is faster; ``"separate"`` keeps three. ``backend="sdpa"`` uses PyTorch's
+    fused kernels; ``"eager"`` spells the computation out, as a reference.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        head_width: int | None = None,
+        qkv: Literal["fused", "separate"] = "fused",
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        backend: Backend = "sdpa",
+        dropout: float = 0.0,
+        scale: float | None = None,
+        rotary: RotaryEmbeddings | None = None,
+        alibi: ALiBi | None = None,
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if head_width is None:
+            if width % n_heads:
+                raise ValueError(f"width {width} is not divisible by n_heads {n_heads}")
+            head_width = width // n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_width = n_heads, n_kv_heads, head_width
+        self.backend = backend
+        self.dropout_p = dropout
+        self.scale = scale if scale is not None else head_width**-0.5
+        q_width, kv_width = n_heads * head_width, n_kv_heads * head_width
+        self.split = (q_width, kv_width, kv_width)
+        if qkv == "fused":
+            self.qkv_proj = nn.Linear(width, q_width + 2 * kv_width, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(width, q_width, bias=qkv_bias)
+            self.k_proj = nn.Linear(width, kv_width, bias=qkv_bias)
+            self.v_proj = nn.Linear(width, kv_width, bias=qkv_bias)
+        self.fused = qkv == "fused"
+        self.o_proj = nn.Linear(q_width, width, bias=out_bias)
+        self.rotary = rotary
+        self.alibi = alibi
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as (batch, heads, seq, head_width)."""
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        b, s, _ = x.shape
+        q = q.view(b, s, self.n_heads, self.head_width).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q, k, v = self.project(x)
+        if self.rotary is not None:
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device)[None, :]
+            q, k = self.rotary(q, k, positions)
+        out = self.attend(q, k, v, mask)
+        b, _, s, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        n_q, n_k = q.shape[2], k.shape[2]
+        allowed, dead = mask.for_attention(n_q, n_k, q.device)
+        bias = None
+        if self.alibi is not None:
+            bias = self.alibi(n_q, n_k)
+            if allowed is not None:
+                bias = bias.masked_fill(~allowed, float("-inf"))
+            bias = bias.to(q.dtype)
+        dropout = self.dropout_p if self.training else 0.0
+        if self.backend == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=bias if bias is not None else allowed,
+                dropout_p=dropout,
+                scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        else:
+            out = self._eager(q, k, v, allowed, bias, dropout)
+        if dead is not None:
+            out = out.masked_fill(dead, 0.0)
+        return out
+
+    def _eager(self, q, k, v, allowed, bias, dropout):  # type: ignore[no-untyped-def]
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if bias is not None:
+            scores = scores + bias
+        elif allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = F.dropout(probs, dropout, training=dropout > 0)
+        return torch.matmul(probs, v)
+
+
+@registry.layers.register("registry_xf.SelfAttention.v1")
+def self_attention(
+    width: int,
+    n_heads: int,
+    n_kv_heads: int | None = None,
+    head_width: int | None = None,
+    qkv: Literal["fused", "separate"] = "fused",
+    qkv_bias: bool = True,
+    out_bias: bool = True,
+    backend: Backend = "sdpa",
+    dropout: float = 0.0,
+    scale: float | None = None,
+    rotary: RotaryEmbeddings | None = None,
+    alibi: ALiBi | None = None,
+) -> nn.Module:
+    """Self-attention (MHA; GQA/MQA with ``n_kv_heads``), optional rotary or ALiBi positions."""
+    return SelfAttention(
+        width,
+        n_heads,
+        n_kv_heads=n_kv_heads,
+        head_width=head_width,
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        backend=backend,
+        dropout=dropout,
+        scale=scale,
+        rotary=rotary,
+        alibi=alibi,
+    )

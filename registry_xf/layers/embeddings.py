@@ -1,0 +1,114 @@
+"""Token embeddings with optional token types, positions, norm and projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..registry import registry
+
+
+class TransformerEmbeddings(nn.Module):
+    """``norm(tokens + types + positions) * scale``, then an optional projection.
+
+    The projection serves models whose embedding width is smaller than the hidden width
+    (ALBERT, ELECTRA).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int,
+        *,
+        type_vocab_size: int = 0,
+        positions: nn.Module | None = None,
+        norm: nn.Module | None = None,
+        projection_width: int | None = None,
+        scale: float | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.word_embeddings = nn.Embedding(vocab_size, width)
+        self.token_type_embeddings = (
+            nn.Embedding(type_vocab_size, width) if type_vocab_size else None
+        )
+        self.positions = positions
+        self.norm = norm
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+        self.projection = nn.Linear(width, projection_width) if projection_width else None
+
+    @property
+    def output_width(self) -> int:
+        if self.projection is not None:
+            return self.projection.out_features
+        return self.word_embeddings.embedding_dim
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.positions, "usable_positions", None)
+
+    def check(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> None:
+        """Refuse ids the tables do not have, with a clear error instead of an index crash."""
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = high if high >= self.vocab_size else low
+                raise InputError(
+                    f"token id {bad} is out of range: the vocabulary has {self.vocab_size} "
+                    f"ids (0 to {self.vocab_size - 1})"
+                )
+        if token_type_ids is not None and token_type_ids.numel():
+            n_types = self.token_type_embeddings.num_embeddings if self.token_type_embeddings else 0
+            high = int(token_type_ids.max())
+            if int(token_type_ids.min()) < 0 or (high and high >= n_types):
+                raise InputError(f"token type id {high} is out of range: the model has {n_types}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.word_embeddings(input_ids)
+        if self.scale is not None:
+            h = h * torch.tensor(self.scale, dtype=h.dtype)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                h = h + self.token_type_embeddings.weight[0]
+            else:
+                h = h + self.token_type_embeddings(token_type_ids)
+        if self.positions is not None:
+            h = h + self.positions(input_ids, positions)
+        if self.norm is not None:
+            h = self.norm(h)
+        h = self.dropout(h)
+        if self.projection is not None:
+            h = self.projection(h)
+        return h
+
+
+@registry.layers.register("registry_xf.TransformerEmbeddings.v1")
+def transformer_embeddings(
+    vocab_size: int,
+    width: int,
+    type_vocab_size: int = 0,
+    positions: nn.Module | None = None,
+    norm: nn.Module | None = None,
+    projection_width: int | None = None,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Token embeddings (+ token types, + absolute positions), normed, optionally projected."""
+    return TransformerEmbeddings(
+        vocab_size,
+        width,
+        type_vocab_size=type_vocab_size,
+        positions=positions,
+        norm=norm,
+        projection_width=projection_width,
+        scale=scale,
+        dropout=dropout,
+    )

@@ -1,0 +1,172 @@
+"""Position information: learned or sinusoidal embeddings, rotary embeddings, ALiBi."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..registry import registry
+
+
+def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """RoBERTa's positions: count real tokens from ``padding_idx + 1``; padding keeps ``padding_idx``."""
+    real = (input_ids != padding_idx).int()
+    return (torch.cumsum(real, dim=1) * real + padding_idx).long()
+
+
+class LearnedPositions(nn.Module):
+    """A learned embedding per position (BERT). With ``padding_idx``, positions are counted
+    from ``padding_idx + 1`` over non-padding tokens, as RoBERTa does."""
+
+    def __init__(self, max_positions: int, width: int, padding_idx: int | None = None):
+        super().__init__()
+        self.max_positions = max_positions
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.empty(max_positions, width))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def positions_for(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.padding_idx is not None:
+            return padding_offset_positions(input_ids, self.padding_idx)
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+
+    @property
+    def usable_positions(self) -> int:
+        return self.max_positions - (self.padding_idx + 1 if self.padding_idx is not None else 0)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = self.positions_for(input_ids)
+        return nn.functional.embedding(positions, self.weight)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sine/cosine position embeddings (computed on the target device, never stored)."""
+
+    def __init__(self, max_positions: int, width: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.usable_positions = max_positions
+        self.width = width
+        self.register_buffer("table", torch.empty(max_positions, width), persistent=False)
+        if self.table.device.type != "meta":
+            self.init_buffers(self.table.device)
+
+    def init_buffers(self, device: torch.device) -> None:
+        pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None]
+        div = torch.exp(
+            torch.arange(0, self.width, 2, dtype=torch.float32, device=device)
+            * (-math.log(10000.0) / self.width)
+        )
+        table = torch.zeros(self.max_positions, self.width, device=device)
+        table[:, 0::2] = torch.sin(pos * div)
+        table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
+        self.table = table
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        return self.table[positions]
+
+
+class RotaryEmbeddings(nn.Module):
+    """Rotary position embeddings on the first ``fraction`` of each head's width.
+
+    The frequency table is a non-persistent buffer, computed in float32 on the target device.
+    """
+
+    def __init__(self, head_width: int, fraction: float = 1.0, base: float = 10000.0):
+        super().__init__()
+        rotary_width = int(head_width * fraction)
+        if rotary_width % 2:
+            raise ValueError(f"rotary width {rotary_width} (head_width × fraction) must be even")
+        self.head_width = head_width
+        self.rotary_width = rotary_width
+        self.base = base
+        self.register_buffer("inv_freq", torch.empty(rotary_width // 2), persistent=False)
+        if self.inv_freq.device.type != "meta":
+            self.init_buffers(self.inv_freq.device)
+
+    def init_buffers(self, device: torch.device) -> None:
+        steps = torch.arange(0, self.rotary_width, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (self.base ** (steps / self.rotary_width))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (batch, 1, seq, rotary_width) for ``positions`` (batch, seq)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate queries and keys (batch, heads, seq, head_width) by their positions."""
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return _rotate(q, cos, sin, self.rotary_width), _rotate(k, cos, sin, self.rotary_width)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, width: int) -> torch.Tensor:
+    rot, rest = x[..., :width], x[..., width:]
+    half = width // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """The per-head slopes of ALiBi (geometric, with interleaved extras when not a power of 2)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < n_heads:
+        extra = 2.0 ** (-4.0 / closest)
+        slopes += [extra ** (2 * i + 1) for i in range(n_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBi(nn.Module):
+    """Attention with linear biases: each head penalises distance with its own slope."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.register_buffer("slopes", torch.empty(n_heads), persistent=False)
+        if self.slopes.device.type != "meta":
+            self.init_buffers(self.slopes.device)
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.slopes = alibi_slopes(self.n_heads).to(device)
+
+    def forward(self, n_queries: int, n_keys: int) -> torch.Tensor:
+        """The additive bias (1, heads, queries, keys) in float32."""
+        device = self.slopes.device
+        q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        k_pos = torch.arange(n_keys, device=device)[None, :]
+        distance = (q_pos - k_pos).abs().float()
+        return (-self.slopes[:, None, None] * distance)[None]
+
+
+@registry.layers.register("registry_xf.LearnedPositions.v1")
+def learned_positions(max_positions: int, width: int, padding_idx: int | None = None) -> nn.Module:
+    """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions."""
+    return LearnedPositions(max_positions, width, padding_idx)
+
+
+@registry.layers.register("registry_xf.SinusoidalPositions.v1")
+def sinusoidal_positions(max_positions: int, width: int) -> nn.Module:
+    """Fixed sinusoidal positions (Transformer, 2017)."""
+    return SinusoidalPositions(max_positions, width)
+
+
+@registry.layers.register("registry_xf.RotaryEmbeddings.v1")
+def rotary_embeddings(head_width: int, fraction: float = 1.0, base: float = 10000.0) -> nn.Module:
+    """Rotary embeddings over ``fraction`` of each head (GPT-NeoX uses 0.25), base ``theta``."""
+    return RotaryEmbeddings(head_width, fraction, base)
+
+
+@registry.layers.register("registry_xf.ALiBi.v1")
+def alibi(n_heads: int) -> nn.Module:
+    """ALiBi attention biases (one slope per head)."""
+    return ALiBi(n_heads)

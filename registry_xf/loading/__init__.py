@@ -1,0 +1,1 @@
+"""Loading and saving: checkpoint files, weight sources, model sources."""

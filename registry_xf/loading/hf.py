@@ -1,0 +1,159 @@
+"""HF directories: their config.json as a filled registry_xf config, and export back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from confection import Config
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config.resolve import fill, interpolate, read_config
+from ..converters.base import HFConverter, converter_for_model_type
+from ..errors import CheckpointError, RegistryXFError
+from ..registry import registry
+from ..types import dtype_name
+from .atomic import atomic_directory, write_json
+from .materialise import parameter_slots
+
+
+def family_config_text(family: str) -> str:
+    """The text of ``configs/<family>.cfg`` as shipped with the package."""
+    try:
+        return resources.files("registry_xf.configs").joinpath(f"{family}.cfg").read_text("utf8")
+    except FileNotFoundError:
+        raise RegistryXFError(f"no config for family {family!r} (configs/{family}.cfg)") from None
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (an HF model directory has a config.json)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
+    """The pooler a sentence-transformers directory declares (modules.json), if any."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text(encoding="utf8"))
+    types = [m.get("type", "") for m in modules]
+    pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+    if pooling is None:
+        return None
+    settings = json.loads((directory / pooling["path"] / "config.json").read_text(encoding="utf8"))
+    if settings.get("pooling_mode_cls_token"):
+        name = "registry_xf.CLSPooler.v1"
+    elif settings.get("pooling_mode_max_tokens"):
+        name = "registry_xf.MaxPooler.v1"
+    else:
+        name = "registry_xf.MeanPooler.v1"
+    return {"@poolers": name, "normalize": any(t.endswith("Normalize") for t in types)}
+
+
+def _max_length(directory: Path) -> int | None:
+    st_config = directory / "sentence_bert_config.json"
+    if st_config.is_file():
+        value = json.loads(st_config.read_text(encoding="utf8")).get("max_seq_length")
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def config_from_hf(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The filled registry_xf config for an HF model directory.
+
+    The family's ``configs/<family>.cfg`` gives the architecture; config.json gives the
+    ``[hyper]`` values; ``[weights]`` and ``[tokenizer]`` point at the directory.
+    """
+    directory = Path(path).expanduser().resolve()
+    if directory.is_file() and directory.name == "config.json":
+        directory = directory.parent
+    hf = read_hf_config(directory)
+    converter = converter_for_model_type(hf.get("model_type"), where=str(directory / "config.json"))
+    hyper = converter.hyper_from_hf(hf)
+    config = read_config(
+        family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
+    )
+    config["weights"] = {
+        "@loaders": "registry_xf.Safetensors.v1",
+        "path": str(directory),
+        "converter": {"@converters": converter.name},
+    }
+    if (directory / "tokenizer.json").is_file():
+        config["tokenizer"] = {"@tokenizers": "registry_xf.HFTokenizer.v1", "path": str(directory)}
+        max_length = _max_length(directory)
+        if max_length is not None:
+            config["tokenizer"]["max_length"] = max_length
+    pooling = _sentence_transformers_pooling(directory)
+    if pooling is not None:
+        config["pooling"] = pooling
+    config = read_config(config, overrides)
+    return fill(config, source=str(directory))
+
+
+def converter_of(model: nn.Module) -> HFConverter:
+    """The HF converter for a loaded model (from its config's weights or its family)."""
+    config = getattr(model, "config", None)
+    name = None
+    if config is not None:
+        weights = config.get("weights", {})
+        converter = weights.get("converter") if isinstance(weights, Mapping) else None
+        if isinstance(converter, Mapping):
+            name = converter.get("@converters")
+    name = name or getattr(model, "hf_converter", None)
+    if name is None:
+        raise RegistryXFError(
+            "this model has no HF converter on record (it was not loaded from an HF "
+            "checkpoint); pass converter=... to export_hf"
+        )
+    return registry.converters.get(name)()
+
+
+def export_hf(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    converter: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as an HF directory (config.json, model.safetensors, tokenizer).
+
+    The result loads in HF transformers with the family's ``*Model`` class.
+    """
+    conv = registry.converters.get(converter)() if converter else converter_of(model)
+    hyper = dict(interpolate(model.config)["hyper"])
+    hf_config = conv.hyper_to_hf(hyper)
+    tensors = {}
+    for ours, places in parameter_slots(model).items():
+        found = conv.hf_names(ours)
+        if found is None:
+            raise RegistryXFError(f"{conv.name} has no HF name for {ours}")
+        rule, names = found
+        tensor = places[0][0]._parameters.get(places[0][1])
+        if tensor is None:
+            tensor = places[0][0]._buffers[places[0][1]]
+        owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
+        sizes = getattr(owner, "split", None) or [tensor.shape[rule.dim] // len(names)] * len(names)
+        for name, part in zip(names, rule.split(tensor.detach(), sizes)):
+            tensors[name] = part.contiguous().cpu()
+    hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
+    target = Path(path)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        write_json(tmp / "config.json", hf_config)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return target

@@ -1,0 +1,119 @@
+"""Building models from configs and loading them with their weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from confection import Config
+from torch import nn
+
+from ..config.resolve import interpolate, read_config, resolve
+from ..errors import ConfigError, ConfigProblem
+from ..types import CONFIG_DIR, to_device, to_dtype
+from .hf import config_from_hf
+from .materialise import materialise_random
+from .sources import DEFAULT_MODEL, META_FILE, SAVED_CONFIG, locate
+
+logger = logging.getLogger(__name__)
+
+ConfigSource = str | Path | Config | Mapping[str, Any]
+
+
+def build(
+    config: ConfigSource,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | str | None = None,
+) -> nn.Module:
+    """Build the ``[model]`` of a config without weights.
+
+    On the meta device (the default) nothing is allocated; give a real ``device`` for a
+    freshly initialised model.
+    """
+    base = Path(config).parent if isinstance(config, (str, Path)) and "\n" not in str(config) else None
+    config = read_config(config, overrides)
+    token = CONFIG_DIR.set(base)
+    try:
+        interpolated = interpolate(config)
+        if "model" not in interpolated:
+            raise ConfigError([ConfigProblem("model", "the config has no [model] section")])
+        with torch.device("meta"):
+            model = resolve({"model": interpolated["model"]})["model"]
+    finally:
+        CONFIG_DIR.reset(token)
+    _attach(model, config=config)
+    target = to_device(device)
+    if target.type != "meta":
+        materialise_random(model, target, to_dtype(dtype) if dtype else torch.float32)
+    return model
+
+
+def _attach(model: nn.Module, **attrs: Any) -> None:
+    """Record where the model came from (plain attributes, not submodules)."""
+    for key, value in attrs.items():
+        object.__setattr__(model, key, value)
+
+
+def load(
+    source: str | Path | Config = DEFAULT_MODEL,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Load a model with its weights (and tokenizer, pooler where the source has them).
+
+    ``source``: a ``.cfg`` file with a ``[weights]`` section, an HF directory (config.json
+    and model.safetensors or a shard index), a directory written by ``save``, or the name
+    of an installed model package. ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
+    stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
+    """
+    base: Path | None = None
+    meta: dict[str, Any] = {}
+    if isinstance(source, Config):
+        config = read_config(source, overrides)
+    else:
+        located = locate(source)
+        if located.kind == "hf":
+            config = config_from_hf(located.path, overrides)
+        elif located.kind == "saved":
+            base = located.path
+            config = read_config(located.path / SAVED_CONFIG, overrides)
+            meta_path = located.path / META_FILE
+            if meta_path.is_file():
+                meta = json.loads(meta_path.read_text(encoding="utf8"))
+        else:
+            base = located.path.parent
+            config = read_config(located.path, overrides)
+    token = CONFIG_DIR.set(base)
+    try:
+        interpolated = interpolate(config)
+        if "weights" not in interpolated:
+            raise ConfigError(
+                [ConfigProblem("weights", "no [weights] section: use registry_xf.build() "
+                               "for a model without weights")]
+            )
+        with torch.device("meta"):
+            resolved = resolve(interpolated)
+    finally:
+        CONFIG_DIR.reset(token)
+    model = resolved["model"]
+    target = to_device(device or "cpu")
+    target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
+    report = resolved["weights"].load_into(model, device=target, dtype=target_dtype)
+    _attach(
+        model,
+        config=config,
+        tokenizer=resolved.get("tokenizer"),
+        pooler=resolved.get("pooling"),
+        load_report=report,
+        hf_converter=meta.get("hf_converter"),
+    )
+    logger.info("%s", report)
+    return model.eval()

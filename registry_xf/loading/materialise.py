@@ -1,0 +1,83 @@
+"""Turning a model built on the meta device into real tensors, once, on the target device."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def parameter_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Each distinct parameter or persistent buffer, by its first name, with every place it
+    lives in (tied weights live in several)."""
+    by_id: dict[int, list[tuple[nn.Module, str, str]]] = defaultdict(list)
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in list(module._parameters.items()) + _persistent_buffers(module):
+            if tensor is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                by_id[id(tensor)].append((module, attr, name))
+    slots: dict[str, list[tuple[nn.Module, str]]] = {}
+    for places in by_id.values():
+        first = places[0][2]
+        slots[first] = list(dict.fromkeys((m, a) for m, a, _ in places))
+    return slots
+
+
+def _persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
+    skip = module._non_persistent_buffers_set
+    return [(k, v) for k, v in module._buffers.items() if k not in skip]
+
+
+def current(places: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """The tensor now in the first of ``places``."""
+    module, attr = places[0]
+    tensor = module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+    assert tensor is not None
+    return tensor
+
+
+def assign(places: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in every place; parameters stay leaf ``nn.Parameter``s."""
+    module, attr = places[0]
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        value: torch.Tensor = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+    else:
+        value = tensor
+    for module, attr in places:
+        if attr in module._parameters:
+            module._parameters[attr] = value  # type: ignore[assignment]
+        else:
+            module._buffers[attr] = value
+
+
+def init_buffers(model: nn.Module, device: torch.device) -> None:
+    """Compute non-persistent buffers (rotary tables, ALiBi slopes) on ``device``."""
+    for module in model.modules():
+        hook = getattr(module, "init_buffers", None)
+        if callable(hook):
+            hook(device)
+
+
+def meta_tensors(model: nn.Module) -> Iterator[str]:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            yield name
+
+
+def materialise_random(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Give a meta model freshly initialised weights (for training from scratch)."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        elif isinstance(module, nn.Module):
+            for attr, p in module._parameters.items():
+                if p is not None and attr == "weight" and p.dim() >= 2:
+                    nn.init.normal_(p, std=0.02)
+    model.to(dtype=dtype)
+    init_buffers(model, device)
+    return model

@@ -1,0 +1,62 @@
+"""Saving a model as a directory that ``load`` reads back bit-exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from confection import Config
+from safetensors.torch import save_file
+from torch import nn
+
+from ..about import FORMAT_VERSION, __version__
+from ..config.resolve import fill
+from ..errors import RegistryXFError
+from ..types import dtype_name
+from .atomic import atomic_directory, write_json
+from .hf import converter_of
+from .materialise import parameter_slots
+from .sources import META_FILE, SAVED_CONFIG
+
+
+def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``.
+
+    The directory is written beside its target and renamed into place, so it never
+    exists half-written.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise RegistryXFError("this model has no config on record: build or load it with registry_xf")
+    tensors = {}
+    for name, places in parameter_slots(model).items():
+        module, attr = places[0]
+        tensor = module._parameters.get(attr)
+        tensor = tensor if tensor is not None else module._buffers[attr]
+        if tensor.device.type == "meta":
+            raise RegistryXFError(f"{name} has no value (meta tensor): load or initialise the model first")
+        tensors[name] = tensor.detach().contiguous().cpu()
+    saved = Config(config)
+    saved["weights"] = {"@loaders": "registry_xf.Safetensors.v1", "path": "model.safetensors"}
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and "tokenizer" in saved:
+        saved["tokenizer"] = {**saved["tokenizer"], "path": "."}
+    try:
+        converter = converter_of(model).name
+    except RegistryXFError:
+        converter = None
+    target = Path(path)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        fill(saved).to_disk(tmp / SAVED_CONFIG, interpolate=False)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        write_json(
+            tmp / META_FILE,
+            {
+                "registry_xf_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype_name(next(iter(tensors.values())).dtype) if tensors else None,
+                "hf_converter": converter,
+            },
+        )
+    return target

@@ -1,0 +1,201 @@
+"""Weight sources: safetensors checkpoints, in our layout or in HF's through a converter.
+
+Loading is strict and planned before it starts: every expected tensor is found and its
+shape checked first, so a bad checkpoint fails with one report and no half-loaded model.
+Then each tensor is read once, straight onto the target device, and cast there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..converters.base import HFConverter, KeyRule
+from ..errors import LoadError
+from ..registry import registry
+from ..types import PathLike
+from .checkpoint import open_checkpoint
+from .materialise import assign, current, init_buffers, parameter_slots
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What loading found. Any ``missing``, ``unexpected`` or ``mismatched`` key is an error."""
+
+    files: list[Path] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        where = ", ".join(str(f) for f in self.files)
+        lines = [f"load report for {where}: {len(self.loaded)} tensors loaded"]
+        for title, items, hint in (
+            ("missing (the model needs them, the checkpoint lacks them)", self.missing, ""),
+            ("unexpected (in the checkpoint, not in the model)", self.unexpected,
+             "allow them with allow_unexpected=[regex, ...] if they are deliberate"),
+            ("shape mismatch", self.mismatched, "the config does not describe this checkpoint"),
+            ("skipped (task heads and buffers the encoder does not use)", self.skipped, ""),
+        ):
+            if items:
+                lines.append(f"  {title}: {len(items)}")
+                lines += [f"    {item}" for item in items[:20]]
+                if len(items) > 20:
+                    lines.append(f"    ... and {len(items) - 20} more")
+                if hint:
+                    lines.append(f"    ({hint})")
+        return "\n".join(lines)
+
+
+@dataclass
+class SafetensorsWeights:
+    """A safetensors checkpoint (file, directory or shard index) to load into a model."""
+
+    path: Path
+    converter: HFConverter | None = None
+    allow_unexpected: Sequence[str] = ()
+    allow_missing: Sequence[str] = ()
+
+    def load_into(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> LoadReport:
+        """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
+
+        ``dtype`` None keeps each tensor's stored dtype; otherwise floating tensors are cast.
+        """
+        device = torch.device(device)
+        slots = parameter_slots(model)
+        allow_unexpected = [re.compile(p) for p in self.allow_unexpected]
+        allow_missing = [re.compile(p) for p in self.allow_missing]
+        with open_checkpoint(self.path, device) as ckpt:
+            report = LoadReport(files=ckpt.files)
+            file_keys = ckpt.keys()
+            stripped = (
+                self.converter.strip_prefix(file_keys) if self.converter else {k: k for k in file_keys}
+            )
+            by_name = {v: k for k, v in stripped.items()}
+            plan: list[tuple[str, KeyRule | None, list[str]]] = []
+            used: set[str] = set()
+            for ours, places in slots.items():
+                rule, names = self._names(ours)
+                absent = [n for n in names if n not in by_name]
+                if absent:
+                    if not any(p.search(ours) for p in allow_missing):
+                        report.missing.append(
+                            ours if names == [ours] else f"{ours} (from {', '.join(absent)})"
+                        )
+                    continue
+                files = [by_name[n] for n in names]
+                used.update(files)
+                found = _joined_shape(rule, [ckpt.shape(f) for f in files])
+                expected = tuple(current(places).shape)
+                if found != expected:
+                    report.mismatched.append(
+                        f"{ours}: model expects {list(expected)}, checkpoint has {list(found)}"
+                        + (f" (from {', '.join(files)})" if files != [ours] else "")
+                    )
+                    continue
+                plan.append((ours, rule, files))
+            for key in file_keys:
+                if key in used:
+                    continue
+                name = stripped[key]
+                if self.converter is not None and self.converter.is_ignored(name):
+                    report.skipped.append(key)
+                elif any(p.search(key) for p in allow_unexpected):
+                    report.skipped.append(key)
+                else:
+                    report.unexpected.append(key)
+            if not report.ok:
+                raise LoadError(str(report))
+            for ours, rule, files in plan:
+                tensors = [ckpt.get(f) for f in files]
+                tensor = rule.join(tensors) if rule is not None else tensors[0]
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                assign(slots[ours], tensor.contiguous())
+                report.loaded.append(ours)
+        _materialise_allowed_missing(model, slots, report, device, dtype)
+        init_buffers(model, device)
+        if report.skipped:
+            logger.info("skipped %d checkpoint tensors: %s", len(report.skipped), report.skipped)
+        return report
+
+    def _names(self, ours: str) -> tuple[KeyRule | None, list[str]]:
+        if self.converter is None:
+            return None, [ours]
+        found = self.converter.hf_names(ours)
+        if found is None:
+            return None, [f"<no rule in {self.converter.name} for {ours}>"]
+        return found
+
+
+def _joined_shape(rule: KeyRule | None, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if rule is None or len(shapes) == 1:
+        shape = shapes[0]
+    else:
+        shape = list(shapes[0])
+        shape[rule.dim] = sum(s[rule.dim] for s in shapes)
+        shape = tuple(shape)
+    if rule is not None and rule.transpose:
+        shape = tuple(reversed(shape))
+    return tuple(shape)
+
+
+def _materialise_allowed_missing(
+    model: nn.Module,
+    slots: dict[str, list[tuple[nn.Module, str]]],
+    report: LoadReport,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
+    """Parameters the caller allowed to be missing get fresh initial values."""
+    loaded = set(report.loaded)
+    for name, places in slots.items():
+        if name in loaded:
+            continue
+        attr = places[0][1]
+        old = current(places)
+        fresh = torch.empty(old.shape, device=device, dtype=dtype or torch.float32)
+        if fresh.dim() >= 2:
+            nn.init.normal_(fresh, std=0.02)
+        elif attr == "weight":
+            nn.init.ones_(fresh)
+        else:
+            nn.init.zeros_(fresh)
+        assign(places, fresh)
+        logger.warning("initialised %s randomly (allowed missing)", name)
+
+
+@registry.loaders.register("registry_xf.Safetensors.v1")
+def safetensors_weights(
+    path: PathLike,
+    converter: HFConverter | None = None,
+    allow_unexpected: list[str] = [],  # noqa: B006 - configs give lists
+    allow_missing: list[str] = [],  # noqa: B006
+) -> SafetensorsWeights:
+    """Weights from safetensors: a file, a directory, or a sharded index.
+
+    Without ``converter`` the names are ours (as written by ``registry_xf.save``); with one,
+    they are HF's. ``allow_unexpected``/``allow_missing`` are regular expressions of names
+    that may be absent from either side without an error.
+    """
+    return SafetensorsWeights(path, converter, tuple(allow_unexpected), tuple(allow_missing))

@@ -1,0 +1,186 @@
+"""A tokenizer from a ``tokenizer.json`` file, with padding and truncation done by us."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Encoding, Tokenizer
+
+from ..errors import CheckpointError
+from ..registry import registry
+from ..types import PathLike
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# tokenizer_config.json uses a huge number for "no limit"
+_NO_LIMIT = 10**9
+
+
+@dataclass
+class Batch:
+    """Padded model inputs (batch, seq) and the character offsets of each piece."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    offsets: list[list[tuple[int, int]]]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.token_type_ids.to(device),
+            self.offsets,
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
+
+
+class HFTokenizer:
+    """Batch encoding with special tokens, truncation, padding and offsets."""
+
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int | None, pad_id: int, source: Path):
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.source = source
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> list[Encoding]:
+        """Unpadded encodings, truncated to ``max_length`` (default: the tokenizer's)."""
+        limit = max_length or self.max_length
+        if truncation and limit:
+            self.tokenizer.enable_truncation(limit)
+        else:
+            self.tokenizer.no_truncation()
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        return self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+
+    def pad(self, encodings: Sequence[Encoding]) -> Batch:
+        """Right-pad encodings into one batch."""
+        n = len(encodings)
+        width = max((len(e.ids) for e in encodings), default=0)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            length = len(e.ids)
+            ids[row, :length] = e.ids
+            mask[row, :length] = e.attention_mask
+            types[row, :length] = e.type_ids
+        return Batch(
+            torch.from_numpy(ids),
+            torch.from_numpy(mask),
+            torch.from_numpy(types),
+            [list(e.offsets) for e in encodings],
+        )
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> Batch:
+        """Encode and pad ``texts`` into one batch."""
+        return self.pad(
+            self.encode(
+                texts,
+                add_special_tokens=add_special_tokens,
+                truncation=truncation,
+                max_length=max_length,
+            )
+        )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: Path) -> None:
+        """Copy the tokenizer's files into ``directory`` (each written atomically)."""
+        for name in TOKENIZER_FILES:
+            source = self.source / name
+            if source.is_file():
+                fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+                os.close(fd)
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, directory / name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pad_id(tokenizer: Tokenizer, config: dict[str, Any], specials: dict[str, Any]) -> int:
+    padding = tokenizer.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    for token in (_token_text(config.get("pad_token")), _token_text(specials.get("pad_token"))):
+        if token is not None and tokenizer.token_to_id(token) is not None:
+            return int(tokenizer.token_to_id(token))
+    return 0
+
+
+@registry.tokenizers.register("registry_xf.HFTokenizer.v1")
+def hf_tokenizer(path: PathLike, max_length: int | None = None) -> HFTokenizer:
+    """The tokenizer in ``path`` (a directory with tokenizer.json, or the file itself).
+
+    ``max_length`` truncates inputs; None takes ``model_max_length`` from
+    tokenizer_config.json when it sets a real limit.
+    """
+    directory = path if path.is_dir() else path.parent
+    file = path if path.is_file() else path / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file}: no tokenizer.json (registry_xf reads fast-tokenizer files only)"
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read tokenizer ({e})") from None
+    config = _read_json(directory / "tokenizer_config.json")
+    specials = _read_json(directory / "special_tokens_map.json")
+    if max_length is None:
+        limit = config.get("model_max_length")
+        if isinstance(limit, (int, float)) and 0 < limit < _NO_LIMIT:
+            max_length = int(limit)
+    return HFTokenizer(
+        tokenizer, max_length=max_length, pad_id=_pad_id(tokenizer, config, specials), source=directory
+    )

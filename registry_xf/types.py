@@ -1,0 +1,69 @@
+"""Annotated types that convert config values (strings, lists) into the objects we need."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from pydantic import BeforeValidator, PlainSerializer
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def to_dtype(value: Any) -> torch.dtype:
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` → ``torch.bfloat16``."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"expected a floating dtype, one of {', '.join(DTYPE_NAMES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_device(value: Any) -> torch.device:
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(f"expected a device such as 'cpu' or 'cuda:0': {e}") from None
+    raise ValueError("expected a device such as 'cpu' or 'cuda:0'")
+
+
+# Relative paths in a config file are relative to the file's directory, not to the
+# working directory: the resolver sets this while it reads a config from disk.
+CONFIG_DIR: ContextVar[Path | None] = ContextVar("CONFIG_DIR", default=None)
+
+
+def _to_path(value: Any) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise ValueError("expected a file or directory path")
+    path = Path(value).expanduser()
+    base = CONFIG_DIR.get()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return path
+
+
+DType = Annotated[torch.dtype, BeforeValidator(to_dtype), PlainSerializer(dtype_name)]
+Device = Annotated[torch.device, BeforeValidator(to_device), PlainSerializer(str)]
+PathLike = Annotated[Path, BeforeValidator(_to_path), PlainSerializer(str)]
