@@ -1,0 +1,201 @@
+"""The ``registry-xf`` command: embed texts, list and show components, print configs."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import RegistryXFError
+
+PROGRESS_FROM = 256  # texts; fewer finish before a bar would help
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--hyper.n_layers 4`` / ``--model.x=y`` out of ``argv`` as config overrides.
+
+    Options with a dot in their name are overrides (the CLI's own have none); values are
+    read as JSON where they parse (4, true, null, [1, 2]) and as strings otherwise.
+    """
+    rest: list[str] = []
+    overrides: dict[str, Any] = {}
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        name = item[2:].split("=", 1)[0]
+        if not (item.startswith("--") and "." in name):
+            rest.append(item)
+            continue
+        if "=" in item:
+            value = item.split("=", 1)[1]
+        elif items:
+            value = items.pop(0)
+        else:
+            raise RegistryXFError(f"override --{name} has no value")
+        try:
+            overrides[name] = json.loads(value)
+        except ValueError:
+            overrides[name] = value
+    return rest, overrides
+
+
+def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import numpy as np
+
+    from .loading.load import load
+    from .pipelines.embedder import Embedder
+
+    texts = list(args.texts)
+    if args.file:
+        lines = Path(args.file).read_text(encoding="utf8").splitlines()
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise RegistryXFError("nothing to embed: give texts or --file")
+    model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
+    embedder = Embedder(model, batch_tokens=args.batch_tokens)
+    vectors = embedder.embed(texts, progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty())
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, vectors)
+        tmp.replace(out)
+        print(f"wrote {len(texts)} embeddings of width {vectors.shape[1]} to {out}")
+        return 0
+    print(f"{len(texts)} embeddings of width {vectors.shape[1]} ({args.model})\n")
+    for i, (text, vector) in enumerate(zip(texts, vectors)):
+        head = " ".join(f"{x:+.3f}" for x in vector[:4])
+        print(f"[{i}] {_short(text, 50):50}  [{head} ...]  norm {np.linalg.norm(vector):.3f}")
+    if 1 < len(texts) <= 12:
+        unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+        sims = unit @ unit.T
+        print("\ncosine similarity")
+        print("      " + "".join(f"[{j}]".rjust(7) for j in range(len(texts))))
+        for i, row in enumerate(sims):
+            print(f"[{i}]".ljust(6) + "".join(f"{x:7.3f}" for x in row))
+        if len(texts) > 2:
+            masked = sims - 2 * np.eye(len(texts))
+            i, j = np.unravel_index(np.argmax(masked), masked.shape)
+            print(f"\nclosest pair: [{i}] and [{j}] ({sims[i, j]:.3f})")
+    return 0
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cmd_list(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .registry import REGISTRY_NAMES, registry
+
+    names = [args.registry] if args.registry else list(REGISTRY_NAMES)
+    for name in names:
+        reg = registry.get_registry(name)
+        print(f"{name}:")
+        for entry in reg.names():
+            doc = (inspect.getdoc(reg.get(entry)) or "").split("\n")[0]
+            print(f"  {entry:40} {doc}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .errors import did_you_mean
+    from .registry import REGISTRY_NAMES, registry
+
+    every = []
+    for reg_name in REGISTRY_NAMES:
+        reg = registry.get_registry(reg_name)
+        every += reg.names()
+        if args.name in reg.names():
+            func = inspect.unwrap(reg.get(args.name))
+            print(f"@{reg_name} = \"{args.name}\"")
+            print(f"{func.__module__}.{func.__qualname__}{inspect.signature(func)}\n")
+            print(inspect.getdoc(func) or "(no documentation)")
+            return 0
+    raise RegistryXFError(f"'{args.name}' is not registered." + did_you_mean(args.name, every))
+
+
+def _cmd_config(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .config.resolve import fill, read_config
+    from .loading.hf import config_from_hf
+    from .loading.sources import SAVED_CONFIG, locate
+
+    located = locate(args.source)
+    if located.kind == "hf":
+        config = config_from_hf(located.path, overrides)
+    else:
+        path = located.path / SAVED_CONFIG if located.kind == "saved" else located.path
+        config = fill(read_config(path, overrides), source=str(path))
+    print(config.to_str(interpolate=not args.keep_variables))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .loading.sources import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="registry-xf",
+        description="Transformer models from registered components and config files.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what loading does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser(
+        "embed",
+        help="sentence embeddings of texts",
+        description="Embed texts; config overrides may follow as --section.key VALUE.",
+    )
+    embed.add_argument("texts", nargs="*", help="texts to embed")
+    embed.add_argument("--file", help="a text file, one text per line")
+    embed.add_argument("--out", help="write the embeddings to this .npy file")
+    embed.add_argument("--model", default=DEFAULT_MODEL, help="a .cfg, a model directory or package")
+    embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    embed.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch")
+    embed.set_defaults(func=_cmd_embed)
+
+    listing = sub.add_parser("list", help="registries and their registered names")
+    listing.add_argument("registry", nargs="?", help="only this registry")
+    listing.set_defaults(func=_cmd_list)
+
+    show = sub.add_parser("show", help="signature and documentation of a registered name")
+    show.add_argument("name")
+    show.set_defaults(func=_cmd_show)
+
+    config = sub.add_parser(
+        "config",
+        help="the filled config of an HF directory, a saved model or a .cfg",
+        description="Print a filled config; overrides may follow as --section.key VALUE.",
+    )
+    config.add_argument("source", nargs="?", default=DEFAULT_MODEL)
+    config.add_argument(
+        "--keep-variables", action="store_true", help="keep ${hyper.*} variables in the output"
+    )
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except RegistryXFError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if overrides and args.command not in ("embed", "config"):
+            raise RegistryXFError(f"'{args.command}' takes no config overrides")
+        return int(args.func(args, overrides))
+    except RegistryXFError as e:
+        print(f"registry-xf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
