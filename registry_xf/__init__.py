@@ -12,9 +12,17 @@ from .assemblies import Assembly, Encoder, ModelOutput
 from .config.resolve import fill, read_config, resolve, validate
 from .converters import (
     albert as _albert,  # noqa: F401
+)
+from .converters import (
     bert as _bert,  # noqa: F401
+)
+from .converters import (
     distilbert as _distilbert,  # noqa: F401
+)
+from .converters import (
     electra as _electra,  # noqa: F401
+)
+from .converters import (
     roberta as _roberta,  # noqa: F401
 )
 from .errors import (

@@ -68,7 +68,7 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"wrote {len(texts)} embeddings of width {vectors.shape[1]} to {out}")
         return 0
     print(f"{len(texts)} embeddings of width {vectors.shape[1]} ({args.model})\n")
-    for i, (text, vector) in enumerate(zip(texts, vectors)):
+    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
         head = " ".join(f"{x:+.3f}" for x in vector[:4])
         print(f"[{i}] {_short(text, 50):50}  [{head} ...]  norm {np.linalg.norm(vector):.3f}")
     if 1 < len(texts) <= 12:
@@ -113,7 +113,7 @@ def _cmd_show(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         every += reg.names()
         if args.name in reg.names():
             func = inspect.unwrap(reg.get(args.name))
-            print(f"@{reg_name} = \"{args.name}\"")
+            print(f'@{reg_name} = "{args.name}"')
             print(f"{func.__module__}.{func.__qualname__}{inspect.signature(func)}\n")
             print(inspect.getdoc(func) or "(no documentation)")
             return 0
@@ -153,7 +153,9 @@ def make_parser() -> argparse.ArgumentParser:
     embed.add_argument("texts", nargs="*", help="texts to embed")
     embed.add_argument("--file", help="a text file, one text per line")
     embed.add_argument("--out", help="write the embeddings to this .npy file")
-    embed.add_argument("--model", default=DEFAULT_MODEL, help="a .cfg, a model directory or package")
+    embed.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a .cfg, a model directory or package"
+    )
     embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
     embed.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch")
@@ -187,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryXFError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         if overrides and args.command not in ("embed", "config"):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")

@@ -17,7 +17,9 @@ def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
     if not found:
         lowered = {c.lower(): c for c in candidates}
-        found = [lowered[c] for c in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.4)]
+        found = [
+            lowered[c] for c in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.4)
+        ]
     return found
 
 

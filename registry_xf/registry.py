@@ -98,7 +98,8 @@ class registry(confection.registry):
         """The registry called ``name`` (as written after ``@`` in a config)."""
         if name not in REGISTRY_NAMES:
             raise RegistryNameError(
-                f"There is no registry '{name}'." + did_you_mean(name, REGISTRY_NAMES)
+                f"There is no registry '{name}'."
+                + did_you_mean(name, REGISTRY_NAMES)
                 + f" Registries: {', '.join(REGISTRY_NAMES)}."
             )
         return getattr(cls, name)

@@ -42,8 +42,14 @@ def tiny_hf_configs() -> dict[str, Callable[[], object]]:
             hidden_act="gelu_new",
         ),
         "distilbert": lambda: tf.DistilBertConfig(
-            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
         ),
         "electra": lambda: tf.ElectraConfig(
             **common, embedding_size=16, max_position_embeddings=64

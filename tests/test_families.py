@@ -40,9 +40,11 @@ def test_parity_with_hf(checkpoints: dict[str, Path], family: str, backend: str,
         expected = hf_outputs(ref, ids, mask, types)
         with torch.no_grad():
             got = ours(ids, mask, token_type_ids=types, output_hidden_states=True)
-        torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            got.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0
+        )
         assert len(got.hidden_states) == len(expected.hidden_states)
-        for a, b in zip(got.hidden_states, expected.hidden_states):
+        for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
@@ -59,18 +61,25 @@ def test_hf_round_trip(checkpoints: dict[str, Path], family: str, tmp_path: Path
     ids, mask = random_batch(7, pad_id=pad_id(family))
     expected = hf_outputs(hf_encoder(checkpoints[family], "sdpa"), ids, mask)
     again = hf_outputs(back.eval(), ids, mask)
-    torch.testing.assert_close(again.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        again.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0
+    )
     # HF → ours → HF → ours: the same weights, bit for bit
     twice = rx.load(exported)
-    for (name, a), (_, b) in zip(ours.state_dict().items(), twice.state_dict().items()):
-        assert torch.equal(a, b), name
+    again_state = twice.state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, again_state[name]), name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_bit_exact(checkpoints: dict[str, Path], family: str, tmp_path: Path) -> None:
     ours = rx.load(checkpoints[family])
     saved = rx.save(ours, tmp_path / "saved")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.cfg", "meta.json", "model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "config.cfg",
+        "meta.json",
+        "model.safetensors",
+    ]
     loaded = rx.load(saved)
     ids, mask = random_batch(3, pad_id=pad_id(family))
     with torch.no_grad():

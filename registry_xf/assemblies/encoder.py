@@ -53,7 +53,9 @@ class Encoder(Assembly):
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq); found shape {tuple(input_ids.shape)}")
+            raise InputError(
+                f"input_ids must be (batch, seq); found shape {tuple(input_ids.shape)}"
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise InputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
@@ -77,6 +79,8 @@ class Encoder(Assembly):
 
 
 @registry.architectures.register("registry_xf.Encoder.v1")
-def encoder(embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None) -> Encoder:
+def encoder(
+    embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None
+) -> Encoder:
     """A transformer encoder from embeddings, a layer stack and an optional final norm."""
     return Encoder(embeddings, layers, final_norm)

@@ -47,8 +47,9 @@ def read_config(
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=name) from None
     overrides = dict(overrides or {})
     problems = [
-        ConfigProblem(key, "override names a setting that is not in the config."
-                      + _suggest_path(key, base))
+        ConfigProblem(
+            key, "override names a setting that is not in the config." + _suggest_path(key, base)
+        )
         for key in overrides
         if not _has_path(base, key)
     ]
@@ -57,7 +58,9 @@ def read_config(
     try:
         return Config().from_str(text, interpolate=False, overrides=overrides)
     except Exception as e:
-        raise ConfigError([ConfigProblem("", f"cannot apply overrides: {e}")], source=name) from None
+        raise ConfigError(
+            [ConfigProblem("", f"cannot apply overrides: {e}")], source=name
+        ) from None
 
 
 def interpolate(config: Config) -> Config:
@@ -144,7 +147,9 @@ class _Walker:
             return schema.func(**converted), filled
         except ConfigError as e:
             self.problems += [
-                ConfigProblem(f"{path}.{p.path}" if p.path else path, p.message, p.found, p.has_found)
+                ConfigProblem(
+                    f"{path}.{p.path}" if p.path else path, p.message, p.found, p.has_found
+                )
                 for p in e.problems
             ]
         except (ValueError, TypeError) as e:

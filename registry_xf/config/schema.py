@@ -52,7 +52,9 @@ class Schema:
     params: dict[str, Param] = field(default_factory=dict)
     accepts_any_kwargs: bool = False
 
-    def check(self, args: dict[str, Any], path: str = "") -> tuple[dict[str, Any], list[ConfigProblem]]:
+    def check(
+        self, args: dict[str, Any], path: str = ""
+    ) -> tuple[dict[str, Any], list[ConfigProblem]]:
         """Convert ``args``; return the converted arguments and every problem found.
 
         Values that are ``Unbuilt`` (not yet built sub-components) are passed through.
@@ -135,7 +137,7 @@ def _annotation_text(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("torch.nn.modules.module.", "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema_for(func: Callable[..., Any]) -> Schema:
     """The (cached) schema of a function or class, from its signature and type hints."""
     func = inspect.unwrap(func)

@@ -34,9 +34,12 @@ def albert_converter() -> HFConverter:
         rules=(
             *bert_embedding_rules(),
             rule("embeddings.projection.{p}", "encoder.embedding_hidden_mapping_in.{p}"),
-            rule("layers.{i}.attention.qkv_proj.{p}",
-                 f"{_GROUP}.attention.query.{{p}}", f"{_GROUP}.attention.key.{{p}}",
-                 f"{_GROUP}.attention.value.{{p}}"),
+            rule(
+                "layers.{i}.attention.qkv_proj.{p}",
+                f"{_GROUP}.attention.query.{{p}}",
+                f"{_GROUP}.attention.key.{{p}}",
+                f"{_GROUP}.attention.value.{{p}}",
+            ),
             rule("layers.{i}.attention.q_proj.{p}", f"{_GROUP}.attention.query.{{p}}"),
             rule("layers.{i}.attention.k_proj.{p}", f"{_GROUP}.attention.key.{{p}}"),
             rule("layers.{i}.attention.v_proj.{p}", f"{_GROUP}.attention.value.{{p}}"),

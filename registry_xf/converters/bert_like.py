@@ -66,8 +66,7 @@ def require_absolute_positions(hf_config: dict[str, Any]) -> None:
     kind = hf_config.get("position_embedding_type", "absolute")
     if kind != "absolute":
         raise UnsupportedModelError(
-            f"config.json: position_embedding_type {kind!r} is not supported; "
-            "supported: 'absolute'"
+            f"config.json: position_embedding_type {kind!r} is not supported; supported: 'absolute'"
         )
     if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
         raise UnsupportedModelError(

@@ -43,8 +43,12 @@ def distilbert_converter() -> HFConverter:
         ),
         checkpoint_prefixes=("distilbert.",),
         ignored=(
-            r"vocab_transform\.", r"vocab_layer_norm\.", r"vocab_projector\.",
-            r"pre_classifier\.", r"classifier\.", r"qa_outputs\.",
+            r"vocab_transform\.",
+            r"vocab_layer_norm\.",
+            r"vocab_projector\.",
+            r"pre_classifier\.",
+            r"classifier\.",
+            r"qa_outputs\.",
             r"embeddings\.position_ids\Z",
         ),
     )

@@ -11,7 +11,7 @@ from ..registry import registry
 
 
 def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
-    """RoBERTa's positions: count real tokens from ``padding_idx + 1``; padding keeps ``padding_idx``."""
+    """RoBERTa's positions: real tokens count from ``padding_idx + 1``, padding stays put."""
     real = (input_ids != padding_idx).int()
     return (torch.cumsum(real, dim=1) * real + padding_idx).long()
 
@@ -36,7 +36,9 @@ class LearnedPositions(nn.Module):
     def usable_positions(self) -> int:
         return self.max_positions - (self.padding_idx + 1 if self.padding_idx is not None else 0)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if positions is None:
             positions = self.positions_for(input_ids)
         return nn.functional.embedding(positions, self.weight)
@@ -65,7 +67,9 @@ class SinusoidalPositions(nn.Module):
         table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
         self.table = table
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         return self.table[positions]
@@ -93,7 +97,9 @@ class RotaryEmbeddings(nn.Module):
         steps = torch.arange(0, self.rotary_width, 2, dtype=torch.float32, device=device)
         self.inv_freq = 1.0 / (self.base ** (steps / self.rotary_width))
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (batch, 1, seq, rotary_width) for ``positions`` (batch, seq)."""
         freqs = positions[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]

@@ -41,7 +41,9 @@ def checkpoint_files(path: Path) -> list[Path]:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (
             f" It has {', '.join(sorted(pickles))}, which are pickles and never loaded: "
-            "save the model with safetensors." if pickles else ""
+            "save the model with safetensors."
+            if pickles
+            else ""
         )
         raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found.{hint}")
     raise CheckpointError(f"{path}: no such file or directory")
@@ -112,7 +114,9 @@ def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[
         handles: dict[str, Any] = {}
         for file in files:
             try:
-                handle = stack.enter_context(safe_open(str(file), framework="pt", device=str(device)))
+                handle = stack.enter_context(
+                    safe_open(str(file), framework="pt", device=str(device))
+                )
                 names = list(handle.keys())
             except Exception as e:
                 raise CheckpointError(
@@ -120,6 +124,8 @@ def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[
                 ) from None
             for name in names:
                 if name in handles:
-                    raise CheckpointError(f"{file}: tensor {name!r} also appears in {handles[name][1]}")
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} also appears in {handles[name][1]}"
+                    )
                 handles[name] = (handle, file)
         yield Checkpoint(handles, files)

@@ -34,7 +34,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (an HF model directory has a config.json)") from None
+        raise CheckpointError(
+            f"{path}: missing (an HF model directory has a config.json)"
+        ) from None
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -146,7 +148,7 @@ def export_hf(
             tensor = places[0][0]._buffers[places[0][1]]
         owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
         sizes = getattr(owner, "split", None) or [tensor.shape[rule.dim] // len(names)] * len(names)
-        for name, part in zip(names, rule.split(tensor.detach(), sizes)):
+        for name, part in zip(names, rule.split(tensor.detach(), sizes), strict=True):
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     target = Path(path)

@@ -36,7 +36,9 @@ def build(
     On the meta device (the default) nothing is allocated; give a real ``device`` for a
     freshly initialised model.
     """
-    base = Path(config).parent if isinstance(config, (str, Path)) and "\n" not in str(config) else None
+    base = (
+        Path(config).parent if isinstance(config, (str, Path)) and "\n" not in str(config) else None
+    )
     config = read_config(config, overrides)
     token = CONFIG_DIR.set(base)
     try:
@@ -96,8 +98,12 @@ def load(
         interpolated = interpolate(config)
         if "weights" not in interpolated:
             raise ConfigError(
-                [ConfigProblem("weights", "no [weights] section: use registry_xf.build() "
-                               "for a model without weights")]
+                [
+                    ConfigProblem(
+                        "weights",
+                        "no [weights] section: use registry_xf.build() for a model without weights",
+                    )
+                ]
             )
         with torch.device("meta"):
             resolved = resolve(interpolated)

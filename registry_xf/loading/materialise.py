@@ -43,7 +43,9 @@ def assign(places: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
     module, attr = places[0]
     if attr in module._parameters:
         old = module._parameters[attr]
-        value: torch.Tensor = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+        value: torch.Tensor = nn.Parameter(
+            tensor, requires_grad=bool(old is not None and old.requires_grad)
+        )
     else:
         value = tensor
     for module, attr in places:

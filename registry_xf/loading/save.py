@@ -26,14 +26,18 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     """
     config = getattr(model, "config", None)
     if config is None:
-        raise RegistryXFError("this model has no config on record: build or load it with registry_xf")
+        raise RegistryXFError(
+            "this model has no config on record: build or load it with registry_xf"
+        )
     tensors = {}
     for name, places in parameter_slots(model).items():
         module, attr = places[0]
         tensor = module._parameters.get(attr)
         tensor = tensor if tensor is not None else module._buffers[attr]
         if tensor.device.type == "meta":
-            raise RegistryXFError(f"{name} has no value (meta tensor): load or initialise the model first")
+            raise RegistryXFError(
+                f"{name} has no value (meta tensor): load or initialise the model first"
+            )
         tensors[name] = tensor.detach().contiguous().cpu()
     saved = Config(config)
     saved["weights"] = {"@loaders": "registry_xf.Safetensors.v1", "path": "model.safetensors"}

@@ -46,8 +46,11 @@ class LoadReport:
         lines = [f"load report for {where}: {len(self.loaded)} tensors loaded"]
         for title, items, hint in (
             ("missing (the model needs them, the checkpoint lacks them)", self.missing, ""),
-            ("unexpected (in the checkpoint, not in the model)", self.unexpected,
-             "allow them with allow_unexpected=[regex, ...] if they are deliberate"),
+            (
+                "unexpected (in the checkpoint, not in the model)",
+                self.unexpected,
+                "allow them with allow_unexpected=[regex, ...] if they are deliberate",
+            ),
             ("shape mismatch", self.mismatched, "the config does not describe this checkpoint"),
             ("skipped (task heads and buffers the encoder does not use)", self.skipped, ""),
         ):
@@ -89,7 +92,9 @@ class SafetensorsWeights:
             report = LoadReport(files=ckpt.files)
             file_keys = ckpt.keys()
             stripped = (
-                self.converter.strip_prefix(file_keys) if self.converter else {k: k for k in file_keys}
+                self.converter.strip_prefix(file_keys)
+                if self.converter
+                else {k: k for k in file_keys}
             )
             by_name = {v: k for k, v in stripped.items()}
             plan: list[tuple[str, KeyRule | None, list[str]]] = []

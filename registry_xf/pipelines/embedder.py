@@ -38,7 +38,9 @@ class Embedder:
         batch_tokens: int = 8192,
         max_batch_size: int = 256,
     ):
-        self.model = model if isinstance(model, nn.Module) else load(model, device=device, dtype=dtype)
+        self.model = (
+            model if isinstance(model, nn.Module) else load(model, device=device, dtype=dtype)
+        )
         self.tokenizer = getattr(self.model, "tokenizer", None)
         if self.tokenizer is None:
             raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")

@@ -182,5 +182,8 @@ def hf_tokenizer(path: PathLike, max_length: int | None = None) -> HFTokenizer:
         if isinstance(limit, (int, float)) and 0 < limit < _NO_LIMIT:
             max_length = int(limit)
     return HFTokenizer(
-        tokenizer, max_length=max_length, pad_id=_pad_id(tokenizer, config, specials), source=directory
+        tokenizer,
+        max_length=max_length,
+        pad_id=_pad_id(tokenizer, config, specials),
+        source=directory,
     )
