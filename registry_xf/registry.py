@@ -61,17 +61,20 @@ class Registry(catalogue.Registry):
         return do_registration
 
     def get(self, name: str) -> Any:
-        if self.entry_points:
+        """The (validating) function registered as ``name``, in-process or by entry point."""
+        path = [*self.namespace, name]
+        if not catalogue.check_exists(*path) and self.entry_points:
             found = self.get_entry_point(name)
             if found is not None:
-                return validated(found)
-        if not catalogue.check_exists(*self.namespace, name):
+                # Register it, so later look-ups do not scan the installed packages again.
+                catalogue._set(path, validated(found))
+        if not catalogue.check_exists(*path):
             raise RegistryNameError(
                 f"'{name}' is not registered in registry '{self.name}'."
                 + did_you_mean(name, self.get_all())
                 + f" Use `registry-xf list {self.name}` to see every name."
             )
-        return catalogue._get(list(self.namespace) + [name])
+        return catalogue._get(path)
 
     def names(self) -> list[str]:
         """All registered names, entry points included, sorted."""

@@ -16,7 +16,7 @@ from typing import Any
 from confection import Config
 
 from ..errors import ConfigError, ConfigProblem, RegistryNameError, close_names
-from .schema import Unbuilt, schema_for
+from .schema import Schema, Unbuilt, schema_for
 
 
 def read_config(
@@ -46,6 +46,8 @@ def read_config(
     except Exception as e:  # confection's parse errors: keep them, add the file name
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=name) from None
     overrides = dict(overrides or {})
+    if not overrides:
+        return base
     problems = [
         ConfigProblem(
             key, "override names a setting that is not in the config." + _suggest_path(key, base)
@@ -58,9 +60,8 @@ def read_config(
     try:
         return Config().from_str(text, interpolate=False, overrides=overrides)
     except Exception as e:
-        raise ConfigError(
-            [ConfigProblem("", f"cannot apply overrides: {e}")], source=name
-        ) from None
+        problem = ConfigProblem("", f"cannot apply overrides: {e}")
+        raise ConfigError([problem], source=name) from None
 
 
 def interpolate(config: Config) -> Config:
@@ -101,13 +102,24 @@ def _promise(node: Mapping[str, Any]) -> tuple[str, str] | None:
     return keys[0][1:], node[keys[0]]
 
 
+class _Deferred(Unbuilt):
+    """A validated call, made once the whole config is known to be valid."""
+
+    def __init__(self, path: str, schema: Schema, kwargs: dict[str, Any]):
+        super().__init__(path)
+        self.schema = schema
+        self.kwargs = kwargs
+
+
 class _Walker:
+    """Validates a config tree; with ``build``, also prepares the calls that build it."""
+
     def __init__(self, build: bool):
         self.build = build
         self.problems: list[ConfigProblem] = []
 
     def walk(self, node: Any, path: str) -> tuple[Any, Any]:
-        """Return (resolved value, filled config node)."""
+        """Return (value or deferred call, filled config node)."""
         if isinstance(node, Mapping):
             promise = _promise(node)
             if promise is not None:
@@ -141,20 +153,44 @@ class _Walker:
         for name, default in schema.defaults().items():
             if name not in filled and _serialisable(default):
                 filled[name] = default
-        if not self.build or problems or self.problems:
+        if not self.build:
             return Unbuilt(path), filled
+        return _Deferred(path, schema, converted), filled
+
+
+def _realise(value: Any, problems: list[ConfigProblem]) -> Any:
+    """Make the deferred calls in ``value``, children first."""
+    if isinstance(value, _Deferred):
+        kwargs = {k: _realise(v, problems) for k, v in value.kwargs.items()}
+        if any(isinstance(v, Unbuilt) for v in kwargs.values()):
+            return Unbuilt(value.path)  # a child failed; its problem is recorded
+        built_children = {k: v for k, v in kwargs.items() if isinstance(value.kwargs[k], _Deferred)}
+        checked, child_problems = value.schema.check(built_children, value.path, partial=True)
+        if child_problems:  # a component of the wrong kind where another was expected
+            problems += child_problems
+            return Unbuilt(value.path)
+        kwargs.update(checked)
         try:
-            return schema.func(**converted), filled
+            return value.schema.func(**kwargs)
         except ConfigError as e:
-            self.problems += [
+            problems += [
                 ConfigProblem(
-                    f"{path}.{p.path}" if p.path else path, p.message, p.found, p.has_found
+                    f"{value.path}.{p.path}" if p.path else value.path,
+                    p.message,
+                    p.found,
+                    p.has_found,
                 )
                 for p in e.problems
             ]
         except (ValueError, TypeError) as e:
-            self.problems.append(ConfigProblem(path, f"{func_name}: {e}"))
-        return Unbuilt(path), filled
+            name = getattr(value.schema.func, "__qualname__", "component")
+            problems.append(ConfigProblem(value.path, f"{name}: {e}"))
+        return Unbuilt(value.path)
+    if isinstance(value, dict):
+        return {k: _realise(v, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_realise(v, problems) for v in value]
+    return value
 
 
 def _serialisable(value: Any) -> bool:
@@ -189,10 +225,16 @@ def fill(config: Config, source: str | None = None) -> Config:
 
 
 def resolve(config: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
-    """Build every component of an interpolated config; return the resolved tree."""
-    validate(config, source=source)
+    """Build every component of an interpolated config; return the resolved tree.
+
+    Nothing is built unless the whole config is valid.
+    """
     walker = _Walker(build=True)
-    resolved, _ = walker.walk(config, "")
+    tree, _ = walker.walk(config, "")
     if walker.problems:
         raise ConfigError(walker.problems, source=source)
+    problems: list[ConfigProblem] = []
+    resolved = _realise(tree, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
     return resolved

@@ -53,11 +53,12 @@ class Schema:
     accepts_any_kwargs: bool = False
 
     def check(
-        self, args: dict[str, Any], path: str = ""
+        self, args: dict[str, Any], path: str = "", *, partial: bool = False
     ) -> tuple[dict[str, Any], list[ConfigProblem]]:
         """Convert ``args``; return the converted arguments and every problem found.
 
-        Values that are ``Unbuilt`` (not yet built sub-components) are passed through.
+        Values that are ``Unbuilt`` (not yet built sub-components) are passed through;
+        ``partial`` checks only the arguments given (no check for missing ones).
         """
         problems: list[ConfigProblem] = []
         converted: dict[str, Any] = {}
@@ -95,7 +96,7 @@ class Schema:
                         )
                     )
         for name, param in self.params.items():
-            if param.required and name not in args:
+            if not partial and param.required and name not in args:
                 problems.append(
                     ConfigProblem(
                         prefix + name,

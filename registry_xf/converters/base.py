@@ -8,6 +8,7 @@ tensors into one of ours (fused query/key/value) and split it again on export.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from ..errors import UnsupportedModelError
 
 
+@functools.lru_cache(maxsize=4096)
 def _template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
     pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>[^.]+)", pattern)
@@ -43,9 +45,25 @@ class KeyRule:
             return None
         return [h.format(**m.groupdict()) for h in self.hf]
 
-    def join(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        t = tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=self.dim)
-        return t.t() if self.transpose else t
+    def join(
+        self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Our tensor from the HF parts, cast to ``dtype`` (floating tensors only) in the
+        same pass: parts are copied straight into their slice of one new tensor."""
+        first = tensors[0]
+        if dtype is None or not first.is_floating_point():
+            dtype = first.dtype
+        if len(tensors) == 1:
+            joined = first if first.dtype == dtype else first.to(dtype)
+        else:
+            shape = list(first.shape)
+            shape[self.dim] = sum(t.shape[self.dim] for t in tensors)
+            joined = torch.empty(shape, dtype=dtype, device=first.device)
+            start = 0
+            for t in tensors:
+                joined.narrow(self.dim, start, t.shape[self.dim]).copy_(t)
+                start += t.shape[self.dim]
+        return joined.t().contiguous() if self.transpose else joined
 
     def split(self, tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
         if self.transpose:

@@ -1,8 +1,8 @@
 """How layers are stacked: N copies, shared groups (ALBERT), or a repeating pattern.
 
 A stack is a ``ModuleList`` of the distinct layers (their parameters) and says, through
-``applied()``, in which order the layers run. The template layer is deep-copied, which
-costs nothing on the meta device where models are built.
+``applied()``, in which order the layers run. The template layer is cloned; on the meta
+device, where models are built, a clone allocates nothing.
 """
 
 from __future__ import annotations
@@ -10,16 +10,53 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ..registry import registry
+
+
+def clone(module: nn.Module) -> nn.Module:
+    """An independent copy of ``module``: same structure, its own parameters.
+
+    Meta modules are cloned structurally (much faster than ``copy.deepcopy``, which
+    matters when a deep model is built at every load); others are deep-copied.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.device.type != "meta" for t in tensors):
+        return copy.deepcopy(module)
+    return _clone_meta(module, {})
+
+
+def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]  # type: ignore[return-value]
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__ = {
+        k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+        for k, v in module.__dict__.items()
+    }
+    memo[id(module)] = new
+    for name, p in module._parameters.items():
+        if p is not None:
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+            new._parameters[name] = memo[id(p)]  # type: ignore[assignment]
+    for name, b in module._buffers.items():
+        if b is not None:
+            new._buffers[name] = torch.empty_like(b)
+    for name, child in module._modules.items():
+        if child is not None:
+            new._modules[name] = _clone_meta(child, memo)
+    return new
+
 
 
 class LayerStack(nn.ModuleList):
     """``n_layers`` independent copies of one layer."""
 
     def __init__(self, layer: nn.Module, n_layers: int):
-        super().__init__(copy.deepcopy(layer) for _ in range(n_layers))
+        super().__init__(clone(layer) for _ in range(n_layers))
 
     def applied(self) -> Sequence[nn.Module]:
         return list(self)
@@ -31,7 +68,7 @@ class SharedLayerStack(nn.ModuleList):
     def __init__(self, layer: nn.Module, n_layers: int, n_groups: int = 1):
         if n_layers % n_groups:
             raise ValueError(f"n_layers {n_layers} is not a multiple of n_groups {n_groups}")
-        super().__init__(copy.deepcopy(layer) for _ in range(n_groups))
+        super().__init__(clone(layer) for _ in range(n_groups))
         self.n_layers = n_layers
 
     def applied(self) -> Sequence[nn.Module]:
@@ -49,7 +86,7 @@ class PatternLayerStack(nn.ModuleList):
         if not pattern:
             raise ValueError("pattern is empty")
         self.kind_names = [pattern[i % len(pattern)] for i in range(n_layers)]
-        super().__init__(copy.deepcopy(kinds[name]) for name in self.kind_names)
+        super().__init__(clone(kinds[name]) for name in self.kind_names)
 
     def applied(self) -> Sequence[nn.Module]:
         return list(self)

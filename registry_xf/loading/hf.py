@@ -80,6 +80,11 @@ def config_from_hf(path: str | Path, overrides: Mapping[str, Any] | None = None)
     ``[hyper]`` values; ``[weights]`` and ``[tokenizer]`` point at the directory.
     """
     directory = Path(path).expanduser().resolve()
+    return fill(hf_config(directory, overrides), source=str(directory))
+
+
+def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """``config_from_hf`` without writing out the defaults (what loading needs)."""
     if directory.is_file() and directory.name == "config.json":
         directory = directory.parent
     hf = read_hf_config(directory)
@@ -101,8 +106,7 @@ def config_from_hf(path: str | Path, overrides: Mapping[str, Any] | None = None)
     pooling = _sentence_transformers_pooling(directory)
     if pooling is not None:
         config["pooling"] = pooling
-    config = read_config(config, overrides)
-    return fill(config, source=str(directory))
+    return read_config(config, overrides) if overrides else config
 
 
 def converter_of(model: nn.Module) -> HFConverter:

@@ -15,7 +15,7 @@ from torch import nn
 from ..config.resolve import interpolate, read_config, resolve
 from ..errors import ConfigError, ConfigProblem
 from ..types import CONFIG_DIR, to_device, to_dtype
-from .hf import config_from_hf
+from .hf import hf_config
 from .materialise import materialise_random
 from .sources import DEFAULT_MODEL, META_FILE, SAVED_CONFIG, locate
 
@@ -83,7 +83,7 @@ def load(
     else:
         located = locate(source)
         if located.kind == "hf":
-            config = config_from_hf(located.path, overrides)
+            config = hf_config(located.path.resolve(), overrides)
         elif located.kind == "saved":
             base = located.path
             config = read_config(located.path / SAVED_CONFIG, overrides)

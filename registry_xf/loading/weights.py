@@ -133,9 +133,7 @@ class SafetensorsWeights:
                 raise LoadError(str(report))
             for ours, rule, files in plan:
                 tensors = [ckpt.get(f) for f in files]
-                tensor = rule.join(tensors) if rule is not None else tensors[0]
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
+                tensor = (rule or _IDENTITY).join(tensors, dtype)
                 assign(slots[ours], tensor.contiguous())
                 report.loaded.append(ours)
         _materialise_allowed_missing(model, slots, report, device, dtype)
@@ -151,6 +149,9 @@ class SafetensorsWeights:
         if found is None:
             return None, [f"<no rule in {self.converter.name} for {ours}>"]
         return found
+
+
+_IDENTITY = KeyRule("", ("",))
 
 
 def _joined_shape(rule: KeyRule | None, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:

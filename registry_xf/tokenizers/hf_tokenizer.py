@@ -52,13 +52,38 @@ class Batch:
 class HFTokenizer:
     """Batch encoding with special tokens, truncation, padding and offsets."""
 
-    def __init__(self, tokenizer: Tokenizer, *, max_length: int | None, pad_id: int, source: Path):
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        self.tokenizer = tokenizer
+    def __init__(self, file: Path, *, max_length: int | None, pad_id: int | None = None):
+        self.file = file
+        self.source = file.parent
         self.max_length = max_length
-        self.pad_id = pad_id
-        self.source = source
+        self._pad_id = pad_id
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The ``tokenizers.Tokenizer``, read from its file on first use (loading a model
+        for its weights alone never pays for parsing a large vocabulary)."""
+        if self._tokenizer is None:
+            try:
+                tokenizer = Tokenizer.from_file(str(self.file))
+            except Exception as e:
+                raise CheckpointError(f"{self.file}: cannot read tokenizer ({e})") from None
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            if self._pad_id is None:
+                self._pad_id = _pad_id(tokenizer, self.source)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        if self._pad_id is None:
+            self.tokenizer  # noqa: B018 - reading the file sets the padding id
+        assert self._pad_id is not None
+        return self._pad_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
 
     @property
     def vocab_size(self) -> int:
@@ -148,7 +173,10 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _pad_id(tokenizer: Tokenizer, config: dict[str, Any], specials: dict[str, Any]) -> int:
+def _pad_id(tokenizer: Tokenizer, directory: Path) -> int:
+    """The padding id: from tokenizer.json's padding, else the declared pad token, else 0."""
+    config = _read_json(directory / "tokenizer_config.json")
+    specials = _read_json(directory / "special_tokens_map.json")
     padding = tokenizer.padding
     if padding and padding.get("pad_id") is not None:
         return int(padding["pad_id"])
@@ -171,19 +199,8 @@ def hf_tokenizer(path: PathLike, max_length: int | None = None) -> HFTokenizer:
         raise CheckpointError(
             f"{file}: no tokenizer.json (registry_xf reads fast-tokenizer files only)"
         )
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as e:
-        raise CheckpointError(f"{file}: cannot read tokenizer ({e})") from None
-    config = _read_json(directory / "tokenizer_config.json")
-    specials = _read_json(directory / "special_tokens_map.json")
     if max_length is None:
-        limit = config.get("model_max_length")
+        limit = _read_json(directory / "tokenizer_config.json").get("model_max_length")
         if isinstance(limit, (int, float)) and 0 < limit < _NO_LIMIT:
             max_length = int(limit)
-    return HFTokenizer(
-        tokenizer,
-        max_length=max_length,
-        pad_id=_pad_id(tokenizer, config, specials),
-        source=directory,
-    )
+    return HFTokenizer(file, max_length=max_length)
