@@ -121,7 +121,7 @@ def _cmd_show(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def _cmd_config(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .config.resolve import fill, read_config
+    from .config.resolve import fill, interpolate, read_config
     from .loading.hf import config_from_hf
     from .loading.sources import SAVED_CONFIG, locate
 
@@ -131,7 +131,8 @@ def _cmd_config(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         path = located.path / SAVED_CONFIG if located.kind == "saved" else located.path
         config = fill(read_config(path, overrides), source=str(path))
-    print(config.to_str(interpolate=not args.keep_variables))
+    # Config.to_str(interpolate=True) writes ${...} variables unchanged: substitute them here.
+    print((config if args.keep_variables else interpolate(config)).to_str(interpolate=False))
     return 0
 
 

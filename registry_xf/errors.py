@@ -12,15 +12,18 @@ class RegistryXFError(Exception):
 
 
 def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The candidates closest to ``name``, best first (for 'did you mean' hints)."""
-    candidates = list(candidates)
-    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
-    if not found:
-        lowered = {c.lower(): c for c in candidates}
-        found = [
-            lowered[c] for c in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.4)
-        ]
-    return found
+    """The candidates closest to ``name``, best first (for 'did you mean' hints).
+
+    Case is ignored, so that ``Gelu`` finds ``GELU`` before ``ReLU``.
+    """
+    lowered: dict[str, str] = {}
+    for c in candidates:
+        lowered.setdefault(c.lower(), c)
+    for cutoff in (0.5, 0.4):
+        found = difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=cutoff)
+        if found:
+            return [lowered[c] for c in found]
+    return []
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

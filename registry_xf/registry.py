@@ -8,6 +8,9 @@ registry: a ``.cfg`` refers to a component with ``@layers = "registry_xf.SelfAtt
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,7 +50,18 @@ class Registry(catalogue.Registry):
         """Register ``func`` under ``name``; a name that exists is an error unless ``override``."""
 
         def do_registration(f: F) -> F:
-            if not override and catalogue.check_exists(*self.namespace, name):
+            # Taken: by another function, or by an installed package's entry point naming
+            # another function (a plugin may both declare and decorate the same one).
+            path = [*self.namespace, name]
+            if catalogue.check_exists(*path):
+                taken = inspect.unwrap(catalogue._get(path)) is not f
+            elif self.entry_points:
+                target = _installed_names().get((self.entry_point_namespace, name))
+                here = f"{getattr(f, '__module__', '')}:{getattr(f, '__qualname__', '')}"
+                taken = target is not None and target.replace(" ", "") != here
+            else:
+                taken = False
+            if not override and taken:
                 raise RegistryNameError(
                     f"'{name}' is already registered in registry '{self.name}'. A released "
                     "name never changes behaviour: register a new version (.v2), or pass "
@@ -76,9 +90,25 @@ class Registry(catalogue.Registry):
             )
         return catalogue._get(path)
 
+    def _get_entry_points(self) -> list[importlib.metadata.EntryPoint]:
+        # Read now, not from the list catalogue took when it was imported: a package
+        # installed since then (pip install in a running session) is found too.
+        return list(importlib.metadata.entry_points(group=self.entry_point_namespace))
+
     def names(self) -> list[str]:
         """All registered names, entry points included, sorted."""
         return sorted(self.get_all())
+
+
+@functools.cache
+def _installed_names() -> dict[tuple[str, str], str]:
+    """(group, name) → ``module:attr`` of our entry points, read once per process."""
+    found = importlib.metadata.entry_points()
+    return {
+        (ep.group, ep.name): ep.value
+        for group in (f"registry_xf_{name}" for name in REGISTRY_NAMES)
+        for ep in found.select(group=group)
+    }
 
 
 def _create(name: str) -> Registry:

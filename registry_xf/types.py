@@ -67,3 +67,6 @@ def _to_path(value: Any) -> Path:
 DType = Annotated[torch.dtype, BeforeValidator(to_dtype), PlainSerializer(dtype_name)]
 Device = Annotated[torch.device, BeforeValidator(to_device), PlainSerializer(str)]
 PathLike = Annotated[Path, BeforeValidator(_to_path), PlainSerializer(str)]
+
+# Bare annotations that registered functions may use instead, converted the same way.
+CONVERTING = ((torch.dtype, DType), (torch.device, Device), (Path, PathLike))

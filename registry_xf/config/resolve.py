@@ -16,7 +16,7 @@ from typing import Any
 from confection import Config
 
 from ..errors import ConfigError, ConfigProblem, RegistryNameError, close_names
-from .schema import Schema, Unbuilt, schema_for
+from .schema import Schema, Unbuilt, has_unbuilt, schema_for
 
 
 def read_config(
@@ -53,7 +53,7 @@ def read_config(
             key, "override names a setting that is not in the config." + _suggest_path(key, base)
         )
         for key in overrides
-        if not _has_path(base, key)
+        if not _settable(base, key)
     ]
     if problems:
         raise ConfigError(problems, source=name)
@@ -78,6 +78,20 @@ def _has_path(config: Mapping[str, Any], dotted: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def _settable(config: Mapping[str, Any], dotted: str) -> bool:
+    """A setting in the config, or an argument of a component whose section is there
+    (a default not written out; the resolver checks that the component takes it)."""
+    if _has_path(config, dotted):
+        return True
+    parent = dotted.rpartition(".")[0]
+    node: Any = config
+    for part in parent.split(".") if parent else []:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return bool(parent) and isinstance(node, Mapping) and _promise(node) is not None
 
 
 def _all_paths(node: Any, prefix: str = "") -> list[str]:
@@ -162,9 +176,9 @@ def _realise(value: Any, problems: list[ConfigProblem]) -> Any:
     """Make the deferred calls in ``value``, children first."""
     if isinstance(value, _Deferred):
         kwargs = {k: _realise(v, problems) for k, v in value.kwargs.items()}
-        if any(isinstance(v, Unbuilt) for v in kwargs.values()):
+        if any(has_unbuilt(v) for v in kwargs.values()):
             return Unbuilt(value.path)  # a child failed; its problem is recorded
-        built_children = {k: v for k, v in kwargs.items() if isinstance(value.kwargs[k], _Deferred)}
+        built_children = {k: v for k, v in kwargs.items() if has_unbuilt(value.kwargs[k])}
         checked, child_problems = value.schema.check(built_children, value.path, partial=True)
         if child_problems:  # a component of the wrong kind where another was expected
             problems += child_problems

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,15 @@ class Param:
         except Exception:  # pydantic cannot build a validator: accept as-is
             return TypeAdapter(Any)
 
+    def convert_default(self) -> Any:
+        """The default, converted like a config value (a default that fails stays as is)."""
+        if self.default is None or self.adapter is None:
+            return self.default
+        try:
+            return self.adapter.validate_python(self.default)
+        except ValidationError:
+            return self.default
+
 
 @dataclass
 class Schema:
@@ -57,7 +67,7 @@ class Schema:
     ) -> tuple[dict[str, Any], list[ConfigProblem]]:
         """Convert ``args``; return the converted arguments and every problem found.
 
-        Values that are ``Unbuilt`` (not yet built sub-components) are passed through;
+        Values that are or hold ``Unbuilt`` (not yet built sub-components) pass through;
         ``partial`` checks only the arguments given (no check for missing ones).
         """
         problems: list[ConfigProblem] = []
@@ -78,7 +88,7 @@ class Schema:
                     )
                 )
                 continue
-            if isinstance(value, Unbuilt) or param.adapter is None:
+            if has_unbuilt(value) or param.adapter is None:  # checked once built
                 converted[name] = value
                 continue
             try:
@@ -96,6 +106,9 @@ class Schema:
                         )
                     )
         for name, param in self.params.items():
+            if not partial and name not in args and not param.required:
+                # Defaults are config values too: "gelu" must become an activation module.
+                converted[name] = param.convert_default()
             if not partial and param.required and name not in args:
                 problems.append(
                     ConfigProblem(
@@ -120,6 +133,17 @@ class Unbuilt:
         return f"<component at {self.path}>"
 
 
+def has_unbuilt(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in dicts and lists), a sub-component not yet built."""
+    if isinstance(value, Unbuilt):
+        return True
+    if isinstance(value, dict):
+        return any(has_unbuilt(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_unbuilt(v) for v in value)
+    return False
+
+
 def _clean(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
@@ -136,6 +160,20 @@ def _annotation_text(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "").replace("torch.nn.modules.module.", "")
+
+
+def _converting(annotation: Any) -> Any:
+    """``annotation`` with bare ``torch.dtype``, ``torch.device`` and ``Path`` replaced by
+    the types that convert config strings into them (``DType``, ``Device``, ``PathLike``)."""
+    from ..types import CONVERTING
+
+    for plain, converting in CONVERTING:
+        if annotation is plain:
+            return converting
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = tuple(_converting(a) for a in typing.get_args(annotation))
+        return typing.Union[members]  # noqa: UP007 - built from a tuple
+    return annotation
 
 
 @functools.cache
@@ -156,7 +194,9 @@ def schema_for(func: Callable[..., Any]) -> Schema:
         if p.kind is p.VAR_POSITIONAL:
             continue
         annotation = hints.get(name, p.annotation)
-        schema.params[name] = Param(name, annotation, p.default, _annotation_text(annotation))
+        schema.params[name] = Param(
+            name, _converting(annotation), p.default, _annotation_text(annotation)
+        )
     return schema
 
 

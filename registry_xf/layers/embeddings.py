@@ -62,9 +62,12 @@ class TransformerEmbeddings(nn.Module):
                 )
         if token_type_ids is not None and token_type_ids.numel():
             n_types = self.token_type_embeddings.num_embeddings if self.token_type_embeddings else 0
-            high = int(token_type_ids.max())
-            if int(token_type_ids.min()) < 0 or (high and high >= n_types):
-                raise InputError(f"token type id {high} is out of range: the model has {n_types}")
+            low, high = int(token_type_ids.min()), int(token_type_ids.max())
+            if low < 0 or (high and high >= n_types):
+                bad = low if low < 0 else high
+                raise InputError(
+                    f"token type id {bad} is out of range: the model has {n_types} token types"
+                )
 
     def forward(
         self,
@@ -81,7 +84,8 @@ class TransformerEmbeddings(nn.Module):
             else:
                 h = h + self.token_type_embeddings(token_type_ids)
         if self.positions is not None:
-            h = h + self.positions(input_ids, positions)
+            # fixed tables (sinusoidal) are float32: add them in the model's dtype
+            h = h + self.positions(input_ids, positions).to(h.dtype)
         if self.norm is not None:
             h = self.norm(h)
         h = self.dropout(h)

@@ -51,7 +51,6 @@ def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     return new
 
 
-
 class LayerStack(nn.ModuleList):
     """``n_layers`` independent copies of one layer."""
 

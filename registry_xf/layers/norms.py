@@ -24,6 +24,10 @@ class RMSNorm(nn.Module):
         self.weight_offset = weight_offset
         self.weight = nn.Parameter(torch.ones(width))
 
+    def reset_parameters(self) -> None:
+        """Scaling by one: a weight of ones, or of zeros with ``weight_offset=1``."""
+        nn.init.constant_(self.weight, 1.0 - self.weight_offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()

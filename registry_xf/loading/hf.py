@@ -14,7 +14,12 @@ from torch import nn
 
 from ..config.resolve import fill, interpolate, read_config
 from ..converters.base import HFConverter, converter_for_model_type
-from ..errors import CheckpointError, RegistryXFError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    RegistryXFError,
+    UnsupportedModelError,
+)
 from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
@@ -88,8 +93,12 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
     if directory.is_file() and directory.name == "config.json":
         directory = directory.parent
     hf = read_hf_config(directory)
-    converter = converter_for_model_type(hf.get("model_type"), where=str(directory / "config.json"))
-    hyper = converter.hyper_from_hf(hf)
+    where = directory / "config.json"
+    converter = converter_for_model_type(hf.get("model_type"), where=str(where))
+    try:
+        hyper = converter.hyper_from_hf(hf)
+    except UnsupportedModelError as e:  # name the file, not just "config.json"
+        raise UnsupportedModelError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
     config = read_config(
         family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
     )
@@ -106,7 +115,12 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
     pooling = _sentence_transformers_pooling(directory)
     if pooling is not None:
         config["pooling"] = pooling
-    return read_config(config, overrides) if overrides else config
+    if not overrides:
+        return config
+    try:
+        return read_config(config, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=e.source or str(directory)) from None
 
 
 def converter_of(model: nn.Module) -> HFConverter:

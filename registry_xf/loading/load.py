@@ -39,14 +39,17 @@ def build(
     base = (
         Path(config).parent if isinstance(config, (str, Path)) and "\n" not in str(config) else None
     )
+    source = str(config) if base is not None else None  # named in config errors
     config = read_config(config, overrides)
     token = CONFIG_DIR.set(base)
     try:
         interpolated = interpolate(config)
         if "model" not in interpolated:
-            raise ConfigError([ConfigProblem("model", "the config has no [model] section")])
+            raise ConfigError(
+                [ConfigProblem("model", "the config has no [model] section")], source=source
+            )
         with torch.device("meta"):
-            model = resolve({"model": interpolated["model"]})["model"]
+            model = resolve({"model": interpolated["model"]}, source=source)["model"]
     finally:
         CONFIG_DIR.reset(token)
     _attach(model, config=config)
@@ -78,14 +81,17 @@ def load(
     """
     base: Path | None = None
     meta: dict[str, Any] = {}
+    where: str | None = None  # named in config errors
     if isinstance(source, Config):
         config = read_config(source, overrides)
     else:
         located = locate(source)
+        where = str(located.path)
         if located.kind == "hf":
             config = hf_config(located.path.resolve(), overrides)
         elif located.kind == "saved":
             base = located.path
+            where = str(located.path / SAVED_CONFIG)
             config = read_config(located.path / SAVED_CONFIG, overrides)
             meta_path = located.path / META_FILE
             if meta_path.is_file():
@@ -103,10 +109,11 @@ def load(
                         "weights",
                         "no [weights] section: use registry_xf.build() for a model without weights",
                     )
-                ]
+                ],
+                source=where,
             )
         with torch.device("meta"):
-            resolved = resolve(interpolated)
+            resolved = resolve(interpolated, source=where)
     finally:
         CONFIG_DIR.reset(token)
     model = resolved["model"]

@@ -76,10 +76,16 @@ def materialise_random(model: nn.Module, device: torch.device, dtype: torch.dtyp
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
             reset()
-        elif isinstance(module, nn.Module):
+        else:  # to_empty left uninitialised memory: give every parameter a value
             for attr, p in module._parameters.items():
-                if p is not None and attr == "weight" and p.dim() >= 2:
+                if p is None:
+                    continue
+                if p.dim() >= 2:
                     nn.init.normal_(p, std=0.02)
+                elif attr == "bias":
+                    nn.init.zeros_(p)
+                else:  # 1-D scales (norm weights)
+                    nn.init.ones_(p)
     model.to(dtype=dtype)
     init_buffers(model, device)
     return model

@@ -41,8 +41,15 @@ def locate(source: str | Path) -> Source:
             return Source("saved", path)
         if (path / "config.json").is_file():
             return Source("hf", path)
+        pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
+        hint = (
+            f"; it has {', '.join(pickles)}, which are pickles and never loaded: "
+            "save the model with safetensors"
+            if pickles
+            else ""
+        )
         raise CheckpointError(
-            f"{path}: a directory without {SAVED_CONFIG} (registry_xf) or config.json (HF)"
+            f"{path}: a directory without {SAVED_CONFIG} (registry_xf) or config.json (HF){hint}"
         )
     package_dir = package_model_dir(str(source))
     if package_dir is not None:

@@ -149,8 +149,15 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         """Copy the tokenizer's files into ``directory`` (each written atomically)."""
-        for name in TOKENIZER_FILES:
-            source = self.source / name
+        if not self.file.is_file():  # never write a model whose tokenizer is missing
+            raise CheckpointError(
+                f"{self.file}: the tokenizer file is gone (moved or deleted since loading); "
+                "cannot save the tokenizer"
+            )
+        # the tokenizer file may have another name; saved, it is tokenizer.json
+        sources = {name: self.source / name for name in TOKENIZER_FILES}
+        sources["tokenizer.json"] = self.file
+        for name, source in sources.items():
             if source.is_file():
                 fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
                 os.close(fd)
