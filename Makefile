@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch; override with e.g. TORCH="torch==2.14.1" for another build.
+# The PyTorch release installed first (pip then keeps it); override for another one,
+# e.g. make test TORCH="torch==2.14.1".
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 

@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryXFError as e:
         print(f"registry-xf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

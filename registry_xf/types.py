@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import BeforeValidator, PlainSerializer
 
+from .errors import InputError
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -31,7 +33,10 @@ def to_dtype(value: Any) -> torch.dtype:
         key = value.lower().removeprefix("torch.")
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"expected a floating dtype, one of {', '.join(DTYPE_NAMES)}")
+    raise InputError(
+        f"dtype {value!r} is not supported; expected one of {', '.join(DTYPE_NAMES)} (or 'auto' "
+        "where the stored dtype may be kept)"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,8 +50,9 @@ def to_device(value: Any) -> torch.device:
         try:
             return torch.device(value)
         except RuntimeError as e:
-            raise ValueError(f"expected a device such as 'cpu' or 'cuda:0': {e}") from None
-    raise ValueError("expected a device such as 'cpu' or 'cuda:0'")
+            message = f"device {value!r}: expected one such as 'cpu' or 'cuda:0' ({e})"
+            raise InputError(message) from None
+    raise InputError(f"device {value!r}: expected one such as 'cpu' or 'cuda:0'")
 
 
 # Relative paths in a config file are relative to the file's directory, not to the

@@ -246,7 +246,7 @@ def test_wrong_dtype_and_path_are_reported(typed_components: None) -> None:
         rx.build(text)
     problems = {p.path: str(p) for p in info.value.problems}
     assert set(problems) == {"model.dtype", "model.path", "model.maybe"}
-    assert "expected a floating dtype" in problems["model.dtype"]
+    assert "expected one of float32, float16, bfloat16" in problems["model.dtype"]
     assert "'int9'" in problems["model.dtype"]
     assert "expected a file or directory path" in problems["model.path"]
     with pytest.raises(rx.ConfigError, match=r"\[dtype\].*'int9'"):

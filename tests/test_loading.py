@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, requires_minilm
+from conftest import hf_encoder, random_batch, requires_minilm, write_hf_checkpoint
+from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
 
@@ -90,3 +92,44 @@ def test_cuda_load_and_low_precision_parity(checkpoints: dict[str, Path], dtype:
         expected = cpu(ids, mask).last_hidden_state
         got = gpu(ids.cuda(), mask.cuda()).last_hidden_state.float().cpu()
     assert (got - expected).abs().max() < 5e-2
+
+
+def test_electra_without_projection(tmp_path: Path) -> None:
+    """electra-base/-large have embedding width == hidden width: no projection layer."""
+    path = write_hf_checkpoint(tmp_path / "electra", "electra", embedding_size=32)
+    model = rx.load(path)
+    assert model.embeddings.projection is None
+    ids, mask = random_batch()
+    with torch.no_grad():
+        expected = hf_encoder(path)(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model(ids, mask).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_positions_out_of_range(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"])
+    ids, mask = random_batch(seq=4)
+    with pytest.raises(rx.InputError, match="position 64 is out of range"):
+        model(ids, mask, positions=torch.tensor([[0, 1, 2, 64]]))
+
+
+def test_allowed_missing_is_reported(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(
+        checkpoints["bert"],
+        overrides={"weights.allow_missing": ["feed_forward_norm"]},
+    )
+    assert model.load_report.initialised == []  # nothing was missing
+    # a checkpoint lacking the final norms: allowed, initialised fresh and reported
+    weights = load_file(checkpoints["bert"] / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "output.LayerNorm" not in k or "attention" in k}
+    copy = checkpoints["bert"].parent / "bert-no-final-norms"
+    shutil.copytree(checkpoints["bert"], copy, dirs_exist_ok=True)
+    save_file(kept, str(copy / "model.safetensors"))
+    with pytest.raises(rx.LoadError, match="feed_forward_norm"):
+        rx.load(copy)
+    model = rx.load(copy, overrides={"weights.allow_missing": ["feed_forward_norm"]})
+    assert sorted(model.load_report.initialised) == [
+        f"layers.{i}.feed_forward_norm.{p}" for i in range(2) for p in ("bias", "weight")
+    ]
+    norm = model.layers[0].feed_forward_norm
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    assert torch.equal(norm.bias, torch.zeros_like(norm.bias))

@@ -37,7 +37,7 @@ class Encoder(Assembly):
     ) -> ModelOutput:
         """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens."""
         self.check_inputs(input_ids, attention_mask)
-        self.embeddings.check(input_ids, token_type_ids)
+        self.embeddings.check(input_ids, token_type_ids, positions)
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []

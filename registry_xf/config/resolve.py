@@ -238,17 +238,39 @@ def fill(config: Config, source: str | None = None) -> Config:
     return Config(filled)
 
 
-def resolve(config: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+def resolve(
+    config: Mapping[str, Any],
+    source: str | None = None,
+    raw: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Build every component of an interpolated config; return the resolved tree.
 
-    Nothing is built unless the whole config is valid.
+    Nothing is built unless the whole config is valid. ``raw``, the config before
+    interpolation, lets errors name the variable a bad value came from.
     """
     walker = _Walker(build=True)
     tree, _ = walker.walk(config, "")
     if walker.problems:
-        raise ConfigError(walker.problems, source=source)
+        raise ConfigError(_explain_variables(walker.problems, raw), source=source)
     problems: list[ConfigProblem] = []
     resolved = _realise(tree, problems)
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(_explain_variables(problems, raw), source=source)
     return resolved
+
+
+def _explain_variables(
+    problems: list[ConfigProblem], raw: Mapping[str, Any] | None
+) -> list[ConfigProblem]:
+    """Add "set by ${hyper.x}" to problems whose value was interpolated from a variable."""
+    if raw is None:
+        return problems
+    explained = []
+    for p in problems:
+        node: Any = raw
+        for part in p.path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, str) and "${" in node:
+            p = ConfigProblem(p.path, f"{p.message} [set by {node}]", p.found, p.has_found)
+        explained.append(p)
+    return explained

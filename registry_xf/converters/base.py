@@ -130,9 +130,10 @@ class HFConverter:
         if self.checks is not None:
             self.checks(hf_config)
         values = {s.hyper: hf_config.get(s.hf, s.default) for s in self.settings}
+        values = {k: v for k, v in values.items() if v is not None}  # absent: keep the .cfg's
         if self.extra_from_hf is not None:
-            values.update(self.extra_from_hf(hf_config))
-        return {k: v for k, v in values.items() if v is not None}
+            values.update(self.extra_from_hf(hf_config))  # may set None (null) on purpose
+        return values
 
     def hyper_to_hf(self, hyper: dict[str, Any]) -> dict[str, Any]:
         """An HF ``config.json`` for ``[hyper]`` values."""

@@ -50,10 +50,24 @@ class TransformerEmbeddings(nn.Module):
     def max_positions(self) -> int | None:
         return getattr(self.positions, "usable_positions", None)
 
-    def check(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> None:
+    def check(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         """Refuse ids the tables do not have, with a clear error instead of an index crash."""
+        if positions is not None and positions.numel():
+            table = getattr(self.positions, "max_positions", None)
+            low, high = (int(x) for x in torch.aminmax(positions))
+            if low < 0 or (table is not None and high >= table):
+                bad = low if low < 0 else high
+                raise InputError(
+                    f"position {bad} is out of range: the model has positions 0 to "
+                    f"{table - 1 if table is not None else 'any'}"
+                )
         if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(x) for x in torch.aminmax(input_ids))
             if low < 0 or high >= self.vocab_size:
                 bad = high if high >= self.vocab_size else low
                 raise InputError(
@@ -62,7 +76,7 @@ class TransformerEmbeddings(nn.Module):
                 )
         if token_type_ids is not None and token_type_ids.numel():
             n_types = self.token_type_embeddings.num_embeddings if self.token_type_embeddings else 0
-            low, high = int(token_type_ids.min()), int(token_type_ids.max())
+            low, high = (int(x) for x in torch.aminmax(token_type_ids))
             if low < 0 or (high and high >= n_types):
                 bad = low if low < 0 else high
                 raise InputError(

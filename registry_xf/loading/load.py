@@ -49,7 +49,7 @@ def build(
                 [ConfigProblem("model", "the config has no [model] section")], source=source
             )
         with torch.device("meta"):
-            model = resolve({"model": interpolated["model"]}, source=source)["model"]
+            model = resolve({"model": interpolated["model"]}, source=source, raw=config)["model"]
     finally:
         CONFIG_DIR.reset(token)
     _attach(model, config=config)
@@ -113,7 +113,7 @@ def load(
                 source=where,
             )
         with torch.device("meta"):
-            resolved = resolve(interpolated, source=where)
+            resolved = resolve(interpolated, source=where, raw=config)
     finally:
         CONFIG_DIR.reset(token)
     model = resolved["model"]

@@ -69,23 +69,35 @@ def meta_tensors(model: nn.Module) -> Iterator[str]:
             yield name
 
 
+def initialise(module: nn.Module, names: list[str]) -> None:
+    """Initial values for the parameters ``names`` of ``module`` (already allocated).
+
+    The module's own ``reset_parameters`` decides where it covers them all; otherwise
+    matrices get N(0, 0.02), biases zeros and 1-D scales ones.
+    """
+    reset = getattr(module, "reset_parameters", None)
+    present = [n for n, p in module._parameters.items() if p is not None]
+    if callable(reset) and set(present) <= set(names):
+        reset()
+        return
+    for attr in names:
+        p = module._parameters.get(attr)
+        if p is None:
+            continue
+        with torch.no_grad():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif attr == "bias":
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+
 def materialise_random(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Give a meta model freshly initialised weights (for training from scratch)."""
     model.to_empty(device=device)
     for module in model.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        else:  # to_empty left uninitialised memory: give every parameter a value
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                if p.dim() >= 2:
-                    nn.init.normal_(p, std=0.02)
-                elif attr == "bias":
-                    nn.init.zeros_(p)
-                else:  # 1-D scales (norm weights)
-                    nn.init.ones_(p)
+        initialise(module, list(module._parameters))
     model.to(dtype=dtype)
     init_buffers(model, device)
     return model

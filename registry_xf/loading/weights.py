@@ -21,7 +21,7 @@ from ..errors import LoadError
 from ..registry import registry
 from ..types import PathLike
 from .checkpoint import open_checkpoint
-from .materialise import assign, current, init_buffers, parameter_slots
+from .materialise import assign, current, init_buffers, initialise, parameter_slots
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -53,6 +54,7 @@ class LoadReport:
             ),
             ("shape mismatch", self.mismatched, "the config does not describe this checkpoint"),
             ("skipped (task heads and buffers the encoder does not use)", self.skipped, ""),
+            ("initialised with fresh values (allowed missing)", self.initialised, ""),
         ):
             if items:
                 lines.append(f"  {title}: {len(items)}")
@@ -125,7 +127,7 @@ class SafetensorsWeights:
                 name = stripped[key]
                 if self.converter is not None and self.converter.is_ignored(name):
                     report.skipped.append(key)
-                elif any(p.search(key) for p in allow_unexpected):
+                elif any(p.search(key) or p.search(name) for p in allow_unexpected):
                     report.skipped.append(key)
                 else:
                     report.unexpected.append(key)
@@ -175,20 +177,18 @@ def _materialise_allowed_missing(
 ) -> None:
     """Parameters the caller allowed to be missing get fresh initial values."""
     loaded = set(report.loaded)
+    missing: dict[nn.Module, list[str]] = {}
     for name, places in slots.items():
         if name in loaded:
             continue
-        attr = places[0][1]
         old = current(places)
-        fresh = torch.empty(old.shape, device=device, dtype=dtype or torch.float32)
-        if fresh.dim() >= 2:
-            nn.init.normal_(fresh, std=0.02)
-        elif attr == "weight":
-            nn.init.ones_(fresh)
-        else:
-            nn.init.zeros_(fresh)
-        assign(places, fresh)
-        logger.warning("initialised %s randomly (allowed missing)", name)
+        assign(places, torch.empty(old.shape, device=device, dtype=dtype or torch.float32))
+        missing.setdefault(places[0][0], []).append(places[0][1])
+        report.initialised.append(name)
+    for module, names in missing.items():
+        initialise(module, names)
+    if report.initialised:
+        logger.warning("initialised (allowed missing): %s", ", ".join(report.initialised))
 
 
 @registry.loaders.register("registry_xf.Safetensors.v1")
