@@ -33,7 +33,7 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/registry-xf embed $(DEMO_TEXTS)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check registry_xf tests bench
+	$(BIN)/ruff check .
 
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
