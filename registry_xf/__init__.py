@@ -6,25 +6,11 @@ device and reads each weight once, straight onto the target device and dtype.
 
 import logging
 
+from . import converters as _converters  # noqa: F401  (importing registers them)
 from . import layers as _layers  # noqa: F401  (importing registers the components)
 from .about import FORMAT_VERSION, __version__
 from .assemblies import Assembly, Encoder, ModelOutput
 from .config.resolve import fill, read_config, resolve, validate
-from .converters import (
-    albert as _albert,  # noqa: F401
-)
-from .converters import (
-    bert as _bert,  # noqa: F401
-)
-from .converters import (
-    distilbert as _distilbert,  # noqa: F401
-)
-from .converters import (
-    electra as _electra,  # noqa: F401
-)
-from .converters import (
-    roberta as _roberta,  # noqa: F401
-)
 from .errors import (
     CheckpointError,
     ConfigError,

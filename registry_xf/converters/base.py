@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +31,17 @@ class KeyRule:
     """Our parameter ``ours`` is made of the HF tensor(s) ``hf``, concatenated on ``dim``.
 
     ``transpose`` swaps the two dimensions of a matrix (GPT-2's Conv1D layout).
+    ``to_ours``/``to_hf`` reorder a tensor that HF lays out differently (GPT-NeoX's
+    per-head interleaved query/key/value rows); they take the ``[hyper]`` values and must
+    keep the shape.
     """
 
     ours: str
     hf: tuple[str, ...]
     dim: int = 0
     transpose: bool = False
+    to_ours: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
+    to_hf: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
 
     def match(self, key: str) -> list[str] | None:
         """HF names for our ``key`` if this rule covers it."""
@@ -46,7 +51,10 @@ class KeyRule:
         return [h.format(**m.groupdict()) for h in self.hf]
 
     def join(
-        self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        dtype: torch.dtype | None = None,
+        hyper: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Our tensor from the HF parts, cast to ``dtype`` (floating tensors only) in the
         same pass: parts are copied straight into their slice of one new tensor."""
@@ -63,18 +71,32 @@ class KeyRule:
             for t in tensors:
                 joined.narrow(self.dim, start, t.shape[self.dim]).copy_(t)
                 start += t.shape[self.dim]
+        if self.to_ours is not None:
+            joined = self.to_ours(joined, hyper or {}).contiguous()
         return joined.t().contiguous() if self.transpose else joined
 
-    def split(self, tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    def split(
+        self, tensor: torch.Tensor, sizes: Sequence[int], hyper: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
+        """The HF tensor(s) for our ``tensor`` (the inverse of ``join``)."""
         if self.transpose:
             tensor = tensor.t()
+        if self.to_hf is not None:
+            tensor = self.to_hf(tensor, hyper or {})
         if len(self.hf) == 1:
             return [tensor]
         return list(tensor.split(list(sizes), dim=self.dim))
 
 
-def rule(ours: str, *hf: str, dim: int = 0, transpose: bool = False) -> KeyRule:
-    return KeyRule(ours, tuple(hf), dim, transpose)
+def rule(
+    ours: str,
+    *hf: str,
+    dim: int = 0,
+    transpose: bool = False,
+    to_ours: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
+    to_hf: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
+) -> KeyRule:
+    return KeyRule(ours, tuple(hf), dim, transpose, to_ours, to_hf)
 
 
 def attention_rules(ours: str, q: str, k: str, v: str, o: str) -> list[KeyRule]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..registry import registry
 from .attention_mask import AttentionMask
+from .kv_cache import LayerCache
 from .positions import ALiBi, RotaryEmbeddings
 
 Backend = Literal["sdpa", "eager"]
@@ -38,6 +39,7 @@ class SelfAttention(nn.Module):
         scale: float | None = None,
         rotary: RotaryEmbeddings | None = None,
         alibi: ALiBi | None = None,
+        window: int | None = None,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -63,6 +65,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(q_width, width, bias=out_bias)
         self.rotary = rotary
         self.alibi = alibi
+        self.window = window
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, seq, head_width)."""
@@ -77,13 +80,19 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(x)
         if self.rotary is not None:
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)[None, :]
             q, k = self.rotary(q, k, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)
         out = self.attend(q, k, v, mask)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -92,7 +101,9 @@ class SelfAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
     ) -> torch.Tensor:
         n_q, n_k = q.shape[2], k.shape[2]
-        allowed, dead = mask.for_attention(n_q, n_k, q.device)
+        allowed, dead, is_causal = mask.for_attention(n_q, n_k, q.device, self.window)
+        if is_causal and (self.alibi is not None or self.backend == "eager"):
+            allowed, is_causal = mask.bool_mask(n_q, n_k, q.device, self.window), False
         bias = None
         if self.alibi is not None:
             bias = self.alibi(n_q, n_k)
@@ -107,6 +118,7 @@ class SelfAttention(nn.Module):
                 v,
                 attn_mask=bias if bias is not None else allowed,
                 dropout_p=dropout,
+                is_causal=is_causal,
                 scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
@@ -144,8 +156,12 @@ def self_attention(
     scale: float | None = None,
     rotary: RotaryEmbeddings | None = None,
     alibi: ALiBi | None = None,
+    window: int | None = None,
 ) -> nn.Module:
-    """Self-attention (MHA; GQA/MQA with ``n_kv_heads``), optional rotary or ALiBi positions."""
+    """Self-attention (MHA; GQA/MQA with ``n_kv_heads``), optional rotary or ALiBi positions.
+
+    ``window`` limits each query to the ``window`` most recent keys (Mistral's sliding window).
+    """
     return SelfAttention(
         width,
         n_heads,
@@ -159,4 +175,5 @@ def self_attention(
         scale=scale,
         rotary=rotary,
         alibi=alibi,
+        window=window,
     )

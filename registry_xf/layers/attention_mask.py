@@ -11,55 +11,66 @@ import torch
 class AttentionMask:
     """A mask built once per forward pass and shared by every layer.
 
-    ``key_mask`` is (batch, keys) with True for real tokens (HF's ``attention_mask``).
-    Queries are the last ``n_queries`` keys (so a cache of earlier keys fits).
-    Rows with no key to attend to are given zeros by attention, never NaN.
+    ``key_mask`` is (batch, keys) with True for real tokens (HF's ``attention_mask``),
+    covering cached keys too. Queries are the last ``n_queries`` keys. ``causal`` lets a
+    query see only earlier keys; a layer may add a sliding ``window``. Rows with no key to
+    attend to are given zeros by attention, never NaN.
     """
 
     key_mask: torch.Tensor | None
     causal: bool = False
-    window: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def bool_mask(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
+    def bool_mask(
+        self, n_queries: int, n_keys: int, device: torch.device, window: int | None = None
+    ) -> torch.Tensor | None:
         """(batch or 1, 1, queries, keys) with True = attend; None when nothing is masked."""
-        key = (n_queries, n_keys, self.window)
+        key = ("bool", n_queries, n_keys, window)
         if key in self._cache:
             return self._cache[key]
         mask = None
-        if self.key_mask is not None and not bool(self.key_mask.all()):
+        if self.key_mask is not None and not bool(self.key_mask[:, :n_keys].all()):
             mask = self.key_mask[:, None, None, :n_keys].to(device=device, dtype=torch.bool)
-        if self.causal or self.window is not None:
+        needs_causal = self.causal and n_queries > 1
+        needs_window = window is not None and n_keys > window
+        if needs_causal or needs_window:
             q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
             k_pos = torch.arange(n_keys, device=device)[None, :]
             allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
             if self.causal:
                 allowed &= k_pos <= q_pos
-            if self.window is not None:
-                allowed &= (q_pos - k_pos) < self.window
+            if window is not None:
+                allowed &= (q_pos - k_pos) < window
                 if not self.causal:
-                    allowed &= (k_pos - q_pos) < self.window
+                    allowed &= (k_pos - q_pos) < window
             allowed = allowed[None, None]
             mask = allowed if mask is None else mask & allowed
         self._cache[key] = mask
         return mask
 
     def for_attention(
-        self, n_queries: int, n_keys: int, device: torch.device
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(mask, dead rows) ready for attention.
+        self, n_queries: int, n_keys: int, device: torch.device, window: int | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """(mask, dead rows, is_causal) ready for attention.
 
         ``dead`` is (batch, 1, queries, 1), True where a query can see no key at all; those
         rows are opened in ``mask`` (so softmax stays finite) and must be zeroed afterwards.
+        ``is_causal`` is True when a plain causal mask is all there is (no padding, no
+        window, queries = keys): the fused kernels then need no mask tensor at all.
         """
-        key = ("attention", n_queries, n_keys, self.window)
+        key = ("attention", n_queries, n_keys, window)
         if key not in self._cache:
-            mask = self.bool_mask(n_queries, n_keys, device)
+            padded = self.key_mask is not None and not bool(self.key_mask[:, :n_keys].all())
+            windowed = window is not None and n_keys > window
+            if self.causal and n_queries == n_keys > 1 and not padded and not windowed:
+                self._cache[key] = (None, None, True)
+                return self._cache[key]
+            mask = self.bool_mask(n_queries, n_keys, device, window)
             dead = None
             if mask is not None:
                 rows = ~mask.any(-1, keepdim=True)
                 if bool(rows.any()):
                     dead = rows
                     mask = mask | rows
-            self._cache[key] = (mask, dead)
+            self._cache[key] = (mask, dead, False)
         return self._cache[key]

@@ -10,7 +10,11 @@ from .activations import Activation
 
 
 class FeedForward(nn.Module):
-    """``down(act(up(x)))``, or gated: ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU)."""
+    """``down(act(up(x)))``, or gated: ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU).
+
+    A gated layer with ``fused=True`` computes gate and up with one matrix ``gate_up_proj``
+    (gate rows first), which is faster; otherwise ``gate_proj`` and ``up_proj``.
+    """
 
     def __init__(
         self,
@@ -19,18 +23,29 @@ class FeedForward(nn.Module):
         activation: nn.Module,
         *,
         gated: bool = False,
+        fused: bool = False,
         bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.up_proj = nn.Linear(width, intermediate_width, bias=bias)
-        self.gate_proj = nn.Linear(width, intermediate_width, bias=bias) if gated else None
+        self.gated = gated
+        self.fused = gated and fused
+        if self.fused:
+            self.gate_up_proj = nn.Linear(width, 2 * intermediate_width, bias=bias)
+        else:
+            self.up_proj = nn.Linear(width, intermediate_width, bias=bias)
+            if gated:
+                self.gate_proj = nn.Linear(width, intermediate_width, bias=bias)
         self.down_proj = nn.Linear(intermediate_width, width, bias=bias)
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
+        self.split = (intermediate_width, intermediate_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        elif self.gated:
             h = self.activation(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = self.activation(self.up_proj(x))
@@ -45,8 +60,16 @@ def feed_forward(
     gated: bool = False,
     bias: bool = True,
     dropout: float = 0.0,
+    fused: bool = False,
 ) -> nn.Module:
-    """Feed-forward layer. ``gated=True`` with ``silu`` is SwiGLU, with ``gelu`` GeGLU."""
+    """Feed-forward layer. ``gated=True`` with ``silu`` is SwiGLU, with ``gelu`` GeGLU;
+    ``fused`` computes a gated layer's gate and up projections with one matrix."""
     return FeedForward(
-        width, intermediate_width, activation, gated=gated, bias=bias, dropout=dropout
+        width,
+        intermediate_width,
+        activation,
+        gated=gated,
+        fused=fused,
+        bias=bias,
+        dropout=dropout,
     )

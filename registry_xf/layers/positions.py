@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..registry import registry
+from .rope_scaling import check_scaling, scaled_inv_freq
 
 
 def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -78,10 +81,17 @@ class SinusoidalPositions(nn.Module):
 class RotaryEmbeddings(nn.Module):
     """Rotary position embeddings on the first ``fraction`` of each head's width.
 
-    The frequency table is a non-persistent buffer, computed in float32 on the target device.
+    The frequency table is a non-persistent buffer, computed in float32 on the target
+    device. ``scaling`` stretches it for long contexts (see ``rope_scaling``).
     """
 
-    def __init__(self, head_width: int, fraction: float = 1.0, base: float = 10000.0):
+    def __init__(
+        self,
+        head_width: int,
+        fraction: float = 1.0,
+        base: float = 10000.0,
+        scaling: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         rotary_width = int(head_width * fraction)
         if rotary_width % 2:
@@ -89,21 +99,40 @@ class RotaryEmbeddings(nn.Module):
         self.head_width = head_width
         self.rotary_width = rotary_width
         self.base = base
+        self.scaling = check_scaling(scaling)
+        self.attention_factor = 1.0
         self.register_buffer("inv_freq", torch.empty(rotary_width // 2), persistent=False)
         if self.inv_freq.device.type != "meta":
             self.init_buffers(self.inv_freq.device)
 
-    def init_buffers(self, device: torch.device) -> None:
+    def _base_inv_freq(self, device: torch.device) -> torch.Tensor:
         steps = torch.arange(0, self.rotary_width, 2, dtype=torch.float32, device=device)
-        self.inv_freq = 1.0 / (self.base ** (steps / self.rotary_width))
+        return 1.0 / (self.base ** (steps / self.rotary_width))
+
+    def init_buffers(self, device: torch.device) -> None:
+        inv_freq = self._base_inv_freq(device)
+        if self.scaling is not None and self.scaling["type"] != "dynamic":
+            inv_freq, self.attention_factor = scaled_inv_freq(
+                inv_freq, self.base, self.rotary_width, self.scaling, None
+            )
+        self.inv_freq = inv_freq
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (batch, 1, seq, rotary_width) for ``positions`` (batch, seq)."""
-        freqs = positions[..., None].float() * self.inv_freq
+        inv_freq = self.inv_freq
+        if self.scaling is not None and self.scaling["type"] == "dynamic":
+            seq_len = int(positions.max()) + 1
+            inv_freq, _ = scaled_inv_freq(
+                inv_freq, self.base, self.rotary_width, self.scaling, seq_len
+            )
+        freqs = positions[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
@@ -167,9 +196,18 @@ def sinusoidal_positions(max_positions: int, width: int) -> nn.Module:
 
 
 @registry.layers.register("registry_xf.RotaryEmbeddings.v1")
-def rotary_embeddings(head_width: int, fraction: float = 1.0, base: float = 10000.0) -> nn.Module:
-    """Rotary embeddings over ``fraction`` of each head (GPT-NeoX uses 0.25), base ``theta``."""
-    return RotaryEmbeddings(head_width, fraction, base)
+def rotary_embeddings(
+    head_width: int,
+    fraction: float = 1.0,
+    base: float = 10000.0,
+    scaling: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Rotary embeddings over ``fraction`` of each head (GPT-NeoX uses 0.25), base ``theta``.
+
+    ``scaling``: None, or ``{"type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ...}``
+    with the scheme's settings (``original_max_positions``, ``low_freq_factor``, ...).
+    """
+    return RotaryEmbeddings(head_width, fraction, base, scaling)
 
 
 @registry.layers.register("registry_xf.ALiBi.v1")

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..registry import registry
 from .attention_mask import AttentionMask
+from .kv_cache import LayerCache
 
 Residual = Literal["pre", "post", "parallel"]
 
@@ -45,17 +46,21 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         if self.residual == "post":
-            x = self.attention_norm(x + self.dropout(self.attention(x, mask, positions)))
+            x = self.attention_norm(x + self.dropout(self.attention(x, mask, positions, cache)))
             return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))
         if self.residual == "pre":
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask, positions))
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask, positions, cache))
             return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
         h = self.attention_norm(x)
         h_ff = self.feed_forward_norm(x) if self.feed_forward_norm is not None else h
-        attn = self.attention(h, mask, positions)
+        attn = self.attention(h, mask, positions, cache)
         return x + self.dropout(attn) + self.dropout(self.feed_forward(h_ff))
 
 

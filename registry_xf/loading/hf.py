@@ -166,7 +166,8 @@ def export_hf(
             tensor = places[0][0]._buffers[places[0][1]]
         owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
         sizes = getattr(owner, "split", None) or [tensor.shape[rule.dim] // len(names)] * len(names)
-        for name, part in zip(names, rule.split(tensor.detach(), sizes), strict=True):
+        parts = rule.split(tensor.detach(), sizes, hyper)
+        for name, part in zip(names, parts, strict=True):
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     target = Path(path)

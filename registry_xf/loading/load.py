@@ -119,7 +119,9 @@ def load(
     model = resolved["model"]
     target = to_device(device or "cpu")
     target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
-    report = resolved["weights"].load_into(model, device=target, dtype=target_dtype)
+    report = resolved["weights"].load_into(
+        model, device=target, dtype=target_dtype, hyper=interpolated.get("hyper", {})
+    )
     _attach(
         model,
         config=config,

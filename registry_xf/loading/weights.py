@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,10 +82,12 @@ class SafetensorsWeights:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        hyper: Mapping[str, Any] | None = None,
     ) -> LoadReport:
         """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
 
         ``dtype`` None keeps each tensor's stored dtype; otherwise floating tensors are cast.
+        ``hyper`` (the config's ``[hyper]`` values) is what converters' reorderings need.
         """
         device = torch.device(device)
         slots = parameter_slots(model)
@@ -135,7 +138,7 @@ class SafetensorsWeights:
                 raise LoadError(str(report))
             for ours, rule, files in plan:
                 tensors = [ckpt.get(f) for f in files]
-                tensor = (rule or _IDENTITY).join(tensors, dtype)
+                tensor = (rule or _IDENTITY).join(tensors, dtype, hyper)
                 assign(slots[ours], tensor.contiguous())
                 report.loaded.append(ours)
         _materialise_allowed_missing(model, slots, report, device, dtype)

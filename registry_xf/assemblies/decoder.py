@@ -1,0 +1,189 @@
+"""The generic decoder and causal language model.
+
+A decoder is the encoder's stack run causally, with a key/value cache for incremental
+decoding and positions that follow the attention mask, so left-padded prompts in a batch
+see the same positions as they would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..layers.attention_mask import AttentionMask
+from ..layers.kv_cache import KVCache
+from ..registry import registry
+from .base import Assembly
+from .outputs import ModelOutput
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    """Adds ``logits`` (batch, seq or 1, vocab) to the decoder's output."""
+
+    logits: torch.Tensor | None = None
+
+
+def positions_from_mask(key_mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Positions of the last ``n_new`` tokens: real tokens count from 0, padding gets 0."""
+    positions = key_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -n_new:]
+
+
+class Decoder(Assembly):
+    """A causal transformer: embeddings, a stack of layers, a final norm."""
+
+    def __init__(
+        self,
+        embeddings: nn.Module,
+        layers: nn.Module,
+        final_norm: nn.Module | None = None,
+        max_positions: int | None = None,
+    ):
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = layers
+        self.final_norm = final_norm
+        self.max_positions = max_positions
+
+    @property
+    def width(self) -> int:
+        return int(self.embeddings.output_width)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        attention = self.layers.applied()[0].attention
+        return KVCache(
+            len(self.layers.applied()),
+            batch_size,
+            attention.n_kv_heads,
+            attention.head_width,
+            max_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Decode ``input_ids`` (batch, new tokens).
+
+        ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
+        new). ``positions`` default to counting the real tokens.
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, seq); found {tuple(input_ids.shape)}")
+        n_new = input_ids.shape[1]
+        n_past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (
+            input_ids.shape[0],
+            n_past + n_new,
+        ):
+            raise InputError(
+                f"attention_mask must be (batch, cached + new) = "
+                f"{(input_ids.shape[0], n_past + n_new)}; found {tuple(attention_mask.shape)}"
+            )
+        if positions is None:
+            if attention_mask is None:
+                positions = torch.arange(n_past, n_past + n_new, device=input_ids.device)[None]
+                positions = positions.expand(input_ids.shape[0], -1)
+            else:
+                positions = positions_from_mask(attention_mask, n_new)
+        if self.max_positions is not None and n_new and int(positions.max()) >= self.max_positions:
+            raise InputError(
+                f"position {int(positions.max())} is beyond the model's {self.max_positions} "
+                "positions: the prompt (plus new tokens) is too long for this model"
+            )
+        self.embeddings.check(input_ids, None, positions)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        mask = AttentionMask(key_mask, causal=True)
+        h = self.embeddings(input_ids, None, positions)
+        states = [h] if output_hidden_states else []
+        for i, layer in enumerate(self.layers.applied()):
+            h = layer(h, mask, positions, cache.layers[i] if cache is not None else None)
+            if output_hidden_states:
+                states.append(h)
+        if cache is not None:
+            cache.advance(n_new)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+            if output_hidden_states:
+                states[-1] = h
+        return ModelOutput(last_hidden_state=h, hidden_states=states)
+
+
+class CausalLM(Assembly):
+    """A decoder with an output projection to vocabulary logits."""
+
+    def __init__(self, decoder: Decoder, tie_embeddings: bool = False, bias: bool = False):
+        super().__init__()
+        self.decoder = decoder
+        vocab, width = decoder.embeddings.word_embeddings.weight.shape
+        self.lm_head = nn.Linear(decoder.width, vocab, bias=bias)
+        if tie_embeddings:
+            if decoder.width != width:
+                raise ValueError("tied embeddings need the embedding width to equal the width")
+            self.lm_head.weight = decoder.embeddings.word_embeddings.weight
+        self.tie_embeddings = tie_embeddings
+
+    @property
+    def width(self) -> int:
+        return self.decoder.width
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.decoder.max_positions
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return self.decoder.new_cache(batch_size, max_length)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        output_hidden_states: bool = False,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for every position, or only the last one (``last_only``, for generation)."""
+        out = self.decoder(
+            input_ids,
+            attention_mask,
+            positions,
+            cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+        return CausalLMOutput(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            logits=self.lm_head(h),
+        )
+
+
+@registry.architectures.register("registry_xf.Decoder.v1")
+def decoder(
+    embeddings: nn.Module,
+    layers: nn.Module,
+    final_norm: nn.Module | None = None,
+    max_positions: int | None = None,
+) -> Decoder:
+    """A causal decoder; ``max_positions`` bounds the positions it accepts."""
+    return Decoder(embeddings, layers, final_norm, max_positions)
+
+
+@registry.architectures.register("registry_xf.CausalLM.v1")
+def causal_lm(decoder: Decoder, tie_embeddings: bool = False, bias: bool = False) -> CausalLM:
+    """A decoder with a language-model head (tied to the token embeddings, or its own)."""
+    return CausalLM(decoder, tie_embeddings, bias)

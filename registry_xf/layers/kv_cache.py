@@ -1,0 +1,63 @@
+"""A key/value cache allocated once for the whole generation.
+
+Keys and values of every layer live in two preallocated tensors; each step writes its
+new entries in place instead of concatenating, so memory stays flat and shapes static.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+
+class LayerCache:
+    """One layer's view of the cache."""
+
+    def __init__(self, parent: KVCache, index: int):
+        self.parent = parent
+        self.index = index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (batch, kv_heads, n, head_width); return all so far."""
+        start = self.parent.length
+        end = start + k.shape[2]
+        if end > self.parent.max_length:
+            raise InputError(
+                f"KV cache overflow: {end} positions needed, the cache holds "
+                f"{self.parent.max_length}; create it with a larger max_length"
+            )
+        keys = self.parent.keys[self.index]
+        values = self.parent.values[self.index]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values for ``n_layers`` layers, up to ``max_length`` positions."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_width: int,
+        max_length: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (n_layers, batch_size, n_kv_heads, max_length, head_width)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+        self.layers = [LayerCache(self, i) for i in range(n_layers)]
+
+    def advance(self, n: int) -> None:
+        """Record that ``n`` more positions were written by every layer."""
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
