@@ -20,6 +20,7 @@ from .errors import (
     RegistryXFError,
     UnsupportedModelError,
 )
+from .generation import GenerationSettings, Generator, SettingsError
 from .loading import weights as _weights  # noqa: F401
 from .loading.hf import config_from_hf, export_hf
 from .loading.load import build, load
@@ -39,6 +40,8 @@ __all__ = [
     "ConfigError",
     "Embedder",
     "Encoder",
+    "GenerationSettings",
+    "Generator",
     "HFTokenizer",
     "InputError",
     "LoadError",
@@ -46,6 +49,7 @@ __all__ = [
     "Pooler",
     "RegistryNameError",
     "RegistryXFError",
+    "SettingsError",
     "UnsupportedModelError",
     "__version__",
     "build",

@@ -1,4 +1,5 @@
-"""The ``registry-xf`` command: embed texts, list and show components, print configs."""
+"""The ``registry-xf`` command: embed texts, generate text, list and show components,
+print configs."""
 
 from __future__ import annotations
 
@@ -85,6 +86,36 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+GENERATION_OPTIONS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "stop",
+    "seed",
+)
+
+
+def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .generation import Generator
+    from .loading.load import load
+
+    settings = {
+        name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None
+    }
+    model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
+    generator = Generator(model)
+    generator.settings_for(**settings)  # bad settings fail before anything is printed
+    for piece in generator.stream(args.prompt, **settings):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
 def _short(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -159,8 +190,39 @@ def make_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
-    embed.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch")
+    embed.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch")
     embed.set_defaults(func=_cmd_embed)
+
+    generate = sub.add_parser(
+        "generate",
+        help="continue a prompt with a causal language model, streaming the new text",
+        description="Generate text; config overrides may follow as --section.key VALUE.",
+    )
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument(
+        "--model", required=True, help="a .cfg, a model directory or package (a causal LM)"
+    )
+    generate.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    generate.add_argument(
+        "--dtype", default=None, help="auto (default), float32, float16, bfloat16"
+    )
+    generate.add_argument("--max-new-tokens", type=int, help="new tokens at most (default 32)")
+    generate.add_argument(
+        "--temperature", type=float, help="sample at this temperature (0 or unset: greedy)"
+    )
+    generate.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    generate.add_argument(
+        "--top-p", type=float, help="sample from the tokens making up probability P"
+    )
+    generate.add_argument(
+        "--min-p", type=float, help="drop tokens less likely than M times the most likely"
+    )
+    generate.add_argument(
+        "--repetition-penalty", type=float, help="penalise tokens already present (> 1)"
+    )
+    generate.add_argument("--stop", action="append", help="stop before this text (may be repeated)")
+    generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    generate.set_defaults(func=_cmd_generate)
 
     listing = sub.add_parser("list", help="registries and their registered names")
     listing.add_argument("registry", nargs="?", help="only this registry")
@@ -194,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        if overrides and args.command not in ("embed", "config"):
+        if overrides and args.command not in ("embed", "config", "generate"):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")
         return int(args.func(args, overrides))
     except RegistryXFError as e:

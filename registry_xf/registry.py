@@ -30,6 +30,8 @@ REGISTRY_NAMES = (
     "loaders",
     "converters",
     "poolers",
+    "logits_processors",
+    "stopping_criteria",
 )
 
 
@@ -125,6 +127,8 @@ class registry(confection.registry):
     loaders = _create("loaders")
     converters = _create("converters")
     poolers = _create("poolers")
+    logits_processors = _create("logits_processors")
+    stopping_criteria = _create("stopping_criteria")
 
     @classmethod
     def get_registry(cls, name: str) -> Registry:

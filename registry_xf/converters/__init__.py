@@ -3,7 +3,21 @@
 Importing this package registers every family's converter.
 """
 
-from . import albert, bert, distilbert, electra, llama, roberta  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    albert,
+    bert,
+    distilbert,
+    electra,
+    falcon,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    mistral,
+    phi3,
+    qwen2,
+    roberta,
+)
 from .base import HFConverter, KeyRule, converter_for_model_type, supported_model_types
 
 __all__ = ["HFConverter", "KeyRule", "converter_for_model_type", "supported_model_types"]

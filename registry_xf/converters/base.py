@@ -33,7 +33,9 @@ class KeyRule:
     ``transpose`` swaps the two dimensions of a matrix (GPT-2's Conv1D layout).
     ``to_ours``/``to_hf`` reorder a tensor that HF lays out differently (GPT-NeoX's
     per-head interleaved query/key/value rows); they take the ``[hyper]`` values and must
-    keep the shape.
+    keep the shape. ``when`` (given the ``[hyper]`` values) limits the rule to one layout of
+    a family whose HF names depend on a setting (Falcon's norms); the first rule that matches
+    and applies wins.
     """
 
     ours: str
@@ -42,11 +44,12 @@ class KeyRule:
     transpose: bool = False
     to_ours: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
     to_hf: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
+    when: Callable[[Mapping[str, Any]], bool] | None = None
 
-    def match(self, key: str) -> list[str] | None:
-        """HF names for our ``key`` if this rule covers it."""
+    def match(self, key: str, hyper: Mapping[str, Any] | None = None) -> list[str] | None:
+        """HF names for our ``key`` if this rule covers it (for these ``[hyper]`` values)."""
         m = _template_regex(self.ours).match(key)
-        if m is None:
+        if m is None or (self.when is not None and not self.when(hyper or {})):
             return None
         return [h.format(**m.groupdict()) for h in self.hf]
 
@@ -95,8 +98,9 @@ def rule(
     transpose: bool = False,
     to_ours: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
     to_hf: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
+    when: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> KeyRule:
-    return KeyRule(ours, tuple(hf), dim, transpose, to_ours, to_hf)
+    return KeyRule(ours, tuple(hf), dim, transpose, to_ours, to_hf, when)
 
 
 def attention_rules(ours: str, q: str, k: str, v: str, o: str) -> list[KeyRule]:
@@ -170,9 +174,11 @@ class HFConverter:
             out.update(self.extra_to_hf(hyper))
         return out
 
-    def hf_names(self, ours: str) -> tuple[KeyRule, list[str]] | None:
+    def hf_names(
+        self, ours: str, hyper: Mapping[str, Any] | None = None
+    ) -> tuple[KeyRule, list[str]] | None:
         for r in self.rules:
-            names = r.match(ours)
+            names = r.match(ours, hyper)
             if names is not None:
                 return r, names
         return None
@@ -198,11 +204,21 @@ def supported_model_types() -> list[str]:
     return sorted({t for c in all_converters() for t in c.model_types})
 
 
+_BY_MODEL_TYPE: dict[str, HFConverter] = {}
+
+
 def converter_for_model_type(model_type: str | None, where: str = "config.json") -> HFConverter:
-    """The converter reading HF ``model_type``; an unsupported one lists what is supported."""
-    for converter in all_converters():
-        if model_type in converter.model_types:
-            return converter
+    """The converter reading HF ``model_type``; an unsupported one lists what is supported.
+
+    Converters are indexed once; an unknown type re-reads the registry (a package that
+    adds converters may have been installed since).
+    """
+    if model_type not in _BY_MODEL_TYPE:
+        for converter in all_converters():
+            for kind in converter.model_types:
+                _BY_MODEL_TYPE.setdefault(kind, converter)
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]  # type: ignore[index]
     raise UnsupportedModelError(
         f"{where}: model_type {model_type!r} is not supported. Supported model types: "
         f"{', '.join(supported_model_types())}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from ..registry import registry
@@ -33,18 +32,17 @@ def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
         return memo[id(module)]  # type: ignore[return-value]
     new = module.__class__.__new__(module.__class__)
     new.__dict__ = {
-        k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
-        for k, v in module.__dict__.items()
+        k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()
     }
     memo[id(module)] = new
     for name, p in module._parameters.items():
         if p is not None:
-            if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+            if id(p) not in memo:  # a new Parameter object; meta tensors hold no data
+                memo[id(p)] = nn.Parameter(p, requires_grad=p.requires_grad)
             new._parameters[name] = memo[id(p)]  # type: ignore[assignment]
     for name, b in module._buffers.items():
         if b is not None:
-            new._buffers[name] = torch.empty_like(b)
+            new._buffers[name] = b.detach()
     for name, child in module._modules.items():
         if child is not None:
             new._modules[name] = _clone_meta(child, memo)

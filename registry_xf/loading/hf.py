@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from importlib import resources
@@ -26,8 +27,9 @@ from .atomic import atomic_directory, write_json
 from .materialise import parameter_slots
 
 
+@functools.lru_cache(maxsize=64)
 def family_config_text(family: str) -> str:
-    """The text of ``configs/<family>.cfg`` as shipped with the package."""
+    """The text of ``configs/<family>.cfg`` as shipped with the package (read once)."""
     try:
         return resources.files("registry_xf.configs").joinpath(f"{family}.cfg").read_text("utf8")
     except FileNotFoundError:
@@ -78,6 +80,24 @@ def _max_length(directory: Path) -> int | None:
     return None
 
 
+def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
+    """The end-of-sequence ids generation_config.json (else config.json) records, if any."""
+    generation: Any = {}
+    path = directory / "generation_config.json"
+    if path.is_file():
+        try:
+            generation = json.loads(path.read_text(encoding="utf8"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    for source in (generation, hf):
+        value = source.get("eos_token_id") if isinstance(source, Mapping) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return list(value)
+    return None
+
+
 def config_from_hf(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """The filled registry_xf config for an HF model directory.
 
@@ -115,6 +135,10 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
     pooling = _sentence_transformers_pooling(directory)
     if pooling is not None:
         config["pooling"] = pooling
+    causal = config["model"].get("@architectures") == "registry_xf.CausalLM.v1"
+    eos = _eos_token_ids(directory, hf) if causal else None
+    if eos is not None:
+        config["generation"] = {"eos_token_ids": eos}
     if not overrides:
         return config
     try:
@@ -157,7 +181,7 @@ def export_hf(
     hf_config = conv.hyper_to_hf(hyper)
     tensors = {}
     for ours, places in parameter_slots(model).items():
-        found = conv.hf_names(ours)
+        found = conv.hf_names(ours, hyper)
         if found is None:
             raise RegistryXFError(f"{conv.name} has no HF name for {ours}")
         rule, names = found

@@ -105,7 +105,7 @@ class SafetensorsWeights:
             plan: list[tuple[str, KeyRule | None, list[str]]] = []
             used: set[str] = set()
             for ours, places in slots.items():
-                rule, names = self._names(ours)
+                rule, names = self._names(ours, hyper)
                 absent = [n for n in names if n not in by_name]
                 if absent:
                     if not any(p.search(ours) for p in allow_missing):
@@ -147,10 +147,12 @@ class SafetensorsWeights:
             logger.info("skipped %d checkpoint tensors: %s", len(report.skipped), report.skipped)
         return report
 
-    def _names(self, ours: str) -> tuple[KeyRule | None, list[str]]:
+    def _names(
+        self, ours: str, hyper: Mapping[str, Any] | None
+    ) -> tuple[KeyRule | None, list[str]]:
         if self.converter is None:
             return None, [ours]
-        found = self.converter.hf_names(ours)
+        found = self.converter.hf_names(ours, hyper)
         if found is None:
             return None, [f"<no rule in {self.converter.name} for {ours}>"]
         return found

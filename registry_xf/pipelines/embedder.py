@@ -24,7 +24,9 @@ class Embedder:
 
     Texts are sorted by length and grouped into batches of about ``batch_tokens`` tokens
     (padded), so short texts share large batches and long ones get small batches: little
-    padding, and the CPU stays busy. Results come back in the input order.
+    padding, and the CPU stays busy. Results come back in the input order. The default
+    budget (2,048 tokens) keeps a batch's activations in cache on CPUs; on a GPU a larger
+    one is faster.
     """
 
     def __init__(
@@ -35,7 +37,7 @@ class Embedder:
         normalize: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        batch_tokens: int = 8192,
+        batch_tokens: int = 2048,
         max_batch_size: int = 256,
     ):
         self.model = (

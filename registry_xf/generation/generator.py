@@ -1,0 +1,316 @@
+"""Text generation with a causal LM: batched, left-padded, one preallocated KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InputError, RegistryXFError
+from ..registry import registry
+from .processors import LogitsProcessor
+from .settings import GenerationSettings, SettingsError
+from .stopping import GenerationState, StoppingCriterion, StopStrings
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class GenerationStep:
+    """One step of a batch: the token each sequence got, and which sequences are done.
+
+    ``active`` marks the sequences for which ``tokens`` is a real new token (the others
+    were done already and were fed padding); ``finished`` marks those done after the step.
+    """
+
+    tokens: torch.Tensor
+    active: torch.Tensor
+    finished: torch.Tensor
+
+
+class Generator:
+    """Generates text, or token ids, with a causal language model.
+
+    ``model`` is a :class:`~registry_xf.assemblies.decoder.CausalLM` (anything with
+    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``);
+    ``tokenizer`` defaults to the model's. ``settings`` are the defaults of every call,
+    which each call may override by keyword (see :class:`GenerationSettings`).
+    ``logits_processors`` and ``stopping_criteria`` are extra pieces, applied after the
+    ones the settings ask for.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tokenizer: Any = None,
+        settings: GenerationSettings | Mapping[str, Any] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        stopping_criteria: Sequence[StoppingCriterion] = (),
+    ):
+        if not (callable(getattr(model, "new_cache", None)) and hasattr(model, "lm_head")):
+            raise RegistryXFError(
+                f"Generator needs a causal language model (registry_xf.CausalLM.v1); "
+                f"found {type(model).__name__}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if isinstance(settings, Mapping):
+            settings = GenerationSettings(**settings)
+        self.settings = settings if settings is not None else GenerationSettings()
+        self.extra_processors = list(logits_processors)
+        self.extra_criteria = list(stopping_criteria)
+
+    # -- what a call is made of ---------------------------------------------------------
+
+    def settings_for(self, **overrides: Any) -> GenerationSettings:
+        """The generator's settings with ``overrides``; a misspelt name is a SettingsError."""
+        return self.settings.updated(**overrides)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.lm_head.out_features)
+
+    def default_eos_token_ids(self) -> list[int]:
+        """The model's end-of-sequence ids (its config's ``[generation]``), else the
+        tokenizer's end-of-sequence token, else none."""
+        config = getattr(self.model, "config", None)
+        generation = config.get("generation") if isinstance(config, Mapping) else None
+        if isinstance(generation, Mapping) and generation.get("eos_token_ids") is not None:
+            value = generation["eos_token_ids"]
+            return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+        return tokenizer_eos_ids(self.tokenizer)
+
+    def eos_token_ids(self, settings: GenerationSettings) -> list[int]:
+        if settings.eos_token_ids is not None:
+            return list(settings.eos_token_ids)
+        return self.default_eos_token_ids()
+
+    @property
+    def pad_id(self) -> int:
+        """The id that left-pads prompts and is fed to finished sequences."""
+        pad = getattr(self.tokenizer, "pad_id", None) if self.tokenizer is not None else None
+        if isinstance(pad, int) and 0 <= pad < self.vocab_size:
+            return pad
+        eos = self.default_eos_token_ids()
+        return eos[0] if eos else 0
+
+    def logits_processors(self, settings: GenerationSettings) -> list[LogitsProcessor]:
+        """The registered processors the settings ask for, in HF's order, then the extras."""
+        get = registry.logits_processors.get
+        found: list[LogitsProcessor] = []
+        if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+            found.append(get("registry_xf.RepetitionPenalty.v1")(settings.repetition_penalty))
+        if settings.sampling:
+            assert settings.temperature is not None
+            if settings.temperature != 1.0:
+                found.append(get("registry_xf.Temperature.v1")(settings.temperature))
+            if settings.top_k is not None:
+                found.append(get("registry_xf.TopK.v1")(settings.top_k))
+            if settings.top_p is not None and settings.top_p < 1.0:
+                found.append(get("registry_xf.TopP.v1")(settings.top_p))
+            if settings.min_p:
+                found.append(get("registry_xf.MinP.v1")(settings.min_p))
+        return found + self.extra_processors
+
+    def stopping_criteria(self, settings: GenerationSettings) -> list[StoppingCriterion]:
+        """The registered criteria the settings ask for, then the extras."""
+        get = registry.stopping_criteria.get
+        found: list[StoppingCriterion] = [
+            get("registry_xf.MaxNewTokens.v1")(settings.max_new_tokens)
+        ]
+        eos = self.eos_token_ids(settings)
+        if eos:
+            found.append(get("registry_xf.EOSToken.v1")(eos))
+        if settings.stop:
+            if self.tokenizer is None:
+                raise SettingsError("stop strings need a tokenizer to decode the new tokens")
+            found.append(get("registry_xf.StopStrings.v1")(settings.stop))
+        return found + self.extra_criteria
+
+    # -- the public calls ---------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str], **settings: Any) -> list[str]:
+        """The new text for each prompt (a single prompt gives a list of one).
+
+        Generation stops at an end-of-sequence token (not part of the text), after
+        ``max_new_tokens``, or at a ``stop`` string (the text is cut before it).
+        """
+        s = self.settings_for(**settings)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        new = self._generate(self.encode(texts), s)
+        eos = self.eos_token_ids(s)
+        return [self._text(ids, s, eos) for ids in new]
+
+    def generate_ids(self, input_ids: Sequence[Sequence[int]], **settings: Any) -> list[list[int]]:
+        """The new token ids for each prompt of ``input_ids`` (lists of ids, any lengths).
+
+        A sequence that stopped early is shorter: it ends with the end-of-sequence token
+        (or the token that completed a stop string) and is not padded.
+        """
+        return self._generate(input_ids, self.settings_for(**settings))
+
+    def stream(self, prompt: str, **settings: Any) -> Iterator[str]:
+        """Yield the new text of one prompt in pieces, as soon as each piece is stable.
+
+        A piece is held back while the text ends with an incomplete character (a token
+        holding part of a multi-byte character decodes to U+FFFD) or with what may be the
+        beginning of a stop string. The pieces join to what ``generate`` returns.
+        """
+        s = self.settings_for(**settings)
+        prompts = self.encode([prompt])
+        self._check(prompts, s)
+        eos = self.eos_token_ids(s)
+        stops = StopStrings(s.stop)
+        longest_stop = max((len(x) for x in stops.stop), default=0)
+        emitted = 0
+        new: list[int] = []
+        for step in self._steps(prompts, s):
+            new.append(int(step.tokens[0]))
+            text = self._text(new, s, eos)
+            if bool(step.finished[0]):
+                break
+            stable = text.rstrip(REPLACEMENT_CHAR)
+            for k in range(min(len(stable), longest_stop - 1), 0, -1):
+                if any(x.startswith(stable[-k:]) for x in stops.stop):
+                    stable = stable[:-k]
+                    break
+            if len(stable) > emitted:
+                yield stable[emitted:]
+                emitted = len(stable)
+        else:
+            text = self._text(new, s, eos)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    # -- the work -----------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, with the tokenizer's special tokens, not truncated."""
+        if self.tokenizer is None:
+            raise RegistryXFError(
+                "this model has no tokenizer: pass Generator(model, tokenizer=...), or "
+                "use generate_ids with token ids"
+            )
+        encodings = self.tokenizer.encode(list(texts), truncation=False)
+        return [list(e.ids) for e in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _text(self, ids: Sequence[int], s: GenerationSettings, eos: Sequence[int]) -> str:
+        """The text of new ids: a final end-of-sequence token dropped, cut at a stop string."""
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        return StopStrings(s.stop).cut(self.decode(ids))
+
+    def _check(self, prompts: Sequence[Sequence[int]], s: GenerationSettings) -> None:
+        """Refuse prompts the model cannot take, before any work is done."""
+        vocab = self.vocab_size
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise InputError(f"prompt {i} is empty: generation needs at least one token")
+            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InputError(
+                    f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                )
+        limit = getattr(self.model, "max_positions", None)
+        longest = max(len(p) for p in prompts)
+        if limit is not None and longest + s.max_new_tokens > limit:
+            raise InputError(
+                f"a prompt of {longest} tokens plus max_new_tokens={s.max_new_tokens} is "
+                f"longer than the model's {limit} positions: shorten the prompt or ask for "
+                f"at most {max(limit - longest, 0)} new tokens"
+            )
+
+    def _generate(self, prompts: Sequence[Sequence[int]], s: GenerationSettings) -> list[list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            return []
+        self._check(prompts, s)
+        new: list[list[int]] = [[] for _ in prompts]
+        for step in self._steps(prompts, s):
+            for row in step.active.nonzero().flatten().tolist():
+                new[row].append(int(step.tokens[row]))
+        return new
+
+    def _steps(
+        self, prompts: Sequence[Sequence[int]], s: GenerationSettings
+    ) -> Iterator[GenerationStep]:
+        """Prefill the left-padded batch once, then decode one token per step.
+
+        The caller has checked the prompts. The cache holds the longest prompt plus
+        ``max_new_tokens``; a sequence that is done keeps being fed padding (its results
+        are dropped) until every sequence is done.
+        """
+        model = self.model
+        processors = self.logits_processors(s)
+        criteria = self.stopping_criteria(s)
+        device = model.device
+        pad = self.pad_id
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        total = width + s.max_new_tokens
+        ids = torch.full((batch, total), pad, dtype=torch.long)
+        mask = torch.zeros((batch, total), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) : width] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) : width] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        rng = None
+        if s.sampling and s.seed is not None:
+            rng = torch.Generator(device=device).manual_seed(s.seed)
+        decode = self.decode if self.tokenizer is not None else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        cache = model.new_cache(batch, total)
+        with torch.no_grad():
+            out = model(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
+        logits = out.logits[:, -1]
+        for step in range(s.max_new_tokens):
+            length = width + step
+            scores = logits.float()
+            for processor in processors:
+                scores = processor(ids[:, :length], scores, mask[:, :length])
+            if s.sampling:
+                token = torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
+            else:
+                token = scores.argmax(-1)
+            active = ~finished
+            token = torch.where(active, token, torch.full_like(token, pad))
+            ids[:, length] = token
+            mask[:, length] = 1
+            state = GenerationState(ids[:, : length + 1], width, finished, decode)
+            done = torch.zeros_like(finished)
+            for criterion in criteria:
+                done |= criterion(state).to(device=device, dtype=torch.bool)
+            finished = finished | done
+            yield GenerationStep(token, active, finished)
+            if bool(finished.all()):
+                return
+            with torch.no_grad():
+                out = model(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
+            logits = out.logits[:, -1]
+
+
+def tokenizer_eos_ids(tokenizer: Any) -> list[int]:
+    """The end-of-sequence id a tokenizer declares (tokenizer_config.json or
+    special_tokens_map.json beside its tokenizer.json), or none."""
+    if tokenizer is None:
+        return []
+    declared = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(declared, int):
+        return [declared]
+    source, inner = getattr(tokenizer, "source", None), getattr(tokenizer, "tokenizer", None)
+    if source is None or inner is None:
+        return []
+    from ..tokenizers.hf_tokenizer import _read_json, _token_text
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        token = _token_text(_read_json(source / name).get("eos_token"))
+        if token is not None and inner.token_to_id(token) is not None:
+            return [int(inner.token_to_id(token))]
+    return []

@@ -1,0 +1,183 @@
+"""Logits processors: each takes the next-token scores and returns changed scores.
+
+A processor is called as ``processor(input_ids, scores, attention_mask)``: ``input_ids``
+(batch, length) are every token so far (the left-padded prompt and the new tokens),
+``attention_mask`` (batch, length) is 1 at real tokens, ``scores`` (batch, vocab) are the
+float32 scores of the next token. Removed tokens get ``-inf``. The semantics are those of
+HF transformers' processors of the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Protocol
+
+import torch
+from pydantic import Field
+
+from ..registry import registry
+
+
+class LogitsProcessor(Protocol):
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class Temperature:
+    """Divide the scores by ``temperature`` (below 1 sharpens, above 1 flattens)."""
+
+    def __init__(self, temperature: float):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (found {temperature})")
+        self.temperature = temperature
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return scores / self.temperature
+
+    def __repr__(self) -> str:
+        return f"Temperature({self.temperature})"
+
+
+class TopK:
+    """Keep the ``k`` highest scores (and any tied with the k-th), remove the rest."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"top-k needs k >= 1 (found {k})")
+        self.k = k
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        k = min(self.k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+    def __repr__(self) -> str:
+        return f"TopK({self.k})"
+
+
+class TopP:
+    """Nucleus sampling: keep the most likely tokens whose probabilities sum to ``p``.
+
+    As HF's ``TopPLogitsWarper``: tokens are removed, least likely first, while the
+    probability removed stays at most ``1 - p``; the most likely token always stays.
+    """
+
+    def __init__(self, p: float):
+        if not 0 < p <= 1:
+            raise ValueError(f"top-p needs 0 < p <= 1 (found {p})")
+        self.p = p
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        ascending, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - self.p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        return scores.masked_fill(remove, float("-inf"))
+
+    def __repr__(self) -> str:
+        return f"TopP({self.p})"
+
+
+class MinP:
+    """Remove tokens less likely than ``p`` times the most likely token's probability."""
+
+    def __init__(self, p: float):
+        if not 0 <= p <= 1:
+            raise ValueError(f"min-p needs 0 <= p <= 1 (found {p})")
+        self.p = p
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        probs = scores.softmax(dim=-1)
+        remove = probs < self.p * probs.amax(dim=-1, keepdim=True)
+        # the most likely token always stays
+        remove.scatter_(-1, scores.argmax(dim=-1, keepdim=True), False)
+        return scores.masked_fill(remove, float("-inf"))
+
+    def __repr__(self) -> str:
+        return f"MinP({self.p})"
+
+
+class RepetitionPenalty:
+    """Penalise every token already present (prompt and new tokens, padding aside).
+
+    As HF's ``RepetitionPenaltyLogitsProcessor`` (Keskar et al., 2019): the score of a
+    present token is divided by ``penalty`` where positive and multiplied where negative,
+    so ``penalty`` > 1 makes repeats less likely.
+    """
+
+    def __init__(self, penalty: float):
+        if penalty <= 0:
+            raise ValueError(f"repetition penalty must be > 0 (found {penalty})")
+        self.penalty = penalty
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        weight = (
+            attention_mask.to(scores.dtype)
+            if attention_mask is not None
+            else torch.ones(input_ids.shape, dtype=scores.dtype, device=scores.device)
+        )
+        counts = torch.zeros_like(scores).scatter_add_(-1, input_ids, weight)
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(counts > 0, penalised, scores)
+
+    def __repr__(self) -> str:
+        return f"RepetitionPenalty({self.penalty})"
+
+
+@registry.logits_processors.register("registry_xf.Temperature.v1")
+def temperature(temperature: Annotated[float, Field(gt=0)]) -> Temperature:
+    """Divide the scores by ``temperature`` before sampling."""
+    return Temperature(temperature)
+
+
+@registry.logits_processors.register("registry_xf.TopK.v1")
+def top_k(k: Annotated[int, Field(ge=1)]) -> TopK:
+    """Keep only the ``k`` most likely tokens."""
+    return TopK(k)
+
+
+@registry.logits_processors.register("registry_xf.TopP.v1")
+def top_p(p: Annotated[float, Field(gt=0, le=1)]) -> TopP:
+    """Keep the most likely tokens whose probabilities sum to ``p`` (nucleus sampling)."""
+    return TopP(p)
+
+
+@registry.logits_processors.register("registry_xf.MinP.v1")
+def min_p(p: Annotated[float, Field(ge=0, le=1)]) -> MinP:
+    """Keep the tokens at least ``p`` times as likely as the most likely one."""
+    return MinP(p)
+
+
+@registry.logits_processors.register("registry_xf.RepetitionPenalty.v1")
+def repetition_penalty(penalty: Annotated[float, Field(gt=0)]) -> RepetitionPenalty:
+    """Divide positive and multiply negative scores of tokens already present by ``penalty``."""
+    return RepetitionPenalty(penalty)
