@@ -99,15 +99,15 @@ GENERATION_OPTIONS = (
 
 
 def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .generation import Generator
+    from .generation import GenerationSettings, Generator
     from .loading.load import load
 
     settings = {
         name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None
     }
+    GenerationSettings(**settings)  # bad settings fail before the model is loaded
     model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
     generator = Generator(model)
-    generator.settings_for(**settings)  # bad settings fail before anything is printed
     for piece in generator.stream(args.prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()

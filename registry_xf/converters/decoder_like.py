@@ -41,7 +41,10 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         elif key not in ("rope_type", "type", "partial_rotary_factor"):
             scaling[key] = value  # unknown keys are kept, so rotary can refuse them loudly
     if kind == "dynamic":
+        # Dynamic NTK scaling exists to run past max_position_embeddings: HF's value is
+        # where scaling starts, not a limit, so the decoder gets none.
         scaling["original_max_positions"] = hf.get("max_position_embeddings")
+        return {"rope_theta": float(theta), "rope_scaling": scaling, "max_positions": None}
     return {"rope_theta": float(theta), "rope_scaling": scaling}
 
 
@@ -49,12 +52,15 @@ def rope_to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
     """The HF ``rope_parameters`` for our ``rope_theta`` and ``rope_scaling``."""
     params: dict[str, Any] = {"rope_theta": hyper["rope_theta"], "rope_type": "default"}
     scaling = hyper.get("rope_scaling")
+    extra: dict[str, Any] = {}
+    if scaling and scaling["type"] == "dynamic":
+        extra["max_position_embeddings"] = scaling["original_max_positions"]
     if scaling:
         inverse = {v: k for k, v in _ROPE_NAMES.items()}
         for key, value in scaling.items():
             if not (scaling["type"] == "dynamic" and key == "original_max_positions"):
                 params[inverse.get(key, key)] = value
-    return {"rope_parameters": params}
+    return {"rope_parameters": params, **extra}
 
 
 def llama_layer_rules(ours: str, hf: str) -> list[KeyRule]:

@@ -267,7 +267,7 @@ class Generator:
         decode = self.decode if self.tokenizer is not None else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         cache = model.new_cache(batch, total)
-        with torch.no_grad():
+        with torch.inference_mode():
             out = model(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
         logits = out.logits[:, -1]
         for step in range(s.max_new_tokens):
@@ -291,7 +291,7 @@ class Generator:
             yield GenerationStep(token, active, finished)
             if bool(finished.all()):
                 return
-            with torch.no_grad():
+            with torch.inference_mode():
                 out = model(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
             logits = out.logits[:, -1]
 

@@ -90,7 +90,12 @@ class SelfAttention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)[None, :]
-            q, k = self.rotary(q, k, positions)
+            rotary = self.rotary
+            cos, sin = mask.memo(  # the same for every layer with the same rotary settings
+                ("rotary", rotary.signature, q.dtype),
+                lambda: rotary.cos_sin(positions, q.dtype),
+            )
+            q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
         out = self.attend(q, k, v, mask)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,6 +22,12 @@ class AttentionMask:
     key_mask: torch.Tensor | None
     causal: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """Compute something once per forward pass and share it between layers."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def bool_mask(
         self, n_queries: int, n_keys: int, device: torch.device, window: int | None = None

@@ -134,12 +134,22 @@ class RotaryEmbeddings(nn.Module):
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
 
+    @property
+    def signature(self) -> tuple:
+        """What the tables depend on: equal signatures give equal cos/sin."""
+        scaling = tuple(sorted(self.scaling.items())) if self.scaling else None
+        return (self.rotary_width, self.base, scaling)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (batch, heads, seq, head_width) by precomputed ``cos_sin``."""
+        return _rotate(x, cos, sin, self.rotary_width)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate queries and keys (batch, heads, seq, head_width) by their positions."""
         cos, sin = self.cos_sin(positions, q.dtype)
-        return _rotate(q, cos, sin, self.rotary_width), _rotate(k, cos, sin, self.rotary_width)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, width: int) -> torch.Tensor:

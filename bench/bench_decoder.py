@@ -1,0 +1,230 @@
+"""Decoder benchmark: registry_xf against HF transformers on a ~100M-parameter Llama shape.
+
+Writes a randomly initialised Llama-shaped checkpoint, then measures, on the same inputs:
+load time and peak memory (each in a fresh process, from after the imports to the first
+logits), and greedy decoding speed (tokens/s) at batch 1 and batch 8, ours
+(``registry_xf.Generator``) against HF ``generate``, same dtype on both sides. Batch 1 is
+bound by memory bandwidth (every weight is read once per token), so the script also
+measures the machine's matrix-vector read bandwidth and prints the bound it implies.
+
+    python bench/bench_decoder.py            # full run
+    python bench/bench_decoder.py --quick    # smoke run (small model, few tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+LOAD_SCRIPT = r"""
+import sys, time, json
+import torch
+side, path, dtype, device = sys.argv[1:5]
+torch.set_grad_enabled(False)
+if side == "ours":
+    import registry_xf
+else:
+    import transformers
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+base = rss("VmRSS:")
+ids = torch.randint(0, 1000, (1, 16), device=device)
+start = time.perf_counter()
+if side == "ours":
+    model = registry_xf.load(path, device=device, dtype=dtype)
+    logits = model(ids).logits
+else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = model.to(device)
+    logits = model(ids).logits
+float(logits[0, -1, 0])
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "peak_bytes": rss("VmHWM:") - base}))
+"""
+
+
+def write_checkpoint(path: Path, quick: bool, dtype: torch.dtype) -> int:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256 if quick else 768,
+        intermediate_size=688 if quick else 2048,
+        num_hidden_layers=2 if quick else 12,
+        num_attention_heads=4 if quick else 12,
+        num_key_value_heads=2 if quick else 4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    model = tf.LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def load_in_fresh_process(side: str, path: Path, dtype: str, device: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, side, str(path), dtype, device],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise RuntimeError(f"loading with {side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def read_bandwidth(device: str, dtype: torch.dtype) -> float:
+    """Bytes per second a matrix-vector product reads (the decode-step access pattern)."""
+    n = 8192
+    matrix = torch.randn(n, n, device=device).to(dtype)
+    vector = torch.randn(n, device=device).to(dtype)
+    for _ in range(3):
+        torch.mv(matrix, vector)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return matrix.numel() * matrix.element_size() / min(times)
+
+
+def decode(side: str, model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list]:
+    start = time.perf_counter()
+    if side == "ours":
+        import registry_xf
+
+        out = registry_xf.Generator(model).generate_ids(
+            prompts.tolist(), max_new_tokens=new_tokens, eos_token_ids=[]
+        )
+    else:
+        generated = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        out = generated[:, prompts.shape[1] :].tolist()
+    if prompts.device.type != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small model and few tokens")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    new_tokens = 16 if args.quick else args.new_tokens
+    dtype = getattr(torch, args.dtype)
+    torch.set_grad_enabled(False)
+
+    import transformers as tf
+
+    import registry_xf
+
+    results: dict = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama"
+        model_bytes = write_checkpoint(path, args.quick, dtype)
+        results["model_bytes"] = model_bytes
+        print(
+            f"model: {model_bytes / 1e6:.0f} MB of {args.dtype} weights, device {args.device}, "
+            f"{torch.get_num_threads()} threads"
+        )
+
+        loads = {side: [] for side in ("ours", "hf")}
+        for _ in range(args.runs):
+            for side in loads:
+                loads[side].append(load_in_fresh_process(side, path, args.dtype, args.device))
+        for side, runs in loads.items():
+            results[f"load_s_{side}"] = statistics.median(r["seconds"] for r in runs)
+            results[f"peak_bytes_{side}"] = statistics.median(r["peak_bytes"] for r in runs)
+
+        ours = registry_xf.load(path, device=args.device, dtype=args.dtype)
+        hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        bandwidth = read_bandwidth(args.device, dtype)
+        bound = bandwidth / model_bytes
+        results["read_bandwidth_gb_s"] = bandwidth / 1e9
+        results["bound_tokens_s_batch1"] = bound
+        g = torch.Generator().manual_seed(0)
+        for batch in (1, 8):
+            prompts = torch.randint(3, 32000, (batch, args.prompt_tokens), generator=g)
+            prompts = prompts.to(args.device)
+            times: dict[str, list[float]] = {"ours": [], "hf": []}
+            outputs = {}
+            decode("ours", ours, prompts, 4)  # warm-up
+            decode("hf", hf, prompts, 4)
+            for _ in range(args.runs):
+                for side, model in (("ours", ours), ("hf", hf)):
+                    seconds, outputs[side] = decode(side, model, prompts, new_tokens)
+                    times[side].append(seconds)
+            for side in times:
+                results[f"tokens_s_batch{batch}_{side}"] = (
+                    batch * new_tokens / statistics.median(times[side])
+                )
+            results[f"same_tokens_batch{batch}"] = outputs["ours"] == outputs["hf"]
+
+    def row(name: str, ours_value: float, hf_value: float, unit: str, target: str) -> None:
+        print(
+            f"{name:34} {ours_value:10.3f} {hf_value:10.3f} {unit:8} "
+            f"{ours_value / hf_value:6.2f}x  {target}"
+        )
+
+    print(f"\n{'':34} {'ours':>10} {'HF':>10} {'':8} {'ratio':>7}")
+    row("load to first logits", results["load_s_ours"], results["load_s_hf"], "s", "")
+    row(
+        "peak memory beyond baseline",
+        results["peak_bytes_ours"] / 1e6,
+        results["peak_bytes_hf"] / 1e6,
+        "MB",
+        f"(weights: {model_bytes / 1e6:.0f} MB)",
+    )
+    for batch, target in ((1, ""), (8, "target >= 1.5x")):
+        row(
+            f"greedy decode, batch {batch}",
+            results[f"tokens_s_batch{batch}_ours"],
+            results[f"tokens_s_batch{batch}_hf"],
+            "tok/s",
+            target,
+        )
+    share = results["tokens_s_batch1_ours"] / bound
+    print(
+        f"\nmatrix-vector read bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 bound "
+        f"{bound:.1f} tok/s; ours reaches {share:.0%} of it (target >= 90%)"
+    )
+    print(
+        "same tokens as HF: "
+        + ", ".join(f"batch {b}: {results[f'same_tokens_batch{b}']}" for b in (1, 8))
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
