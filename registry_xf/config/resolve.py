@@ -8,6 +8,7 @@ children first.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,12 +43,12 @@ def read_config(
     else:
         text = source
     try:
-        base = Config().from_str(text, interpolate=False)
+        base = _parsed(text)
     except Exception as e:  # confection's parse errors: keep them, add the file name
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=name) from None
     overrides = dict(overrides or {})
     if not overrides:
-        return base
+        return Config().from_str(text, interpolate=False)  # a fresh copy the caller may edit
     problems = [
         ConfigProblem(
             key, "override names a setting that is not in the config." + _suggest_path(key, base)
@@ -62,6 +63,12 @@ def read_config(
     except Exception as e:
         problem = ConfigProblem("", f"cannot apply overrides: {e}")
         raise ConfigError([problem], source=name) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(text: str) -> Config:
+    """A parsed config, shared: only read it (family configs are parsed once)."""
+    return Config().from_str(text, interpolate=False)
 
 
 def interpolate(config: Config) -> Config:

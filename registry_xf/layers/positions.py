@@ -28,6 +28,8 @@ class LearnedPositions(nn.Module):
         self.max_positions = max_positions
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(torch.empty(max_positions, width))
+
+    def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
     def positions_for(self, input_ids: torch.Tensor) -> torch.Tensor:

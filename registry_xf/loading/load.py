@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config.resolve import interpolate, read_config, resolve
 from ..errors import ConfigError, ConfigProblem
+from ..layers.packed_linear import pack_linear_weights, should_pack
 from ..types import CONFIG_DIR, to_device, to_dtype
 from .hf import hf_config
 from .materialise import materialise_random
@@ -71,6 +72,7 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    pack: bool | None = None,
 ) -> nn.Module:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
@@ -78,6 +80,8 @@ def load(
     and model.safetensors or a shard index), a directory written by ``save``, or the name
     of an installed model package. ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
     stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
+    ``pack`` keeps CPU linear weights also in oneDNN's blocked layout for faster inference
+    (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB.
     """
     base: Path | None = None
     meta: dict[str, Any] = {}
@@ -131,4 +135,6 @@ def load(
         hf_converter=meta.get("hf_converter"),
     )
     logger.info("%s", report)
+    if pack or (pack is None and should_pack(model)):
+        pack_linear_weights(model)
     return model.eval()

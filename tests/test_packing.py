@@ -1,0 +1,70 @@
+"""Prepacked CPU linear weights: same results, training untouched, never stale."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch
+
+import registry_xf as rx
+from registry_xf.layers.packed_linear import PackedLinear, _packing_available
+
+pytestmark = pytest.mark.skipif(not _packing_available(), reason="oneDNN not available")
+
+
+def _packed(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_pack_choice(checkpoints: dict[str, Path]) -> None:
+    assert _packed(rx.load(checkpoints["bert"])) > 0  # small CPU model: automatic
+    assert _packed(rx.load(checkpoints["bert"], pack=False)) == 0
+    assert _packed(rx.load(checkpoints["bert"], dtype="float16", pack=True)) == 0  # not packable
+
+
+def test_packed_outputs_match_plain(checkpoints: dict[str, Path]) -> None:
+    packed = rx.load(checkpoints["bert"], pack=True)
+    plain = rx.load(checkpoints["bert"], pack=False)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            packed(ids, mask).last_hidden_state,
+            plain(ids, mask).last_hidden_state,
+            atol=1e-5,
+            rtol=0,
+        )
+
+
+def test_training_uses_the_parameters(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"], pack=True).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids, mask = random_batch()
+    model(ids, mask).last_hidden_state.sum().backward()
+    linear = model.layers[0].attention.qkv_proj
+    assert isinstance(linear, PackedLinear) and linear.weight.grad is not None
+
+
+def test_changed_weights_are_repacked(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"], pack=True)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        before = model(ids, mask).last_hidden_state
+        model.layers[0].feed_forward.up_proj.weight.mul_(2.0)  # in place
+        after = model(ids, mask).last_hidden_state
+        reference = rx.load(checkpoints["bert"], pack=False)
+        reference.layers[0].feed_forward.up_proj.weight.mul_(2.0)
+        expected = reference(ids, mask).last_hidden_state
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+
+
+def test_packed_model_pickles(checkpoints: dict[str, Path]) -> None:
+    model = rx.load(checkpoints["bert"], pack=True)
+    again = pickle.loads(pickle.dumps(model))
+    ids, mask = random_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask).last_hidden_state, again(ids, mask).last_hidden_state)
