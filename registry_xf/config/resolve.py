@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,50 @@ def _parsed(text: str) -> Config:
     return Config().from_str(text, interpolate=False)
 
 
-def interpolate(config: Config) -> Config:
-    try:
-        return Config(config).interpolate()
-    except Exception as e:
-        raise ConfigError([ConfigProblem("", f"cannot interpolate config: {e}")]) from None
+_VARIABLE = re.compile(r"\$\{([^}]+)\}")
+
+
+def interpolate(config: Mapping[str, Any]) -> Config:
+    """The config with every ``${section.key}`` replaced by its value.
+
+    A value that is only a variable takes the referenced value as it is (a number, a
+    list, a whole section); a variable inside a longer string is replaced by its text.
+    Done here rather than by confection, which writes the config out and parses it again.
+    """
+    problems: list[ConfigProblem] = []
+
+    def lookup(dotted: str, path: str, depth: int) -> Any:
+        node: Any = config
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                problems.append(
+                    ConfigProblem(
+                        path, f"${{{dotted}}} names no setting." + _suggest_path(dotted, config)
+                    )
+                )
+                return None
+            node = node[part]
+        if depth > 32:
+            problems.append(ConfigProblem(path, f"${{{dotted}}} refers to itself"))
+            return None
+        return substitute(node, path, depth + 1)
+
+    def substitute(node: Any, path: str, depth: int) -> Any:
+        if isinstance(node, Mapping):
+            return {k: substitute(v, f"{path}.{k}" if path else k, depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [substitute(v, f"{path}.{i}", depth) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            whole = _VARIABLE.fullmatch(node)
+            if whole:
+                return lookup(whole.group(1), path, depth)
+            return _VARIABLE.sub(lambda m: str(lookup(m.group(1), path, depth)), node)
+        return node
+
+    result = substitute(config, "", 0)
+    if problems:
+        raise ConfigError(problems)
+    return Config(result)
 
 
 def _has_path(config: Mapping[str, Any], dotted: str) -> bool:
