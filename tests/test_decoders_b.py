@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, hf_logits, our_logits
+from conftest import assert_close_on_real_tokens as assert_close_on_tokens
+from conftest import mask_positions as positions
 
 import registry_xf as rx
 from registry_xf.registry import registry
@@ -120,26 +122,6 @@ def left_padded_batch(seed: int, batch: int = 3, seq: int = SEQ) -> tuple[torch.
     holes = (torch.rand(batch, seq, generator=g) < 0.15) & (torch.arange(seq)[None, :] < seq - 1)
     mask = mask * (~holes).long()
     return ids.masked_fill(mask == 0, 0), mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-
-
-def our_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        return model(ids, mask).logits
-
-
-def assert_close_on_tokens(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> None:
-    """Equal at the real tokens (a padding query sees no key: its output is arbitrary)."""
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
 
 
 # ---- parity with HF ---------------------------------------------------------------------
