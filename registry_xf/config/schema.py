@@ -225,5 +225,7 @@ def validated(func: Callable[..., Any]) -> Callable[..., Any]:
         parameters=[p.replace(annotation=Any) for p in sig.parameters.values()],
         return_annotation=Any,
     )
+    # confection (spaCy's resolver included) reads annotations too: Any there as well
+    wrapper.__annotations__ = {name: Any for name in sig.parameters} | {"return": Any}
     wrapper.__registry_xf_validated__ = True  # type: ignore[attr-defined]
     return wrapper

@@ -1,0 +1,21 @@
+"""registry_xf in spaCy 3.8: the ``registry_xf_transformer`` component and its listener.
+
+Installed with ``pip install registry-xf[spacy]``; spaCy finds the component and the
+architectures through entry points, so ``nlp.add_pipe("registry_xf_transformer")`` works
+without importing registry_xf.
+"""
+
+from .architectures import transformer_listener_v1, transformer_model_v1
+from .component import FACTORY, Transformer, make_transformer
+from .listener import TransformerListener
+from .outputs import DocTransformerOutput
+
+__all__ = [
+    "FACTORY",
+    "DocTransformerOutput",
+    "Transformer",
+    "TransformerListener",
+    "make_transformer",
+    "transformer_listener_v1",
+    "transformer_model_v1",
+]

@@ -1,0 +1,77 @@
+"""The spaCy-side registered functions: the transformer model and the listener.
+
+Registered in spaCy's ``architectures`` registry (and declared as ``spacy_architectures``
+entry points, so spaCy finds them without registry_xf being imported by hand).
+"""
+
+from typing import Any
+
+from spacy.util import registry as spacy_registry
+from thinc.api import Model, chain
+from thinc.types import Floats2d, Ragged
+
+from .bridge import share_registries
+from .listener import TransformerListener, pieces_to_tokens
+from .model import transformer_model
+
+share_registries()
+
+
+@spacy_registry.architectures("registry_xf.TransformerModel.v1")
+def transformer_model_v1(
+    source: str | None = None,
+    overrides: dict[str, Any] = {},  # noqa: B006 - spaCy fills defaults from the signature
+    encoder: Any = None,
+    weights: Any = None,
+    tokenizer: Any = None,
+    pooling: Any = None,
+    dtype: str = "float32",
+    window: int | None = None,
+    stride: int | None = None,
+    all_layers: bool = False,
+    trainable: bool = False,
+    batch_tokens: int = 4096,
+    pack: bool | None = None,
+) -> Model:
+    """A registry_xf encoder for spaCy.
+
+    Name a ``source`` (HF directory, directory written by registry_xf's ``save``, installed
+    model package, or ``.cfg``) with dotted ``overrides``; or give ``encoder``, ``weights``
+    and ``tokenizer`` sections built from registry_xf's own registered functions (and
+    optionally a ``pooling`` for the sentence embedding); an ``encoder`` replaces
+    ``source``. ``window``/``stride``: pieces per window and between window starts for long
+    docs (default: the model's limit, and 3/4 of the window). ``all_layers`` keeps every
+    layer's states. ``trainable`` fine-tunes the encoder with the pipeline (frozen
+    otherwise). ``batch_tokens``: padded tokens per forward pass. ``pack``: prepacked CPU
+    weights (None: automatic; never when trainable).
+    """
+    return transformer_model(
+        source,
+        overrides=overrides,
+        encoder=encoder,
+        weights=weights,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        dtype=dtype,
+        window=window,
+        stride=stride,
+        all_layers=all_layers,
+        trainable=trainable,
+        batch_tokens=batch_tokens,
+        pack=pack,
+    )
+
+
+@spacy_registry.architectures("registry_xf.TransformerListener.v1")
+def transformer_listener_v1(
+    pooling: Model[Ragged, Floats2d],
+    upstream: str = "*",
+    grad_factor: float = 1.0,
+) -> Model:
+    """Token vectors from an upstream ``registry_xf_transformer`` component.
+
+    ``pooling`` turns each token's piece states into its vector (``reduce_mean.v1``);
+    ``upstream`` names the component (``*``: the nearest before); ``grad_factor`` scales
+    the gradient passed back to a trainable transformer.
+    """
+    return chain(TransformerListener(upstream), pieces_to_tokens(pooling, grad_factor))

@@ -1,0 +1,359 @@
+"""The transformer as a thinc model: Docs in, piece hidden states and alignments out.
+
+The torch encoder sits in a thinc ``PyTorchShim``, so spaCy's optimizer updates it when
+fine-tuning, and ``model.to_gpu()`` or ``spacy.require_gpu()`` move it. It is loaded on
+first use (or by ``nlp.initialize()``), so a pipeline read back with ``spacy.load`` takes
+its weights from the pipeline folder and never from the original source.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from spacy.tokens import Doc
+from thinc.api import Model, PyTorchShim, get_torch_default_device, torch2xp, xp2torch
+from thinc.types import Ragged
+from torch import nn
+
+from ...errors import ConfigError, ConfigProblem, RegistryXFError
+from ...loading.load import load
+from ..poolers import Pooler
+from .alignment import align_tokens
+from .outputs import DocTransformerOutput
+from .windows import strided_windows
+
+logger = logging.getLogger(__name__)
+
+# positions assumed for models that do not declare a limit (rotary, ALiBi)
+_DEFAULT_LIMIT = 512
+
+
+def transformer_model(
+    source: str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    encoder: nn.Module | None = None,
+    weights: Any = None,
+    tokenizer: Any = None,
+    pooling: Any = None,
+    dtype: str = "float32",
+    window: int | None = None,
+    stride: int | None = None,
+    all_layers: bool = False,
+    trainable: bool = False,
+    batch_tokens: int = 4096,
+    pack: bool | None = None,
+) -> Model[list[Doc], list[DocTransformerOutput]]:
+    """A thinc model around a registry_xf encoder (see ``registry_xf.TransformerModel.v1``)."""
+    if source is None and encoder is None:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "model.source",
+                    "give a source (HF directory, saved directory, package or .cfg) or an "
+                    "encoder section built from registry_xf's architectures",
+                )
+            ]
+        )
+    if encoder is not None and (weights is None or tokenizer is None):
+        raise ConfigError(
+            [ConfigProblem("model.weights", "an encoder section needs weights and tokenizer")]
+        )
+    if window is not None and window < 1:
+        raise ConfigError([ConfigProblem("model.window", f"must be at least 1; found {window}")])
+    if stride is not None and stride < 1:
+        raise ConfigError([ConfigProblem("model.stride", f"must be at least 1; found {stride}")])
+    spec = _Spec(
+        source=None if encoder is not None else source,  # an encoder section wins
+        overrides=dict(overrides or {}),
+        encoder=encoder,
+        weights=weights,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        dtype=dtype,
+        pack=False if trainable else pack,
+    )
+    return Model(
+        "registry_xf_transformer",
+        _forward,
+        init=_init,
+        attrs={
+            "spec": spec,
+            "window": window,
+            "stride": stride,
+            "all_layers": all_layers,
+            "trainable": trainable,
+            "batch_tokens": batch_tokens,
+        },
+    )
+
+
+@dataclass
+class _Spec:
+    """Where the encoder comes from; consumed when it is first loaded."""
+
+    source: str | None
+    overrides: dict[str, Any]
+    encoder: nn.Module | None
+    weights: Any
+    tokenizer: Any
+    pooling: Any
+    dtype: str
+    pack: bool | None
+
+
+def encoder_of(model: Model) -> nn.Module:
+    """The torch encoder of a transformer model, loaded now if it was not yet."""
+    if not model.shims:
+        spec: _Spec = model.attrs["spec"]
+        device = get_torch_default_device()
+        if spec.encoder is not None:
+            module = spec.encoder
+            report = spec.weights.load_into(module, device=device, dtype=_dtype(spec.dtype))
+            object.__setattr__(module, "tokenizer", spec.tokenizer)
+            object.__setattr__(module, "pooler", spec.pooling)
+            object.__setattr__(module, "load_report", report)
+        else:
+            module = load(
+                spec.source,
+                device=device,
+                dtype=spec.dtype,
+                overrides=spec.overrides,
+                pack=spec.pack,
+            )
+        set_encoder(model, module)
+    return model.shims[0]._model
+
+
+def set_encoder(model: Model, module: nn.Module) -> None:
+    """Put ``module`` (a loaded registry_xf encoder) in the model, replacing any before it."""
+    if getattr(module, "tokenizer", None) is None:
+        raise RegistryXFError(
+            "the transformer's source has no tokenizer: a spaCy pipeline needs its "
+            "tokenizer.json to split docs into pieces"
+        )
+    if model.attrs["trainable"]:
+        module.train()
+    else:
+        module.eval().requires_grad_(False)
+    shim = PyTorchShim(
+        module,
+        device=_device_of(module),
+        serialize_model=_serialize,
+        deserialize_model=_deserialize,
+    )
+    model.shims[:] = [shim]
+    model.attrs["pieces"] = _Pieces.of(module)
+    model.attrs["loaded_in"] = os.getpid()
+
+
+def _one_thread_per_worker(model: Model) -> None:
+    """In a worker process (``nlp.pipe(n_process=...)``), run torch on one thread.
+
+    A forked child cannot use the OpenMP thread pool its parent started (it hangs in the
+    first parallel kernel); one thread per worker is also what several workers want.
+    """
+    if model.attrs.get("loaded_in") not in (None, os.getpid()):
+        torch.set_num_threads(1)
+        model.attrs["loaded_in"] = os.getpid()
+
+
+def is_loaded(model: Model) -> bool:
+    return bool(model.shims)
+
+
+def _init(model: Model, X: Any = None, Y: Any = None) -> None:
+    encoder_of(model)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _serialize(module: nn.Module) -> bytes:
+    return save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
+
+
+def _deserialize(module: nn.Module, data: bytes, device: torch.device) -> nn.Module:
+    module.load_state_dict(load_safetensors(data))
+    return module.to(device)
+
+
+@dataclass
+class _Pieces:
+    """How docs become model inputs: the tokenizer, its special tokens, the window size."""
+
+    tokenizer: Any
+    prefix: list[int]
+    suffix: list[int]
+    limit: int  # content pieces one window can hold
+    pooler: Pooler
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Pieces:
+        tokenizer = module.tokenizer
+        raw = tokenizer.tokenizer
+        with_specials = raw.encode("a", add_special_tokens=True).ids
+        without = raw.encode("a", add_special_tokens=False).ids
+        at = next(
+            i
+            for i in range(len(with_specials) - len(without) + 1)
+            if with_specials[i : i + len(without)] == without
+        )
+        prefix, suffix = with_specials[:at], with_specials[at + len(without) :]
+        embeddings = getattr(module, "embeddings", None)
+        positions = getattr(embeddings, "max_positions", None) or _DEFAULT_LIMIT
+        if tokenizer.max_length:
+            positions = min(positions, tokenizer.max_length)
+        pooler = getattr(module, "pooler", None) or Pooler("mean")
+        return cls(tokenizer, prefix, suffix, positions - len(prefix) - len(suffix), pooler)
+
+
+@dataclass
+class _DocPieces:
+    ids: np.ndarray
+    alignment: tuple[np.ndarray, np.ndarray]
+    windows: list[tuple[int, int]]
+
+
+def _prepare(docs: Sequence[Doc], pieces: _Pieces, size: int, stride: int) -> list[_DocPieces]:
+    encodings = pieces.tokenizer.encode(
+        [doc.text for doc in docs], add_special_tokens=False, truncation=False
+    )
+    prepared = []
+    for doc, encoding in zip(docs, encodings, strict=False):
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        spans = np.asarray([(t.idx, t.idx + len(t.text)) for t in doc], dtype=np.int64)
+        alignment = align_tokens(spans.reshape(-1, 2), offsets)
+        prepared.append(_DocPieces(ids, alignment, strided_windows(len(ids), size, stride)))
+    return prepared
+
+
+def _batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Window indices, longest first, grouped so a padded batch stays under ``budget``."""
+    order = np.argsort(np.asarray(lengths), kind="stable")[::-1]
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index in order:
+        longest = lengths[batch[0]] if batch else lengths[index]
+        if batch and (len(batch) + 1) * longest > budget:
+            batches.append(batch)
+            batch = []
+        batch.append(int(index))
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _forward(
+    model: Model, docs: list[Doc], is_train: bool
+) -> tuple[list[DocTransformerOutput], Callable[[Any], list]]:
+    module = encoder_of(model)
+    _one_thread_per_worker(model)
+    pieces: _Pieces = model.attrs["pieces"]
+    size = min(model.attrs["window"] or pieces.limit, pieces.limit)
+    stride = min(model.attrs["stride"] or max(1, size * 3 // 4), size)
+    training = is_train and model.attrs["trainable"]
+    all_layers = model.attrs["all_layers"]
+    prepared = _prepare(docs, pieces, size, stride)
+    windows = [(d, start, end) for d, p in enumerate(prepared) for start, end in p.windows]
+    n_special = len(pieces.prefix) + len(pieces.suffix)
+    lengths = [end - start + n_special for _, start, end in windows]
+    device = _device_of(module)
+    pad = pieces.tokenizer.pad_id
+    # per window: (hidden states of its content pieces per layer, pooled embedding)
+    results: list[Any] = [None] * len(windows)
+    context = torch.enable_grad() if training else torch.inference_mode()
+    with context:
+        module.train(training)
+        for batch in _batches(lengths, model.attrs["batch_tokens"]):
+            longest = lengths[batch[0]]
+            ids = np.full((len(batch), longest), pad, dtype=np.int64)
+            mask = np.zeros((len(batch), longest), dtype=np.int64)
+            for row, w in enumerate(batch):
+                d, start, end = windows[w]
+                ids[row, : lengths[w]] = [
+                    *pieces.prefix,
+                    *prepared[d].ids[start:end],
+                    *pieces.suffix,
+                ]
+                mask[row, : lengths[w]] = 1
+            input_ids = torch.from_numpy(ids).to(device)
+            attention_mask = torch.from_numpy(mask).to(device)
+            output = module(input_ids, attention_mask, output_hidden_states=all_layers)
+            layers = output.hidden_states if all_layers else [output.last_hidden_state]
+            pooled = pieces.pooler(output.last_hidden_state, attention_mask).float()
+            first = len(pieces.prefix)
+            for row, w in enumerate(batch):
+                _, start, end = windows[w]
+                states = [layer[row, first : first + end - start].float() for layer in layers]
+                results[w] = (states, pooled[row])
+    outputs: list[DocTransformerOutput] = []
+    kept: list[torch.Tensor] = []  # the last hidden states, for backprop
+    w = 0
+    for p in prepared:
+        mine = results[w : w + len(p.windows)]
+        w += len(p.windows)
+        layer_states = [
+            _merge([r[0][i] for r in mine], p.windows, len(p.ids)) for i in range(len(mine[0][0]))
+        ]
+        weights = torch.tensor([max(end - start, 1) for start, end in p.windows], device=device)
+        embedding = (torch.stack([r[1] for r in mine]) * weights[:, None]).sum(0) / weights.sum()
+        kept.append(layer_states[-1])
+        outputs.append(
+            DocTransformerOutput(
+                last_hidden_state=_to_xp(model, layer_states[-1]),
+                alignment=Ragged(
+                    model.ops.asarray1i(p.alignment[0]), model.ops.asarray1i(p.alignment[1])
+                ),
+                embedding=_to_xp(model, embedding),
+                piece_ids=model.ops.asarray1i(p.ids.astype(np.int32)),
+                all_hidden_states=[_to_xp(model, s) for s in layer_states] if all_layers else None,
+            )
+        )
+
+    def backprop(d_states: list[Any]) -> list:
+        if training:
+            pairs = [
+                (t, g) for t, g in zip(kept, d_states, strict=False) if g is not None and t.numel()
+            ]
+            if pairs:
+                torch.autograd.backward(
+                    [t for t, _ in pairs],
+                    [xp2torch(g, device=t.device).to(t.dtype) for t, g in pairs],
+                )
+        return []
+
+    return outputs, backprop
+
+
+def _merge(parts: list[torch.Tensor], windows: list[tuple[int, int]], n: int) -> torch.Tensor:
+    """One (n, width) tensor from windows' states, overlaps averaged."""
+    if len(parts) == 1:
+        return parts[0]
+    width = parts[0].shape[-1]
+    index = torch.cat([torch.arange(start, end) for start, end in windows]).to(parts[0].device)
+    total = torch.zeros(n, width, device=parts[0].device).index_add(0, index, torch.cat(parts))
+    counts = torch.bincount(index, minlength=n).clamp(min=1).to(total.dtype)
+    return total / counts[:, None]
+
+
+def _to_xp(model: Model, tensor: torch.Tensor) -> Any:
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.clone().numpy()
+    return model.ops.asarray(torch2xp(tensor.contiguous()))
