@@ -7,6 +7,7 @@ without importing registry_xf.
 
 from .architectures import transformer_listener_v1, transformer_model_v1
 from .component import FACTORY, Transformer, make_transformer
+from .hooks import install as add_vector_hooks
 from .listener import TransformerListener
 from .outputs import DocTransformerOutput
 
@@ -15,6 +16,7 @@ __all__ = [
     "DocTransformerOutput",
     "Transformer",
     "TransformerListener",
+    "add_vector_hooks",
     "make_transformer",
     "transformer_listener_v1",
     "transformer_model_v1",

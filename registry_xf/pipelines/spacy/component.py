@@ -27,7 +27,7 @@ from ...loading.save import save
 from ...loading.sources import DEFAULT_MODEL
 from . import hooks
 from .listener import TransformerListener, pool_tokens
-from .model import encoder_of, is_loaded, set_encoder
+from .model import encoder_of, in_worker_process, is_loaded, set_encoder
 from .outputs import DocTransformerOutput
 
 FACTORY = "registry_xf_transformer"
@@ -140,10 +140,13 @@ class Transformer(TrainablePipe):
         return self.model.predict(list(docs))
 
     def set_annotations(self, docs: Sequence[Doc], outputs: list[DocTransformerOutput]) -> None:
-        for doc, out in zip(docs, outputs, strict=False):
+        in_worker = in_worker_process()
+        for doc, out in zip(docs, outputs, strict=True):
             doc._.set(self.extension, out)
             doc.tensor = pool_tokens(self.pooling, out)
-            if self.vector_hooks:
+            # Worker processes send docs back as bytes, which drop hooks (spaCy warns):
+            # the receiving process restores them with hooks.install.
+            if self.vector_hooks and not in_worker:
                 hooks.install(doc, self.extension)
 
     # --- training ----------------------------------------------------------------

@@ -7,6 +7,7 @@ hooks are module-level functions bound with ``partial``, so docs that carry them
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Any
 
@@ -14,19 +15,41 @@ from spacy.tokens import Doc, Span, Token
 from thinc.api import get_array_module
 
 
-def install(doc: Doc, extension: str) -> None:
-    doc.user_hooks["vector"] = partial(doc_vector, extension)
-    doc.user_hooks["has_vector"] = partial(has_vector, extension)
-    doc.user_hooks["vector_norm"] = partial(vector_norm, doc_vector, extension)
-    doc.user_hooks["similarity"] = partial(similarity, doc_vector, extension)
-    doc.user_span_hooks["vector"] = partial(span_vector, extension)
-    doc.user_span_hooks["has_vector"] = partial(has_vector, extension)
-    doc.user_span_hooks["vector_norm"] = partial(vector_norm, span_vector, extension)
-    doc.user_span_hooks["similarity"] = partial(similarity, span_vector, extension)
-    doc.user_token_hooks["vector"] = token_vector
-    doc.user_token_hooks["has_vector"] = token_has_vector
-    doc.user_token_hooks["vector_norm"] = token_vector_norm
-    doc.user_token_hooks["similarity"] = token_similarity
+def install(doc: Doc, extension: str = "xf_data") -> None:
+    """Give ``doc`` (and its spans and tokens) vectors and similarity from the transformer.
+
+    The component does this for every doc it annotates. Docs that come back from worker
+    processes (``nlp.pipe(n_process=2)``) travel as bytes, which cannot carry hooks: call
+    this on them to restore the hooks (their outputs and ``doc.tensor`` arrive intact).
+    """
+    doc_hooks, span_hooks, token_hooks = _hooks(extension)
+    doc.user_hooks.update(doc_hooks)
+    doc.user_span_hooks.update(span_hooks)
+    doc.user_token_hooks.update(token_hooks)
+
+
+@functools.cache
+def _hooks(extension: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    return (
+        {
+            "vector": partial(doc_vector, extension),
+            "has_vector": partial(has_vector, extension),
+            "vector_norm": partial(vector_norm, doc_vector, extension),
+            "similarity": partial(similarity, doc_vector, extension),
+        },
+        {
+            "vector": partial(span_vector, extension),
+            "has_vector": partial(has_vector, extension),
+            "vector_norm": partial(vector_norm, span_vector, extension),
+            "similarity": partial(similarity, span_vector, extension),
+        },
+        {
+            "vector": token_vector,
+            "has_vector": token_has_vector,
+            "vector_norm": token_vector_norm,
+            "similarity": token_similarity,
+        },
+    )
 
 
 def doc_vector(extension: str, doc: Doc) -> Any:

@@ -63,7 +63,7 @@ def _listen(
     outputs = [
         doc._.get(model.extension) if doc.has_extension(model.extension) else None for doc in docs
     ]
-    missing = [doc for doc, out in zip(docs, outputs, strict=False) if out is None]
+    missing = [doc for doc, out in zip(docs, outputs, strict=True) if out is None]
     if missing:
         if model.upstream is None:
             raise ValueError(
@@ -115,7 +115,7 @@ def _pool_tokens(
 
     def backprop(d_vectors: list[Floats2d]) -> list[Floats2d]:
         d_states = []
-        for d_tokens, (bp, rows, shape) in zip(d_vectors, backprops, strict=False):
+        for d_tokens, (bp, rows, shape) in zip(d_vectors, backprops, strict=True):
             d_state = model.ops.alloc2f(*shape)
             if bp is not None:
                 model.ops.scatter_add(d_state, rows, bp(d_tokens).dataXd)

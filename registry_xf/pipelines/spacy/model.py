@@ -9,6 +9,7 @@ its weights from the pipeline folder and never from the original source.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -152,18 +153,26 @@ def set_encoder(model: Model, module: nn.Module) -> None:
     )
     model.shims[:] = [shim]
     model.attrs["pieces"] = _Pieces.of(module)
-    model.attrs["loaded_in"] = os.getpid()
 
 
-def _one_thread_per_worker(model: Model) -> None:
-    """In a worker process (``nlp.pipe(n_process=...)``), run torch on one thread.
+def in_worker_process() -> bool:
+    """Whether this is a worker of ``nlp.pipe(n_process=...)`` (a multiprocessing child)."""
+    return multiprocessing.parent_process() is not None
+
+
+def _one_thread_per_worker() -> None:
+    """In a worker process, run torch on one thread.
 
     A forked child cannot use the OpenMP thread pool its parent started (it hangs in the
     first parallel kernel); one thread per worker is also what several workers want.
     """
-    if model.attrs.get("loaded_in") not in (None, os.getpid()):
+    global _threads_set_in
+    if _threads_set_in != os.getpid() and in_worker_process():
         torch.set_num_threads(1)
-        model.attrs["loaded_in"] = os.getpid()
+        _threads_set_in = os.getpid()
+
+
+_threads_set_in: int | None = None
 
 
 def is_loaded(model: Model) -> bool:
@@ -234,7 +243,7 @@ def _prepare(docs: Sequence[Doc], pieces: _Pieces, size: int, stride: int) -> li
         [doc.text for doc in docs], add_special_tokens=False, truncation=False
     )
     prepared = []
-    for doc, encoding in zip(docs, encodings, strict=False):
+    for doc, encoding in zip(docs, encodings, strict=True):
         ids = np.asarray(encoding.ids, dtype=np.int64)
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         spans = np.asarray([(t.idx, t.idx + len(t.text)) for t in doc], dtype=np.int64)
@@ -263,7 +272,7 @@ def _forward(
     model: Model, docs: list[Doc], is_train: bool
 ) -> tuple[list[DocTransformerOutput], Callable[[Any], list]]:
     module = encoder_of(model)
-    _one_thread_per_worker(model)
+    _one_thread_per_worker()
     pieces: _Pieces = model.attrs["pieces"]
     size = min(model.attrs["window"] or pieces.limit, pieces.limit)
     stride = min(model.attrs["stride"] or max(1, size * 3 // 4), size)
@@ -329,7 +338,7 @@ def _forward(
     def backprop(d_states: list[Any]) -> list:
         if training:
             pairs = [
-                (t, g) for t, g in zip(kept, d_states, strict=False) if g is not None and t.numel()
+                (t, g) for t, g in zip(kept, d_states, strict=True) if g is not None and t.numel()
             ]
             if pairs:
                 torch.autograd.backward(
