@@ -12,8 +12,8 @@ Fences:
                        it printed (trailing spaces aside); ``...`` stands for any text, as in
                        doctest's ELLIPSIS (for temporary paths, say).
 
-Components that the snippets register are removed again afterwards, so that the registries
-other tests see are the package's own.
+Components that the snippets register in registry_xf's registries are removed again
+afterwards, so that the registries other tests see are the package's own.
 """
 
 from __future__ import annotations
@@ -100,11 +100,14 @@ def blocks(path: Path) -> Iterator[Block]:
 def restore_registries() -> Iterator[None]:
     import registry_xf  # noqa: F401  (registers the built-in components before the snapshot)
 
-    saved = dict(catalogue.REGISTRY)
+    saved = {k: v for k, v in catalogue.REGISTRY.items() if k[0] == "registry_xf"}
     try:
         yield
     finally:
-        catalogue.REGISTRY.clear()
+        # only registry_xf's own registries: other libraries (spaCy) register lazily, as
+        # their modules are first imported, and must keep what they registered
+        for key in [k for k in catalogue.REGISTRY if k[0] == "registry_xf"]:
+            del catalogue.REGISTRY[key]
         catalogue.REGISTRY.update(saved)
 
 
