@@ -377,3 +377,33 @@ def test_require_gpu_puts_weights_and_inputs_on_the_gpu(tiny_bert: Path) -> None
         assert doc.tensor.shape == (len(doc), 32)
     finally:
         spacy.require_cpu()
+
+
+def test_bad_settings_and_sources_are_reported_clearly(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(rx.ConfigError, match=r"model\.dtype.*float99"):
+        _nlp(tiny_bert, dtype="float99")
+    with pytest.raises(rx.ConfigError, match=r"model\.window"):
+        _nlp(tiny_bert, window=0)
+    nlp = _nlp(tmp_path / "no-such-model")
+    with pytest.raises(rx.RegistryXFError, match="no-such-model"):
+        nlp("text")
+
+
+def test_thinc_serialization_of_the_model_uses_safetensors(tiny_bert: Path) -> None:
+    nlp = _nlp(tiny_bert)
+    model = nlp.get_pipe("registry_xf_transformer").model
+    expected = nlp(TEXTS[0]).tensor
+    data = model.shims[0].to_bytes()
+    import srsly
+    from safetensors.torch import load as load_safetensors
+
+    state = load_safetensors(srsly.msgpack_loads(data)["state"])  # safetensors, not a pickle
+    assert "embeddings.word_embeddings.weight" in state
+    other = _nlp(tiny_bert)
+    other_model = other.get_pipe("registry_xf_transformer").model
+    other.initialize()
+    with torch.no_grad():
+        for p in rx.pipelines.spacy.model.encoder_of(other_model).parameters():
+            p.zero_()
+    other_model.shims[0].from_bytes(data)
+    np.testing.assert_array_equal(other(TEXTS[0]).tensor, expected)

@@ -24,8 +24,9 @@ from thinc.api import Model, PyTorchShim, get_torch_default_device, torch2xp, xp
 from thinc.types import Ragged
 from torch import nn
 
-from ...errors import ConfigError, ConfigProblem, RegistryXFError
+from ...errors import ConfigError, ConfigProblem, InputError, RegistryXFError
 from ...loading.load import load
+from ...types import to_dtype
 from ..poolers import Pooler
 from .alignment import align_tokens
 from .outputs import DocTransformerOutput
@@ -72,6 +73,11 @@ def transformer_model(
         raise ConfigError([ConfigProblem("model.window", f"must be at least 1; found {window}")])
     if stride is not None and stride < 1:
         raise ConfigError([ConfigProblem("model.stride", f"must be at least 1; found {stride}")])
+    if dtype != "auto":
+        try:
+            to_dtype(dtype)
+        except InputError as e:
+            raise ConfigError([ConfigProblem("model.dtype", str(e))]) from None
     spec = _Spec(
         source=None if encoder is not None else source,  # an encoder section wins
         overrides=dict(overrides or {}),
@@ -189,11 +195,18 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _dtype(name: str) -> torch.dtype | None:
-    return None if name == "auto" else getattr(torch, name)
+    return None if name == "auto" else to_dtype(name)
 
 
 def _serialize(module: nn.Module) -> bytes:
-    return save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
+    """The state dict as safetensors (for thinc's ``to_bytes``); shared tensors copied."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in module.state_dict().items():
+        shared = tensor.data_ptr() in seen
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.clone() if shared else tensor.contiguous()
+    return save_safetensors(tensors)
 
 
 def _deserialize(module: nn.Module, data: bytes, device: torch.device) -> nn.Module:
@@ -293,20 +306,18 @@ def _forward(
             longest = lengths[batch[0]]
             ids = np.full((len(batch), longest), pad, dtype=np.int64)
             mask = np.zeros((len(batch), longest), dtype=np.int64)
+            first = len(pieces.prefix)
             for row, w in enumerate(batch):
                 d, start, end = windows[w]
-                ids[row, : lengths[w]] = [
-                    *pieces.prefix,
-                    *prepared[d].ids[start:end],
-                    *pieces.suffix,
-                ]
+                ids[row, :first] = pieces.prefix
+                ids[row, first : first + end - start] = prepared[d].ids[start:end]
+                ids[row, first + end - start : lengths[w]] = pieces.suffix
                 mask[row, : lengths[w]] = 1
             input_ids = torch.from_numpy(ids).to(device)
             attention_mask = torch.from_numpy(mask).to(device)
             output = module(input_ids, attention_mask, output_hidden_states=all_layers)
             layers = output.hidden_states if all_layers else [output.last_hidden_state]
             pooled = pieces.pooler(output.last_hidden_state, attention_mask).float()
-            first = len(pieces.prefix)
             for row, w in enumerate(batch):
                 _, start, end = windows[w]
                 states = [layer[row, first : first + end - start].float() for layer in layers]
@@ -320,8 +331,7 @@ def _forward(
         layer_states = [
             _merge([r[0][i] for r in mine], p.windows, len(p.ids)) for i in range(len(mine[0][0]))
         ]
-        weights = torch.tensor([max(end - start, 1) for start, end in p.windows], device=device)
-        embedding = (torch.stack([r[1] for r in mine]) * weights[:, None]).sum(0) / weights.sum()
+        embedding = mine[0][1] if len(mine) == 1 else _weighted_mean(mine, p.windows)
         kept.append(layer_states[-1])
         outputs.append(
             DocTransformerOutput(
@@ -348,6 +358,13 @@ def _forward(
         return []
 
     return outputs, backprop
+
+
+def _weighted_mean(results: list[Any], windows: list[tuple[int, int]]) -> torch.Tensor:
+    """A long doc's embedding: its windows' embeddings, weighted by their lengths."""
+    embeddings = torch.stack([r[1] for r in results])
+    weights = torch.tensor([end - start for start, end in windows], device=embeddings.device)
+    return (embeddings * weights[:, None]).sum(0) / weights.sum()
 
 
 def _merge(parts: list[torch.Tensor], windows: list[tuple[int, int]], n: int) -> torch.Tensor:
