@@ -30,7 +30,7 @@ def transformer_model_v1(
     stride: int | None = None,
     all_layers: bool = False,
     trainable: bool = False,
-    batch_tokens: int = 4096,
+    batch_tokens: int = 2048,
     pack: bool | None = None,
 ) -> Model:
     """A registry_xf encoder for spaCy.

@@ -51,7 +51,7 @@ def transformer_model(
     stride: int | None = None,
     all_layers: bool = False,
     trainable: bool = False,
-    batch_tokens: int = 4096,
+    batch_tokens: int = 2048,
     pack: bool | None = None,
 ) -> Model[list[Doc], list[DocTransformerOutput]]:
     """A thinc model around a registry_xf encoder (see ``registry_xf.TransformerModel.v1``)."""
