@@ -516,3 +516,19 @@ def test_llama_like_model_and_gqa_backends_agree(n_kv_heads: int) -> None:
 
     with pytest.raises(rx.ConfigError, match="not a multiple of n_kv_heads 3"):
         rx.build(LLAMA_LIKE, overrides={"hyper.n_kv_heads": 3})
+
+
+def test_overridden_configs_are_fresh_copies() -> None:
+    text = family_config_text("bert")
+    overrides = {"hyper.n_layers": 1, "hyper.vocab_size": 10}
+    first = rx.read_config(text, overrides)
+    first["hyper"]["n_layers"] = 5
+    first["model"].clear()
+    second = rx.read_config(text, overrides)
+    assert second["hyper"]["n_layers"] == 1 and second["model"]
+    # equal but differently typed values are different overrides
+    assert type(rx.read_config(text, {"hyper.n_layers": 1.0})["hyper"]["n_layers"]) is float
+    assert rx.read_config(text, {"hyper.n_layers": True})["hyper"]["n_layers"] is True
+    with pytest.raises(rx.ConfigError, match="Did you mean") as info:
+        rx.read_config(text, {"hyper.n_layer": 1})
+    assert [p.path for p in info.value.problems] == ["hyper.n_layer"]

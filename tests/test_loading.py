@@ -133,3 +133,70 @@ def test_allowed_missing_is_reported(checkpoints: dict[str, Path]) -> None:
     norm = model.layers[0].feed_forward_norm
     assert torch.equal(norm.weight, torch.ones_like(norm.weight))
     assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+def test_repeated_loads_share_no_tensors(checkpoints: dict[str, Path]) -> None:
+    first, second = rx.load(checkpoints["bert"]), rx.load(checkpoints["bert"])
+    expected = {k: v.clone() for k, v in second.state_dict().items()}
+    with torch.no_grad():
+        for p in first.parameters():  # fused (read) and plain (memory-mapped) alike
+            p.add_(1.0)
+    for name, value in second.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    for name, value in rx.load(checkpoints["bert"]).state_dict().items():
+        assert torch.equal(value, expected[name]), name  # the file is untouched
+
+
+def test_checkpoint_reads_match_safetensors(tmp_path: Path) -> None:
+    from registry_xf.loading.checkpoint import open_checkpoint
+
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5, 4),
+        "half": torch.randn(2, 4).to(torch.bfloat16),
+        "ids": torch.arange(7),
+        "flags": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with open_checkpoint(tmp_path) as ckpt:
+        for name, tensor in tensors.items():
+            got = ckpt.get(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+        groups = [["a", "b", "a"], ["a", "half"], ["a", "ids"], ["ids", "ids"]]
+        joined, mixed, shapes, ids = ckpt.read_concatenated(groups)
+        assert torch.equal(joined, torch.cat([tensors["a"], tensors["b"], tensors["a"]]))
+        assert mixed is None and shapes is None  # left for the caller to join
+        assert torch.equal(ids, tensors["ids"].repeat(2))
+        # a cast is left to the caller too, but integers are never cast
+        cast, ids = ckpt.read_concatenated([["a", "b"], ["ids", "ids"]], torch.float16)
+        assert cast is None and torch.equal(ids, tensors["ids"].repeat(2))
+    big = torch.randn(2, 1 << 19)  # 4 MiB: on huge pages where the OS offers them
+    save_file({"big": big}, str(tmp_path / "big.safetensors"))
+    with open_checkpoint(tmp_path / "big.safetensors") as ckpt:
+        (twice,) = ckpt.read_concatenated([["big", "big"]])
+        assert torch.equal(twice, torch.cat([big, big]))
+
+
+def test_unaligned_tensors_are_read(tmp_path: Path) -> None:
+    """A file whose float32 data does not start on a multiple of 4 (safetensors itself
+    never writes one) reads the same, by copying rather than by a view."""
+    import struct
+
+    from registry_xf.loading.checkpoint import open_checkpoint
+
+    header = {
+        "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "y": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = bytes([7]) + struct.pack("<2f", 1.5, -2.0)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with open_checkpoint(path) as ckpt:
+        assert torch.equal(ckpt.get("x"), torch.tensor([7], dtype=torch.uint8))
+        assert torch.equal(ckpt.get("y"), torch.tensor([1.5, -2.0]))
+        (joined,) = ckpt.read_concatenated([["y", "y"]])
+        assert torch.equal(joined, torch.tensor([1.5, -2.0] * 2))

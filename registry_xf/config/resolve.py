@@ -49,7 +49,25 @@ def read_config(
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=name) from None
     overrides = dict(overrides or {})
     if not overrides:
-        return Config().from_str(text, interpolate=False)  # a fresh copy the caller may edit
+        return base.copy()  # a fresh copy the caller may edit
+    try:
+        try:
+            key = _frozen(overrides)
+        except TypeError:  # values that cannot be a cache key: parse again
+            return _with_overrides(text, base, overrides)
+        return _cached_with_overrides(text, key).copy()  # a fresh copy the caller may edit
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=name) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_with_overrides(text: str, frozen: Any) -> Config:
+    """``_with_overrides`` remembered: loading an HF model applies its config.json values
+    as overrides to the family's config at every load. Shared: only copy it."""
+    return _with_overrides(text, _parsed(text), _thawed(frozen))
+
+
+def _with_overrides(text: str, base: Config, overrides: dict[str, Any]) -> Config:
     problems = [
         ConfigProblem(
             key, "override names a setting that is not in the config." + _suggest_path(key, base)
@@ -58,12 +76,34 @@ def read_config(
         if not _settable(base, key)
     ]
     if problems:
-        raise ConfigError(problems, source=name)
+        raise ConfigError(problems)
     try:
         return Config().from_str(text, interpolate=False, overrides=overrides)
     except Exception as e:
-        problem = ConfigProblem("", f"cannot apply overrides: {e}")
-        raise ConfigError([problem], source=name) from None
+        raise ConfigError([ConfigProblem("", f"cannot apply overrides: {e}")]) from None
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of a value made of JSON-like builtins, keeping their types apart
+    (``1``, ``1.0`` and ``True``; lists and tuples). TypeError for anything else."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return (kind, value)
+    if kind in (list, tuple):
+        return (kind, tuple(_frozen(v) for v in value))
+    if kind is dict:
+        return (kind, tuple((k, _frozen(v)) for k, v in value.items()))
+    raise TypeError(f"cannot freeze {kind.__name__}")
+
+
+def _thawed(frozen: Any) -> Any:
+    """The value ``_frozen`` was made from (a fresh copy)."""
+    kind, value = frozen
+    if kind in (list, tuple):
+        return kind(_thawed(v) for v in value)
+    if kind is dict:
+        return {k: _thawed(v) for k, v in value}
+    return value
 
 
 @functools.lru_cache(maxsize=32)

@@ -17,7 +17,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..layers.packed_linear import pack_linear_weights, should_pack
 from ..types import CONFIG_DIR, to_device, to_dtype
 from .hf import hf_config
-from .materialise import materialise_random
+from .materialise import materialise_random, on_meta
 from .sources import DEFAULT_MODEL, META_FILE, SAVED_CONFIG, locate
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def build(
             raise ConfigError(
                 [ConfigProblem("model", "the config has no [model] section")], source=source
             )
-        with torch.device("meta"):
+        with on_meta():
             model = resolve({"model": interpolated["model"]}, source=source, raw=config)["model"]
     finally:
         CONFIG_DIR.reset(token)
@@ -116,7 +116,7 @@ def load(
                 ],
                 source=where,
             )
-        with torch.device("meta"):
+        with on_meta():
             resolved = resolve(interpolated, source=where, raw=config)
     finally:
         CONFIG_DIR.reset(token)

@@ -1,12 +1,75 @@
-"""Turning a model built on the meta device into real tensors, once, on the target device."""
+"""Building models on the meta device, and turning them into real tensors, once, on the
+target device."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# What modules' ``__init__``/``reset_parameters`` call to give parameters initial values:
+# torch.nn.init's functions and the in-place tensor methods they come down to.
+_INITIALISERS: frozenset[Callable[..., Any]] = frozenset(
+    [
+        *(
+            getattr(nn.init, name)
+            for name in (
+                "uniform_",
+                "normal_",
+                "trunc_normal_",
+                "constant_",
+                "ones_",
+                "zeros_",
+                "eye_",
+                "dirac_",
+                "xavier_uniform_",
+                "xavier_normal_",
+                "kaiming_uniform_",
+                "kaiming_normal_",
+                "orthogonal_",
+                "sparse_",
+            )
+        ),
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+        torch.Tensor.fill_,
+        torch.Tensor.zero_,
+    ]
+)
+
+
+class _SkipMetaInitialisation(TorchFunctionMode):
+    """Makes initialising a meta tensor a no-op.
+
+    Safe: a meta tensor holds no values, so an initialiser can only return it unchanged;
+    but torch still runs the op's shape checks and, for some (``normal_``), a Python
+    decomposition, which made up much of the time of building a model at every load.
+    Models built on meta get their values from a checkpoint or ``materialise_random``.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        target = args[0] if args else (kwargs or {}).get("tensor")
+        if func in _INITIALISERS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device (allocating nothing), without initialising them."""
+    with torch.device("meta"), _SkipMetaInitialisation():
+        yield
 
 
 def parameter_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:

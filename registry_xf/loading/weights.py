@@ -136,9 +136,14 @@ class SafetensorsWeights:
                     report.unexpected.append(key)
             if not report.ok:
                 raise LoadError(str(report))
+            fused = [(ours, files) for ours, rule, files in plan if _read_in_place(rule, files)]
+            read = ckpt.read_concatenated([files for _, files in fused], dtype)
+            joined = {ours: tensor for (ours, _), tensor in zip(fused, read, strict=True)}
             for ours, rule, files in plan:
-                tensors = [ckpt.get(f) for f in files]
-                tensor = (rule or _IDENTITY).join(tensors, dtype, hyper)
+                tensor = joined.get(ours)
+                if tensor is None:
+                    parts = [ckpt.get(f) for f in files]
+                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper)
                 assign(slots[ours], tensor.contiguous())
                 report.loaded.append(ours)
         _materialise_allowed_missing(model, slots, report, device, dtype)
@@ -159,6 +164,18 @@ class SafetensorsWeights:
 
 
 _IDENTITY = KeyRule("", ("",))
+
+
+def _read_in_place(rule: KeyRule | None, files: list[str]) -> bool:
+    """Whether our tensor is HF tensors concatenated on the first dimension as they are,
+    which the checkpoint reads straight into place (the rest is joined with torch)."""
+    return (
+        rule is not None
+        and len(files) > 1
+        and rule.dim == 0
+        and rule.to_ours is None
+        and not rule.transpose
+    )
 
 
 def _joined_shape(rule: KeyRule | None, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
