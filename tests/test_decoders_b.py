@@ -215,6 +215,31 @@ def test_cached_decoding_equals_full_forward(
     assert_close_on_tokens(full, hf_logits(hf_lm(checkpoints[family]), ids, mask), mask)
 
 
+def test_cached_decoding_compiles_to_one_graph_per_phase(checkpoints: dict[str, Path]) -> None:
+    """Under torch.compile (whole graph, dynamic shapes) the cache and the masks trace
+    without a break, the prompt and the decoding steps compile once each, and the logits
+    are the eager ones."""
+    import torch._dynamo
+
+    model = rx.load(checkpoints["mistral"], pack=False)  # a sliding window, left padding
+    ids, mask = left_padded_batch(7, seq=SEQ + 4)
+    prefill = 6
+    eager_cache = model.new_cache(ids.shape[0], ids.shape[1])
+    compiled_cache = model.new_cache(ids.shape[0], ids.shape[1])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
+            args = (ids[:, start:end].contiguous(), mask[:, :end].contiguous())
+            expected = model(*args, cache=eager_cache).logits
+            got = compiled(*args, cache=compiled_cache).logits
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert compiled_cache.length == ids.shape[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
 # ---- HF round trip, save and load -------------------------------------------------------
 
 

@@ -83,7 +83,14 @@ class Decoder(Assembly):
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (batch, seq); found {tuple(input_ids.shape)}")
         n_new = input_ids.shape[1]
-        n_past = cache.length if cache is not None else 0
+        # With a mask, the cached length is read from its shape: under torch.compile a
+        # shape stays symbolic, where the cache's own counter would compile every length.
+        if cache is None:
+            n_past = 0
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            n_past = attention_mask.shape[1] - n_new
+        else:
+            n_past = cache.length
         if attention_mask is not None and attention_mask.shape != (
             input_ids.shape[0],
             n_past + n_new,
@@ -98,7 +105,12 @@ class Decoder(Assembly):
                 positions = positions.expand(input_ids.shape[0], -1)
             else:
                 positions = positions_from_mask(attention_mask, n_new)
-        if self.max_positions is not None and n_new and int(positions.max()) >= self.max_positions:
+        if (
+            self.max_positions is not None
+            and n_new
+            and not torch.compiler.is_compiling()  # a value read back would break the graph
+            and int(positions.max()) >= self.max_positions
+        ):
             raise InputError(
                 f"position {int(positions.max())} is beyond the model's {self.max_positions} "
                 "positions: the prompt (plus new tokens) is too long for this model"
@@ -109,11 +121,12 @@ class Decoder(Assembly):
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
         for i, layer in enumerate(self.layers.applied()):
-            h = layer(h, mask, positions, cache.layers[i] if cache is not None else None)
+            layer_cache = cache.layers[i].at(n_past) if cache is not None else None
+            h = layer(h, mask, positions, layer_cache)
             if output_hidden_states:
                 states.append(h)
         if cache is not None:
-            cache.advance(n_new)
+            cache.set_length(n_past + n_new)
         if self.final_norm is not None:
             h = self.final_norm(h)
             if output_hidden_states:

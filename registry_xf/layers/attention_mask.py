@@ -17,6 +17,10 @@ class AttentionMask:
     covering cached keys too. Queries are the last ``n_queries`` keys. ``causal`` lets a
     query see only earlier keys; a layer may add a sliding ``window``. Rows with no key to
     attend to are given zeros by attention, never NaN.
+
+    Eagerly, masks are left out where nothing is masked (so the fused kernels run without
+    one). Inside ``torch.compile`` that test would read values back and break the graph, so
+    there a key mask is always applied and dead rows always zeroed: the same results.
     """
 
     key_mask: torch.Tensor | None
@@ -33,11 +37,13 @@ class AttentionMask:
         self, n_queries: int, n_keys: int, device: torch.device, window: int | None = None
     ) -> torch.Tensor | None:
         """(batch or 1, 1, queries, keys) with True = attend; None when nothing is masked."""
-        key = ("bool", n_queries, n_keys, window)
+        # Within one forward pass every layer sees the same numbers of queries and keys, so
+        # the memo keys leave them out (hashing a size would also pin it under compile).
+        key = ("bool", window)
         if key in self._cache:
             return self._cache[key]
         mask = None
-        if self.key_mask is not None and not bool(self.key_mask[:, :n_keys].all()):
+        if self.key_mask is not None and self._padded(n_keys):
             mask = self.key_mask[:, None, None, :n_keys].to(device=device, dtype=torch.bool)
         needs_causal = self.causal and n_queries > 1
         needs_window = window is not None and n_keys > window
@@ -66,9 +72,9 @@ class AttentionMask:
         ``is_causal`` is True when a plain causal mask is all there is (no padding, no
         window, queries = keys): the fused kernels then need no mask tensor at all.
         """
-        key = ("attention", n_queries, n_keys, window)
+        key = ("attention", window)
         if key not in self._cache:
-            padded = self.key_mask is not None and not bool(self.key_mask[:, :n_keys].all())
+            padded = self.key_mask is not None and self._padded(n_keys)
             windowed = window is not None and n_keys > window
             if self.causal and n_queries == n_keys > 1 and not padded and not windowed:
                 self._cache[key] = (None, None, True)
@@ -77,8 +83,13 @@ class AttentionMask:
             dead = None
             if mask is not None:
                 rows = ~mask.any(-1, keepdim=True)
-                if bool(rows.any()):
+                if torch.compiler.is_compiling() or bool(rows.any()):
                     dead = rows
                     mask = mask | rows
             self._cache[key] = (mask, dead, False)
         return self._cache[key]
+
+    def _padded(self, n_keys: int) -> bool:
+        """Whether any of the first ``n_keys`` keys is masked (assumed so when compiling)."""
+        assert self.key_mask is not None
+        return torch.compiler.is_compiling() or not bool(self.key_mask[:, :n_keys].all())

@@ -56,7 +56,13 @@ class TransformerEmbeddings(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> None:
-        """Refuse ids the tables do not have, with a clear error instead of an index crash."""
+        """Refuse ids the tables do not have, with a clear error instead of an index crash.
+
+        Skipped inside ``torch.compile``: reading values back would break the graph (the
+        same call run eagerly is checked).
+        """
+        if torch.compiler.is_compiling():
+            return
         if positions is not None and positions.numel():
             table = getattr(self.positions, "max_positions", None)
             low, high = (int(x) for x in torch.aminmax(positions))

@@ -14,13 +14,18 @@ from ..errors import InputError
 class LayerCache:
     """One layer's view of the cache."""
 
-    def __init__(self, parent: KVCache, index: int):
+    def __init__(self, parent: KVCache, index: int, start: int | None = None):
         self.parent = parent
         self.index = index
+        self.start = start
+
+    def at(self, start: int) -> LayerCache:
+        """This layer's cache, writing its next entries at position ``start``."""
+        return LayerCache(self.parent, self.index, start)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values (batch, kv_heads, n, head_width); return all so far."""
-        start = self.parent.length
+        start = self.parent.length if self.start is None else self.start
         end = start + k.shape[2]
         if end > self.parent.max_length:
             raise InputError(
@@ -58,6 +63,10 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Record that ``n`` more positions were written by every layer."""
         self.length += n
+
+    def set_length(self, n: int) -> None:
+        """Record that every layer now holds ``n`` positions."""
+        self.length = n
 
     def reset(self) -> None:
         self.length = 0

@@ -10,9 +10,11 @@ from spacy.util import registry as spacy_registry
 from thinc.api import Model, chain
 from thinc.types import Floats2d, Ragged
 
+from ...errors import ConfigError, ConfigProblem, InputError
+from ...types import to_dtype
 from .bridge import share_registries
 from .listener import TransformerListener, pieces_to_tokens
-from .model import transformer_model
+from .model import EncoderSpec, RunSettings, transformer_model
 
 share_registries()
 
@@ -45,21 +47,41 @@ def transformer_model_v1(
     otherwise). ``batch_tokens``: padded tokens per forward pass. ``pack``: prepacked CPU
     weights (None: automatic; never when trainable).
     """
-    return transformer_model(
-        source,
-        overrides=overrides,
+    if source is None and encoder is None:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "model.source",
+                    "give a source (HF directory, saved directory, package or .cfg) or an "
+                    "encoder section built from registry_xf's architectures",
+                )
+            ]
+        )
+    if encoder is not None and (weights is None or tokenizer is None):
+        raise ConfigError(
+            [ConfigProblem("model.weights", "an encoder section needs weights and tokenizer")]
+        )
+    for name, value in (("window", window), ("stride", stride), ("batch_tokens", batch_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(
+                [ConfigProblem(f"model.{name}", f"must be at least 1; found {value}")]
+            )
+    if dtype != "auto":
+        try:
+            to_dtype(dtype)
+        except InputError as e:
+            raise ConfigError([ConfigProblem("model.dtype", str(e))]) from None
+    spec = EncoderSpec(
+        source=None if encoder is not None else source,  # an encoder section wins
+        overrides=dict(overrides),
         encoder=encoder,
         weights=weights,
         tokenizer=tokenizer,
         pooling=pooling,
         dtype=dtype,
-        window=window,
-        stride=stride,
-        all_layers=all_layers,
-        trainable=trainable,
-        batch_tokens=batch_tokens,
-        pack=pack,
+        pack=False if trainable else pack,
     )
+    return transformer_model(spec, RunSettings(window, stride, all_layers, trainable, batch_tokens))
 
 
 @spacy_registry.architectures("registry_xf.TransformerListener.v1")

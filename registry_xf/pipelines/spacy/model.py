@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from thinc.api import Model, PyTorchShim, get_torch_default_device, torch2xp, xp
 from thinc.types import Ragged
 from torch import nn
 
-from ...errors import ConfigError, ConfigProblem, InputError, RegistryXFError
+from ...errors import RegistryXFError
 from ...loading.load import load
 from ...types import to_dtype
 from ..poolers import Pooler
@@ -38,74 +38,38 @@ logger = logging.getLogger(__name__)
 _DEFAULT_LIMIT = 512
 
 
-def transformer_model(
-    source: str | None = None,
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    encoder: nn.Module | None = None,
-    weights: Any = None,
-    tokenizer: Any = None,
-    pooling: Any = None,
-    dtype: str = "float32",
-    window: int | None = None,
-    stride: int | None = None,
-    all_layers: bool = False,
-    trainable: bool = False,
-    batch_tokens: int = 2048,
-    pack: bool | None = None,
-) -> Model[list[Doc], list[DocTransformerOutput]]:
-    """A thinc model around a registry_xf encoder (see ``registry_xf.TransformerModel.v1``)."""
-    if source is None and encoder is None:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "model.source",
-                    "give a source (HF directory, saved directory, package or .cfg) or an "
-                    "encoder section built from registry_xf's architectures",
-                )
-            ]
-        )
-    if encoder is not None and (weights is None or tokenizer is None):
-        raise ConfigError(
-            [ConfigProblem("model.weights", "an encoder section needs weights and tokenizer")]
-        )
-    if window is not None and window < 1:
-        raise ConfigError([ConfigProblem("model.window", f"must be at least 1; found {window}")])
-    if stride is not None and stride < 1:
-        raise ConfigError([ConfigProblem("model.stride", f"must be at least 1; found {stride}")])
-    if dtype != "auto":
-        try:
-            to_dtype(dtype)
-        except InputError as e:
-            raise ConfigError([ConfigProblem("model.dtype", str(e))]) from None
-    spec = _Spec(
-        source=None if encoder is not None else source,  # an encoder section wins
-        overrides=dict(overrides or {}),
-        encoder=encoder,
-        weights=weights,
-        tokenizer=tokenizer,
-        pooling=pooling,
-        dtype=dtype,
-        pack=False if trainable else pack,
-    )
+def transformer_model(spec: EncoderSpec, settings: RunSettings) -> Model:
+    """A thinc model around the encoder ``spec`` describes (loaded on first use)."""
     return Model(
         "registry_xf_transformer",
         _forward,
         init=_init,
         attrs={
             "spec": spec,
-            "window": window,
-            "stride": stride,
-            "all_layers": all_layers,
-            "trainable": trainable,
-            "batch_tokens": batch_tokens,
+            "window": settings.window,
+            "stride": settings.stride,
+            "all_layers": settings.all_layers,
+            "trainable": settings.trainable,
+            "batch_tokens": settings.batch_tokens,
         },
     )
 
 
 @dataclass
-class _Spec:
-    """Where the encoder comes from; consumed when it is first loaded."""
+class RunSettings:
+    """How docs are run through the encoder (see ``registry_xf.TransformerModel.v1``)."""
+
+    window: int | None
+    stride: int | None
+    all_layers: bool
+    trainable: bool
+    batch_tokens: int
+
+
+@dataclass
+class EncoderSpec:
+    """Where the encoder comes from: a source to load, or registry_xf sections (an encoder
+    built by spaCy's resolver, its weights and tokenizer); used when it is first loaded."""
 
     source: str | None
     overrides: dict[str, Any]
@@ -120,7 +84,7 @@ class _Spec:
 def encoder_of(model: Model) -> nn.Module:
     """The torch encoder of a transformer model, loaded now if it was not yet."""
     if not model.shims:
-        spec: _Spec = model.attrs["spec"]
+        spec: EncoderSpec = model.attrs["spec"]
         device = get_torch_default_device()
         if spec.encoder is not None:
             module = spec.encoder
