@@ -86,21 +86,45 @@ class SelfAttention(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.project(x)
-        if self.rotary is not None:
-            if positions is None:
-                positions = torch.arange(x.shape[1], device=x.device)[None, :]
-            rotary = self.rotary
-            cos, sin = mask.memo(  # the same for every layer with the same rotary settings
-                ("rotary", rotary.signature, q.dtype),
-                lambda: rotary.cos_sin(positions, q.dtype),
-            )
-            q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
+        if self.rotary is not None and self.fused:
+            q, k, v = self._project_rotated(x, mask, positions)
+        else:
+            q, k, v = self.project(x)
+            if self.rotary is not None:
+                cos, sin = self._cos_sin(x, mask, positions)
+                q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
         out = self.attend(q, k, v, mask)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _cos_sin(
+        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables: the same for every layer with the same rotary settings."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)[None, :]
+        rotary = self.rotary
+        assert rotary is not None
+        return mask.memo(
+            ("rotary", rotary.signature, x.dtype), lambda: rotary.cos_sin(positions, x.dtype)
+        )
+
+    def _project_rotated(
+        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused projection, with queries and keys rotated together: they sit side by side
+        in the fused output, so one rotation covers both (half the kernel calls)."""
+        b, s, _ = x.shape
+        q_width, kv_width, _ = self.split
+        qk, v = self.qkv_proj(x).split((q_width + kv_width, kv_width), dim=-1)
+        qk = qk.view(b, s, self.n_heads + self.n_kv_heads, self.head_width).transpose(1, 2)
+        cos, sin = self._cos_sin(x, mask, positions)
+        qk = self.rotary.rotate(qk, cos, sin)  # type: ignore[union-attr]
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        v = v.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)
+        return q, k, v
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
