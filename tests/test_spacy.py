@@ -169,7 +169,7 @@ def test_to_disk_and_spacy_load_give_identical_outputs(tiny_bert: Path, tmp_path
     folder = tmp_path / "pipeline" / "registry_xf_transformer" / "model"
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     written = {p.name for p in folder.parent.rglob("*") if p.is_file()}
-    assert written == {"cfg", "config.cfg", "model.safetensors", "tokenizer.json", "meta.json"}
+    assert written == {"config.cfg", "model.safetensors", "tokenizer.json", "meta.json"}
     loaded = spacy.load(tmp_path / "pipeline")
     after = [doc._.xf_data for doc in loaded.pipe(TEXTS)]
     for a, b in zip(before, after, strict=True):

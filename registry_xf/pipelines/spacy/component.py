@@ -212,7 +212,6 @@ class Transformer(TrainablePipe):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save(encoder_of(self.model), path / MODEL_FOLDER, overwrite=True)
-        srsly.write_json(path / "cfg", {"extension": self.extension})
 
     def from_disk(
         self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()
