@@ -407,3 +407,43 @@ def test_thinc_serialization_of_the_model_uses_safetensors(tiny_bert: Path) -> N
             p.zero_()
     other_model.shims[0].from_bytes(data)
     np.testing.assert_array_equal(other(TEXTS[0]).tensor, expected)
+
+
+def test_all_layers_and_the_spacy_transformers_extension_name(tiny_bert: Path) -> None:
+    nlp = spacy.blank("en")
+    nlp.add_pipe(
+        "registry_xf_transformer",
+        config={
+            "model": {"source": str(tiny_bert), "all_layers": True},
+            "extension": "trf_data",
+        },
+    )
+    doc = nlp(TEXTS[1])
+    out = doc._.trf_data
+    assert len(out.all_hidden_states) == 3  # embeddings + 2 layers
+    np.testing.assert_array_equal(out.all_hidden_states[-1], out.last_hidden_state)
+    # what KeyBERT and BERTopic read
+    assert len(doc._.trf_data.tensors[-1][0].tolist()) == 32
+    np.testing.assert_allclose(doc.vector, out.embedding)
+    span = doc[1:3]
+    rows = sorted({int(r) for i in range(1, 3) for r in _rows(out, i)})
+    np.testing.assert_allclose(span.vector, out.last_hidden_state[rows].mean(0), atol=1e-6)
+
+
+def _rows(out, i: int) -> list[int]:  # type: ignore[no-untyped-def]
+    start = int(out.alignment.lengths[:i].sum())
+    return list(out.alignment.dataXd[start : start + int(out.alignment.lengths[i])])
+
+
+def test_outputs_survive_docbin_serialization(tiny_bert: Path) -> None:
+    from spacy.tokens import DocBin
+
+    nlp = _nlp(tiny_bert)
+    docs = list(nlp.pipe(TEXTS))
+    data = DocBin(docs=docs, store_user_data=True).to_bytes()
+    restored = list(DocBin().from_bytes(data).get_docs(nlp.vocab))
+    for before, after in zip(docs, restored, strict=True):
+        a, b = before._.xf_data, after._.xf_data
+        np.testing.assert_array_equal(a.last_hidden_state, b.last_hidden_state)
+        np.testing.assert_array_equal(a.alignment.lengths, b.alignment.lengths)
+        np.testing.assert_array_equal(a.embedding, b.embedding)
