@@ -177,9 +177,9 @@ def test_to_disk_and_spacy_load_give_identical_outputs(tiny_bert: Path, tmp_path
         assert np.array_equal(a.embedding, b.embedding)
     restored = spacy.blank("en").from_config(nlp.config)
     restored.from_bytes(nlp.to_bytes())
-    assert np.array_equal(
-        restored(TEXTS[0])._.xf_data.last_hidden_state, before[0].last_hidden_state
-    )
+    # the same batches as before: a padded batch may round differently from a lone doc
+    for a, doc in zip(before, restored.pipe(TEXTS), strict=True):
+        assert np.array_equal(a.last_hidden_state, doc._.xf_data.last_hidden_state)
 
 
 def test_pipe_with_two_processes_and_pickling(tiny_bert: Path) -> None:
