@@ -121,7 +121,7 @@ class Decoder(Assembly):
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
         for i, layer in enumerate(self.layers.applied()):
-            layer_cache = cache.layers[i].at(n_past) if cache is not None else None
+            layer_cache = cache.layer(i, n_past) if cache is not None else None
             h = layer(h, mask, positions, layer_cache)
             if output_hidden_states:
                 states.append(h)

@@ -12,20 +12,16 @@ from ..errors import InputError
 
 
 class LayerCache:
-    """One layer's view of the cache."""
+    """One layer's view of the cache for one forward pass: new entries go at ``start``."""
 
-    def __init__(self, parent: KVCache, index: int, start: int | None = None):
+    def __init__(self, parent: KVCache, index: int, start: int):
         self.parent = parent
         self.index = index
         self.start = start
 
-    def at(self, start: int) -> LayerCache:
-        """This layer's cache, writing its next entries at position ``start``."""
-        return LayerCache(self.parent, self.index, start)
-
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values (batch, kv_heads, n, head_width); return all so far."""
-        start = self.parent.length if self.start is None else self.start
+        start = self.start
         end = start + k.shape[2]
         if end > self.parent.max_length:
             raise InputError(
@@ -58,11 +54,10 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_length = max_length
         self.length = 0
-        self.layers = [LayerCache(self, i) for i in range(n_layers)]
 
-    def advance(self, n: int) -> None:
-        """Record that ``n`` more positions were written by every layer."""
-        self.length += n
+    def layer(self, index: int, start: int) -> LayerCache:
+        """Layer ``index``'s view, writing the next entries at position ``start``."""
+        return LayerCache(self, index, start)
 
     def set_length(self, n: int) -> None:
         """Record that every layer now holds ``n`` positions."""
