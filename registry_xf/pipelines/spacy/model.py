@@ -111,10 +111,8 @@ def set_encoder(model: Model, module: nn.Module) -> None:
             "the transformer's source has no tokenizer: a spaCy pipeline needs its "
             "tokenizer.json to split docs into pieces"
         )
-    if model.attrs["trainable"]:
-        module.train()
-    else:
-        module.eval().requires_grad_(False)
+    if not model.attrs["trainable"]:  # (train/eval mode is set by each forward pass)
+        module.requires_grad_(False)
     shim = PyTorchShim(
         module,
         device=_device_of(module),

@@ -59,17 +59,16 @@ class DocTransformerOutput:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numpy arrays, for msgpack (Doc.to_bytes, DocBin, multiprocessing)."""
-        to_numpy = _to_numpy
         return {
-            "last_hidden_state": to_numpy(self.last_hidden_state),
-            "alignment_data": to_numpy(self.alignment.dataXd),
-            "alignment_lengths": to_numpy(self.alignment.lengths),
-            "embedding": to_numpy(self.embedding),
-            "piece_ids": to_numpy(self.piece_ids),
+            "last_hidden_state": _to_numpy(self.last_hidden_state),
+            "alignment_data": _to_numpy(self.alignment.dataXd),
+            "alignment_lengths": _to_numpy(self.alignment.lengths),
+            "embedding": _to_numpy(self.embedding),
+            "piece_ids": _to_numpy(self.piece_ids),
             "all_hidden_states": (
                 None
                 if self.all_hidden_states is None
-                else [to_numpy(a) for a in self.all_hidden_states]
+                else [_to_numpy(a) for a in self.all_hidden_states]
             ),
         }
 
