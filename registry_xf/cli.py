@@ -107,7 +107,7 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     }
     GenerationSettings(**settings)  # bad settings fail before the model is loaded
     model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
-    generator = Generator(model)
+    generator = Generator(model, compile=args.compile)
     for piece in generator.stream(args.prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -222,6 +222,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--stop", action="append", help="stop before this text (may be repeated)")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    generate.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile (slow first step, faster after)",
+    )
     generate.set_defaults(func=_cmd_generate)
 
     listing = sub.add_parser("list", help="registries and their registered names")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from conftest import random_batch
 
 import registry_xf as rx
+from registry_xf.layers import packed_linear
 from registry_xf.layers.packed_linear import PackedLinear, _packing_available
 
 pytestmark = pytest.mark.skipif(not _packing_available(), reason="oneDNN not available")
@@ -68,3 +70,36 @@ def test_packed_model_pickles(checkpoints: dict[str, Path]) -> None:
     ids, mask = random_batch()
     with torch.no_grad():
         assert torch.equal(model(ids, mask).last_hidden_state, again(ids, mask).last_hidden_state)
+
+
+def test_packed_copies_live_as_long_as_their_weights() -> None:
+    """One packed copy per weight (tied weights share it), freed with the model."""
+    from registry_xf.layers.packed_linear import pack_linear_weights
+
+    gc.collect()
+    before = len(packed_linear._PACKED)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 16)
+    )
+    model[2].weight = torch.nn.Parameter(model[1].weight.detach().t().contiguous())
+    model.append(torch.nn.Linear(16, 8))
+    model[3].weight = model[1].weight  # tied
+    assert pack_linear_weights(model) == 4
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    assert len(packed_linear._PACKED) == before + 3
+    del model
+    gc.collect()
+    assert len(packed_linear._PACKED) == before
+
+
+def test_the_packed_operator_is_a_linear_layer() -> None:
+    """``registry_xf::packed_linear``, what compiled graphs call, computes F.linear."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 4, 16), torch.randn(24, 16), torch.randn(24)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    with torch.no_grad():
+        got = torch.ops.registry_xf.packed_linear(x, weight, bias)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        got = torch.ops.registry_xf.packed_linear(x, weight, None)
+        torch.testing.assert_close(got, expected - bias, atol=1e-5, rtol=0)

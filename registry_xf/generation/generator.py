@@ -39,6 +39,11 @@ class Generator:
     which each call may override by keyword (see :class:`GenerationSettings`).
     ``logits_processors`` and ``stopping_criteria`` are extra pieces, applied after the
     ones the settings ask for.
+
+    ``compile=True`` runs the model through ``torch.compile`` (whole graph, dynamic
+    shapes): the first prompt and the first decoding step each compile once (tens of
+    seconds on a CPU), after which every step runs as one fused graph, whatever the
+    batch size, prompt length or step. Worth it for long or repeated generation.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class Generator:
         settings: GenerationSettings | Mapping[str, Any] | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
         stopping_criteria: Sequence[StoppingCriterion] = (),
+        compile: bool = False,
     ):
         if not (callable(getattr(model, "new_cache", None)) and hasattr(model, "lm_head")):
             raise RegistryXFError(
@@ -62,6 +68,8 @@ class Generator:
         self.settings = settings if settings is not None else GenerationSettings()
         self.extra_processors = list(logits_processors)
         self.extra_criteria = list(stopping_criteria)
+        self.compiled = compile
+        self._forward = compiled(model) if compile else model
 
     # -- what a call is made of ---------------------------------------------------------
 
@@ -248,7 +256,7 @@ class Generator:
         ``max_new_tokens``; a sequence that is done keeps being fed padding (its results
         are dropped) until every sequence is done.
         """
-        model = self.model
+        model, forward = self.model, self._forward
         processors = self.logits_processors(s)
         criteria = self.stopping_criteria(s)
         device = model.device
@@ -268,7 +276,7 @@ class Generator:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         cache = model.new_cache(batch, total)
         with torch.inference_mode():
-            out = model(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
+            out = forward(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
         logits = out.logits[:, -1]
         for step in range(s.max_new_tokens):
             length = width + step
@@ -292,8 +300,20 @@ class Generator:
             if bool(finished.all()):
                 return
             with torch.inference_mode():
-                out = model(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
+                out = forward(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
             logits = out.logits[:, -1]
+
+
+def compiled(model: torch.nn.Module) -> Any:
+    """``model`` under ``torch.compile``: one whole graph, shapes dynamic (no recompiling
+    per length or batch size). The shape checks the compiler inserts after every library
+    call are left out: a decoding step is short enough that they would count."""
+    return torch.compile(
+        model,
+        fullgraph=True,
+        dynamic=True,
+        options={"size_asserts": False, "alignment_asserts": False},
+    )
 
 
 def tokenizer_eos_ids(tokenizer: Any) -> list[int]:

@@ -140,7 +140,11 @@ class SelfAttention(nn.Module):
                 bias = bias.masked_fill(~allowed, float("-inf"))
             bias = bias.to(q.dtype)
         dropout = self.dropout_p if self.training else 0.0
-        if self.backend == "sdpa":
+        if n_q == 1 and bias is None and not dropout and torch.compiler.is_compiling():
+            # One query (a decoding step): a few dot products, which the compiler fuses
+            # into the kernels around them, where the fused kernel would be one more call.
+            out = self._one_query(q, k, v, allowed)
+        elif self.backend == "sdpa":
             out = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -156,6 +160,22 @@ class SelfAttention(nn.Module):
         if dead is not None:
             out = out.masked_fill(dead, 0.0)
         return out
+
+    def _one_query(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of a single query per sequence, query heads grouped by key head.
+
+        Written as products and sums, not matrix products: the compiler turns these into
+        loops fused with their neighbours, where a matrix product stays a library call."""
+        b, h, _, d = q.shape
+        grouped = q.view(b, self.n_kv_heads, h // self.n_kv_heads, 1, d)
+        scores = (grouped * k[:, :, None]).sum(-1) * self.scale  # (b, kv, group, keys)
+        if allowed is not None:  # (batch or 1, 1, 1, keys): broadcasts over the groups
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs[..., None] * v[:, :, None]).sum(-2)  # (b, kv, group, head_width)
+        return out.reshape(b, h, 1, d)
 
     def _eager(self, q, k, v, allowed, bias, dropout):  # type: ignore[no-untyped-def]
         if self.n_kv_heads != self.n_heads:

@@ -1,7 +1,9 @@
 """A key/value cache allocated once for the whole generation.
 
-Keys and values of every layer live in two preallocated tensors; each step writes its
-new entries in place instead of concatenating, so memory stays flat and shapes static.
+Each layer's keys and values live in two preallocated tensors; each step writes its new
+entries in place (``index_copy_``) instead of concatenating, so memory stays flat and
+shapes static. One pair of tensors per layer, not one for all layers, so that a compiled
+graph writing one layer's entries never copies the others'.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class LayerCache:
             )
         keys = self.parent.keys[self.index]
         values = self.parent.values[self.index]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
+        where = torch.arange(start, end, device=keys.device)
+        keys.index_copy_(2, where, k)
+        values.index_copy_(2, where, v)
         return keys[:, :, :end], values[:, :, :end]
 
 
@@ -49,9 +52,9 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (n_layers, batch_size, n_kv_heads, max_length, head_width)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_kv_heads, max_length, head_width)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_length = max_length
         self.length = 0
 

@@ -2,9 +2,13 @@
 
 PyTorch's CPU matrix multiply repacks the weight matrix on every call; for the small
 batches of decoding that repacking costs more than the arithmetic, and it slows large
-batches too. Packing once after loading removes it. The original weight stays the
-parameter (for saving and training); the packed copy is used only for inference on the
-CPU (no autograd), and is rebuilt if the weight changes.
+batches too. Packing once removes it. The original weight stays the parameter (for
+saving and training); the packed copy is used only for inference on the CPU (no
+autograd), is rebuilt if the weight changes, and is freed with the weight.
+
+Under ``torch.compile`` the packed multiply is the custom operator
+``registry_xf::packed_linear``, which the compiler calls as an opaque kernel: the
+compiled graph fuses everything around the linear layers and keeps their packed weights.
 """
 
 from __future__ import annotations
@@ -14,12 +18,19 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Packing keeps a second copy of each weight: automatic packing stops at this size.
 AUTO_PACK_LIMIT_BYTES = 1 << 30
+
+# weight -> (the weight's (data pointer, version) when packed, packed copy). Keyed by the
+# tensor's identity and held weakly: a copy lives as long as its weight, and is rebuilt
+# when the weight is replaced or changed in place.
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_unavailable_reason: str | None = None  # set when this oneDNN build refused to pack
 
 
 def _packing_available() -> bool:
@@ -30,40 +41,68 @@ def _packing_available() -> bool:
     )
 
 
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of ``weight`` (made on first use), or None where packing failed."""
+    global _unavailable_reason
+    if _unavailable_reason is not None:
+        return None
+    stamp = (weight.data_ptr(), weight._version)
+    entry = _PACKED.get(weight)
+    if entry is None or entry[0] != stamp:
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+        except RuntimeError as e:
+            _unavailable_reason = str(e)
+            logger.info("weight packing unavailable (%s); using plain linear layers", e)
+            return None
+        entry = _PACKED[weight] = (stamp, packed)
+    return entry[1]
+
+
+def _packed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with ``weight``'s packed copy (CPU, no autograd)."""
+    packed = packed_weight(weight)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packed_linear_shape(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# Defined with the plain operator library, not ``torch.library.custom_op``: the latter's
+# wrapper costs more per call than a small decoding step's linear layer itself.
+_LIBRARY = torch.library.Library("registry_xf", "DEF")
+_LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl("packed_linear", _packed_linear, "CPU")
+torch.library.register_fake("registry_xf::packed_linear", _packed_linear_shape, lib=_LIBRARY)
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` that multiplies with a prepacked copy of its weight when it can."""
-
-    _packed: torch.Tensor | None = None
-    _packed_from: tuple[int, int] | None = None
-    _unpackable = False  # this oneDNN build refused: stay with the plain path
-
-    def repack(self) -> None:
-        weight = self.weight.detach()
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-        self._packed_from = (weight.data_ptr(), weight._version)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            not torch.is_grad_enabled()
-            and not self._unpackable
-            and x.device.type == weight.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and weight.dtype in PACKABLE_DTYPES
+            torch.is_grad_enabled()
+            or _unavailable_reason is not None
+            or x.device.type != "cpu"
+            or weight.device.type != "cpu"
+            or x.dtype != weight.dtype
+            or weight.dtype not in PACKABLE_DTYPES
         ):
-            if self._packed is None or self._packed_from != (weight.data_ptr(), weight._version):
-                try:  # first use, or the weight was replaced or changed in place
-                    self.repack()
-                except RuntimeError as e:
-                    self._unpackable = True
-                    logger.info("weight packing unavailable (%s); using plain linear layers", e)
-                    return F.linear(x, weight, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, weight, self.bias)
-
-    def __getstate__(self) -> dict:
-        # The packed copy is derived data (and not picklable): rebuilt on first use.
-        return {**self.__dict__, "_packed": None, "_packed_from": None}
+            return F.linear(x, weight, self.bias)
+        if torch.compiler.is_compiling():
+            return torch.ops.registry_xf.packed_linear(x, weight, self.bias)
+        packed = packed_weight(weight)
+        if packed is None:
+            return F.linear(x, weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def pack_linear_weights(model: nn.Module) -> int:
