@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,14 @@ class Generator:
 
     # -- the work -----------------------------------------------------------------------
 
+    def _steady(self, after_first_step: bool) -> contextlib.AbstractContextManager:
+        """How a decoding step runs. Compiled, every step after the first checks only the
+        guards that tell the compiled graphs apart: the inputs are the generator's own,
+        the same kinds every step, and the cache was sized for the whole generation."""
+        if self.compiled and after_first_step and hasattr(torch.compiler, "set_stance"):
+            return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, with the tokenizer's special tokens, not truncated."""
         if self.tokenizer is None:
@@ -299,7 +308,7 @@ class Generator:
             yield GenerationStep(token, active, finished)
             if bool(finished.all()):
                 return
-            with torch.inference_mode():
+            with torch.inference_mode(), self._steady(after_first_step=step > 0):
                 out = forward(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
             logits = out.logits[:, -1]
 
