@@ -130,6 +130,35 @@ def decode(side: str, model, prompts: torch.Tensor, new_tokens: int) -> tuple[fl
     return time.perf_counter() - start, out
 
 
+def bound_only(path: Path, args: argparse.Namespace, new_tokens: int, step_bytes: int) -> None:
+    """Batch 1, our two generators alone (no reference model in the process): each run's
+    share of the bound, with the bandwidth measured just before it."""
+    import registry_xf
+
+    dtype = getattr(torch, args.dtype)
+    model = registry_xf.load(path, device=args.device, dtype=args.dtype)
+    sides = {
+        "ours": registry_xf.Generator(model),
+        "ours_compiled": registry_xf.Generator(model, compile=True),
+    }
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 32000, (1, args.prompt_tokens), generator=g).to(args.device)
+    for side, generator in sides.items():  # warm-up; compiles the compiled side
+        decode(side, generator, prompts, 4)
+    shares: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(args.runs):
+        bound = read_bandwidth(args.device, dtype) / step_bytes
+        for side, generator in sides.items():
+            seconds, _ = decode(side, generator, prompts, new_tokens)
+            shares[side].append(new_tokens / seconds / bound)
+        last = ", ".join(f"{side} {values[-1]:.0%}" for side, values in shares.items())
+        print(f"bound {bound:.1f} tok/s: {last}")
+    print(
+        "median share of the bound: "
+        + ", ".join(f"{s} {statistics.median(v):.0%}" for s, v in shares.items())
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few tokens")
@@ -140,6 +169,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--bound-only",
+        action="store_true",
+        help="only batch 1's share of the bound, ours alone (no HF model in the process)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +195,9 @@ def main() -> None:
             f"model: {model_bytes / 1e6:.0f} MB of {args.dtype} weights, device {args.device}, "
             f"{torch.get_num_threads()} threads"
         )
+        if args.bound_only:
+            bound_only(path, args, new_tokens, step_bytes)
+            return
 
         loads = {side: [] for side in ("ours", "hf")}
         for _ in range(args.runs):
