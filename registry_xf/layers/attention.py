@@ -142,7 +142,8 @@ class SelfAttention(nn.Module):
         dropout = self.dropout_p if self.training else 0.0
         if n_q == 1 and bias is None and not dropout and torch.compiler.is_compiling():
             # One query (a decoding step): a few dot products, which the compiler fuses
-            # into the kernels around them, where the fused kernel would be one more call.
+            # into the kernels around them; the fused attention kernel would be a call
+            # of its own in every layer.
             out = self._one_query(q, k, v, allowed)
         elif self.backend == "sdpa":
             out = F.scaled_dot_product_attention(
