@@ -614,3 +614,16 @@ def test_cli_generate(llama_dir: Path, model: torch.nn.Module, capsys) -> None: 
     assert captured.out == "" and "top_p" in captured.err
     argv = ["generate", "--model", str(llama_dir), "x", "--hyper.attention_backend", "eager"]
     assert main([*argv, "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.skipif(not _can_compile_cpu_kernels(), reason="no C++ compiler or Python headers")
+def test_cli_generate_compiled(llama_dir: Path, model: torch.nn.Module, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch._dynamo
+
+    argv = ["generate", "--model", str(llama_dir), "the cat", "--max-new-tokens", "12"]
+    try:
+        assert main([*argv, "--compile"]) == 0
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert out == Generator(model).generate("the cat", max_new_tokens=12)[0] + "\n"
