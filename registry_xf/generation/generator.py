@@ -70,7 +70,7 @@ class Generator:
         self.extra_processors = list(logits_processors)
         self.extra_criteria = list(stopping_criteria)
         self.compiled = compile
-        self._forward = compiled(model) if compile else model
+        self._forward = compile_for_generation(model) if compile else model
 
     # -- what a call is made of ---------------------------------------------------------
 
@@ -313,7 +313,7 @@ class Generator:
             logits = out.logits[:, -1]
 
 
-def compiled(model: torch.nn.Module) -> Any:
+def compile_for_generation(model: torch.nn.Module) -> Any:
     """``model`` under ``torch.compile``: one whole graph, shapes dynamic (no recompiling
     per length or batch size). The shape checks the compiler inserts after every library
     call are left out: a decoding step is short enough that they would count."""

@@ -97,12 +97,9 @@ class PackedLinear(nn.Linear):
             or weight.dtype not in PACKABLE_DTYPES
         ):
             return F.linear(x, weight, self.bias)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the operator: opaque to the compiler
             return torch.ops.registry_xf.packed_linear(x, weight, self.bias)
-        packed = packed_weight(weight)
-        if packed is None:
-            return F.linear(x, weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return _packed_linear(x, weight, self.bias)  # eagerly, without the dispatcher
 
 
 def pack_linear_weights(model: nn.Module) -> int:
