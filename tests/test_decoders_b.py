@@ -106,10 +106,18 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {f: write_checkpoint(root / f, f, seed=i) for i, f in enumerate(FAMILIES)}
 
 
-def hf_lm(path: Path, attn: str = "eager"):  # type: ignore[no-untyped-def]
+def hf_lm(path: Path, attn: str = "eager", **kwargs: Any):  # type: ignore[no-untyped-def]
+    """The HF reference. Released Gemma configs say "gelu" and mean the tanh GELU: newer
+    transformers read it so, older ones (5.17, say) ran the exact GELU. The reference is
+    read as the checkpoint's authors meant it, whatever the installed version."""
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    config = tf.AutoConfig.from_pretrained(path)
+    if config.model_type == "gemma" and config.hidden_act == "gelu":
+        config.hidden_act = "gelu_pytorch_tanh"
+    return tf.AutoModelForCausalLM.from_pretrained(
+        path, config=config, attn_implementation=attn, **kwargs
+    ).eval()
 
 
 def left_padded_batch(seed: int, batch: int = 3, seq: int = SEQ) -> tuple[torch.Tensor, ...]:

@@ -91,7 +91,8 @@ def test_cuda_load_and_low_precision_parity(checkpoints: dict[str, Path], dtype:
     with torch.no_grad():
         expected = cpu(ids, mask).last_hidden_state
         got = gpu(ids.cuda(), mask.cuda()).last_hidden_state.float().cpu()
-    assert (got - expected).abs().max() < 5e-2
+    # 8 (bfloat16) or 11 (float16) significant bits: about 1e-2 or 1e-3 off, relatively
+    assert float((got - expected).norm() / expected.norm()) < 2e-2
 
 
 def test_electra_without_projection(tmp_path: Path) -> None:
