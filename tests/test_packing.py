@@ -103,3 +103,29 @@ def test_the_packed_operator_is_a_linear_layer() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         got = torch.ops.registry_xf.packed_linear(x, weight, None)
         torch.testing.assert_close(got, expected - bias, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_single_row_reads_the_plain_weight(dtype: torch.dtype) -> None:
+    """One row (a decoding step of one sequence) multiplies with the plain weight, and
+    needs no packed copy; more rows use the packed one. Both give F.linear's result."""
+    from registry_xf.layers.packed_linear import pack_linear_weights
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40).to(dtype)
+    assert pack_linear_weights(layer) == 1
+    gc.collect()
+    before = len(packed_linear._PACKED)
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        for shape in [(1, 1, 48), (48,)]:
+            x = torch.randn(shape, dtype=dtype)
+            expected = torch.nn.functional.linear(
+                x.float(), layer.weight.float(), layer.bias.float()
+            )
+            torch.testing.assert_close(layer(x).float(), expected, atol=atol, rtol=0)
+        assert len(packed_linear._PACKED) == before
+        x = torch.randn(3, 2, 48, dtype=dtype)
+        expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        torch.testing.assert_close(layer(x).float(), expected, atol=atol, rtol=0)
+        assert len(packed_linear._PACKED) == before + 1

@@ -4,7 +4,9 @@ PyTorch's CPU matrix multiply repacks the weight matrix on every call; for the s
 batches of decoding that repacking costs more than the arithmetic, and it slows large
 batches too. Packing once removes it. The original weight stays the parameter (for
 saving and training); the packed copy is used only for inference on the CPU (no
-autograd), is rebuilt if the weight changes, and is freed with the weight.
+autograd), is rebuilt if the weight changes, and is freed with the weight. A single row
+(batch-1 decoding) is multiplied by oneDNN with the plain weight: its matrix-vector path
+reads that layout faster than the blocked one.
 
 Under ``torch.compile`` the packed multiply is the custom operator
 ``registry_xf::packed_linear``, which the compiler calls as an opaque kernel: the
@@ -62,7 +64,13 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def _packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with ``weight``'s packed copy (CPU, no autograd)."""
+    """``F.linear(x, weight, bias)`` with ``weight``'s packed copy (CPU, no autograd).
+
+    A single row (a decoding step of one sequence) goes to oneDNN with the plain weight
+    instead: for a matrix-vector product it reads that layout about a tenth faster than
+    the blocked one, which suits several rows."""
+    if x.numel() == x.shape[-1] and weight.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     packed = packed_weight(weight)
     if packed is None:
         return F.linear(x, weight, bias)
