@@ -11,7 +11,7 @@ DEMO_TEXTS := "A man is eating food." "A man is eating a piece of bread." \
 	"The girl is carrying a baby." "A man is riding a white horse on an enclosed ground." \
 	"A monkey is playing drums." "Someone in a gorilla costume is playing a set of drums."
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: lint
 
 bench: $(VENV)/.test-installed
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_encoder.py
+
+# On a machine with a CUDA GPU: the CUDA tests, then the decoder benchmark in bfloat16.
+cuda-check: $(VENV)/.test-installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m cuda
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_decoder.py --device cuda --dtype bfloat16
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
