@@ -69,12 +69,12 @@ def _packed_linear(
     A single row (a decoding step of one sequence) goes to oneDNN with the plain weight
     instead: for a matrix-vector product it reads that layout about a tenth faster than
     the blocked one, which suits several rows."""
-    if x.numel() == x.shape[-1] and weight.is_contiguous():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    packed = packed_weight(weight)
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if not (x.numel() == x.shape[-1] and weight.is_contiguous()):
+        packed = packed_weight(weight)
+        if packed is None:
+            return F.linear(x, weight, bias)
+        weight = packed
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _packed_linear_shape(
