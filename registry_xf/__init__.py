@@ -9,7 +9,7 @@ import logging
 from . import converters as _converters  # noqa: F401  (importing registers them)
 from . import layers as _layers  # noqa: F401  (importing registers the components)
 from .about import FORMAT_VERSION, __version__
-from .assemblies import Assembly, Encoder, ModelOutput
+from .assemblies import Assembly, Encoder, ModelOutput, ModelRecord
 from .config.resolve import fill, read_config, resolve, validate
 from .errors import (
     CheckpointError,
@@ -22,10 +22,10 @@ from .errors import (
 )
 from .generation import GenerationSettings, Generator, SettingsError
 from .loading import weights as _weights  # noqa: F401
-from .loading.hf import config_from_hf, export_hf
+from .loading.hf import export_hf
 from .loading.load import build, load
 from .loading.save import save
-from .loading.sources import DEFAULT_MODEL
+from .loading.sources import DEFAULT_MODEL, config_from_hf
 from .pipelines import Embedder, Pooler
 from .registry import registry
 from .tokenizers import HFTokenizer
@@ -46,6 +46,7 @@ __all__ = [
     "InputError",
     "LoadError",
     "ModelOutput",
+    "ModelRecord",
     "Pooler",
     "RegistryNameError",
     "RegistryXFError",

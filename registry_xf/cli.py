@@ -57,7 +57,13 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         texts += [line for line in lines if line.strip()]
     if not texts:
         raise RegistryXFError("nothing to embed: give texts or --file")
-    model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
+    model = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+        revision=args.revision,
+    )
     embedder = Embedder(model, batch_tokens=args.batch_tokens)
     vectors = embedder.embed(texts, progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty())
     if args.out:
@@ -106,7 +112,13 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None
     }
     GenerationSettings(**settings)  # bad settings fail before the model is loaded
-    model = load(args.model, device=args.device, dtype=args.dtype, overrides=overrides)
+    model = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+        revision=args.revision,
+    )
     generator = Generator(model, compile=args.compile)
     for piece in generator.stream(args.prompt, **settings):
         sys.stdout.write(piece)
@@ -152,16 +164,11 @@ def _cmd_show(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def _cmd_config(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .config.resolve import fill, interpolate, read_config
-    from .loading.hf import config_from_hf
-    from .loading.sources import SAVED_CONFIG, locate
+    from .config.resolve import fill, interpolate
+    from .loading.sources import config_from_source
 
-    located = locate(args.source)
-    if located.kind == "hf":
-        config = config_from_hf(located.path, overrides)
-    else:
-        path = located.path / SAVED_CONFIG if located.kind == "saved" else located.path
-        config = fill(read_config(path, overrides), source=str(path))
+    found = config_from_source(args.source, overrides=overrides, revision=args.revision)
+    config = fill(found.config, source=found.where)
     # Config.to_str(interpolate=True) writes ${...} variables unchanged: substitute them here.
     print((config if args.keep_variables else interpolate(config)).to_str(interpolate=False))
     return 0
@@ -186,8 +193,11 @@ def make_parser() -> argparse.ArgumentParser:
     embed.add_argument("--file", help="a text file, one text per line")
     embed.add_argument("--out", help="write the embeddings to this .npy file")
     embed.add_argument(
-        "--model", default=DEFAULT_MODEL, help="a .cfg, a model directory or package"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a Hub id (org/name[@revision]), a model directory, a package or a .cfg",
     )
+    embed.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
     embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
     embed.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch")
@@ -200,8 +210,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="the text to continue")
     generate.add_argument(
-        "--model", required=True, help="a .cfg, a model directory or package (a causal LM)"
+        "--model",
+        required=True,
+        help="a Hub id (org/name[@revision]), a model directory, a package or a .cfg (a causal LM)",
     )
+    generate.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
     generate.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     generate.add_argument(
         "--dtype", default=None, help="auto (default), float32, float16, bfloat16"
@@ -239,10 +252,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser(
         "config",
-        help="the filled config of an HF directory, a saved model or a .cfg",
+        help="the filled config of any source: a Hub id, a model directory, a package, a .cfg",
         description="Print a filled config; overrides may follow as --section.key VALUE.",
     )
-    config.add_argument("source", nargs="?", default=DEFAULT_MODEL)
+    config.add_argument(
+        "source",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help="a Hub id, a model directory, a package or a .cfg (default: the default model)",
+    )
+    config.add_argument("--revision", help="the Hub revision (branch, tag or commit)")
     config.add_argument(
         "--keep-variables", action="store_true", help="keep ${hyper.*} variables in the output"
     )

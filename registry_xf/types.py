@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
 from .errors import InputError
 
@@ -55,18 +54,20 @@ def to_device(value: Any) -> torch.device:
     raise InputError(f"device {value!r}: expected one such as 'cpu' or 'cuda:0'")
 
 
-# Relative paths in a config file are relative to the file's directory, not to the
-# working directory: the resolver sets this while it reads a config from disk.
-CONFIG_DIR: ContextVar[Path | None] = ContextVar("CONFIG_DIR", default=None)
+# The key of pydantic's validation context under which the resolver passes the directory
+# that relative paths in a config are read from (the config file's, or the model's).
+BASE_DIR = "registry_xf_base_dir"
 
 
-def _to_path(value: Any) -> Path:
+def _to_path(value: Any, info: ValidationInfo) -> Path:
+    """A config path: relative ones are relative to the config's directory (given by the
+    resolver), not to the working directory; without one, to the working directory."""
     if not isinstance(value, (str, Path)):
         raise ValueError("expected a file or directory path")
     path = Path(value).expanduser()
-    base = CONFIG_DIR.get()
+    base = (info.context or {}).get(BASE_DIR) if isinstance(info.context, dict) else None
     if base is not None and not path.is_absolute():
-        path = base / path
+        path = Path(base) / path
     return path
 
 

@@ -1,26 +1,66 @@
-"""What every assembly shares: its config, tokenizer and load report travel with it."""
+"""What every assembly shares: the record of what it was built from travels with it."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # annotations only: these live on floors above the assemblies
+    from confection import Config
+
+    from ..loading.sources import Origin
+    from ..loading.weights import LoadReport
+    from ..pipelines.poolers import Pooler
+    from ..tokenizers.hf_tokenizer import HFTokenizer
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What a model carries beside its modules, set once where it is built or loaded.
+
+    ``config`` is the config the model was built from (not interpolated); ``tokenizer``
+    and ``pooler`` are what its config names (or None); ``load_report`` is what loading
+    the weights found (None for a model built without weights); ``converter`` names the
+    HF converter a saved model was exported with; ``origin`` says where it came from.
+    """
+
+    config: Config | None = None
+    tokenizer: HFTokenizer | Any | None = None
+    pooler: Pooler | None = None
+    load_report: LoadReport | None = None
+    converter: str | None = None
+    origin: Origin | None = None
 
 
 class Assembly(nn.Module):
     """Base of registered model assemblies.
 
-    ``config`` is the filled config the model was built from (set by ``build``/``load``),
-    ``tokenizer`` the tokenizer its config names (or None), ``load_report`` what loading
-    the weights found.
+    ``record`` holds what the model was built from and what comes with it; ``config``,
+    ``tokenizer``, ``pooler`` and ``load_report`` read it.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.config: Any = None
-        self.tokenizer: Any = None
-        self.load_report: Any = None
+        self.record = ModelRecord()
+
+    @property
+    def config(self) -> Config | None:
+        return self.record.config
+
+    @property
+    def tokenizer(self) -> HFTokenizer | Any | None:
+        return self.record.tokenizer
+
+    @property
+    def pooler(self) -> Pooler | None:
+        return self.record.pooler
+
+    @property
+    def load_report(self) -> LoadReport | None:
+        return self.record.load_report
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,7 @@ from typing import Any
 from confection import Config
 
 from ..errors import ConfigError, ConfigProblem, RegistryNameError, close_names
+from .families import expand_extends
 from .schema import Schema, Unbuilt, has_unbuilt, schema_for
 
 
@@ -31,6 +32,7 @@ def read_config(
     in the config is an error naming the closest paths.
     """
     name = None
+    base_dir = None
     if isinstance(source, Config):
         text = source.to_str(interpolate=False)
     elif isinstance(source, Mapping):
@@ -40,9 +42,10 @@ def read_config(
         if not path.is_file():
             raise ConfigError([ConfigProblem("", f"config file not found: {path}")])
         text = path.read_text(encoding="utf8")
-        name = str(path)
+        name, base_dir = str(path), path.parent
     else:
         text = source
+    text = expand_extends(text, base_dir, where=name)
     try:
         base = _parsed(text)
     except Exception as e:  # confection's parse errors: keep them, add the file name
@@ -215,8 +218,9 @@ class _Deferred(Unbuilt):
 class _Walker:
     """Validates a config tree; with ``build``, also prepares the calls that build it."""
 
-    def __init__(self, build: bool):
+    def __init__(self, build: bool, base_dir: Path | None = None):
         self.build = build
+        self.base_dir = base_dir
         self.problems: list[ConfigProblem] = []
 
     def walk(self, node: Any, path: str) -> tuple[Any, Any]:
@@ -249,7 +253,7 @@ class _Walker:
             self.problems.append(ConfigProblem(f"{path}.@{reg_name}", str(e)))
             return Unbuilt(path), filled
         schema = schema_for(func)
-        converted, problems = schema.check(args, path)
+        converted, problems = schema.check(args, path, base_dir=self.base_dir)
         self.problems += problems
         for name, default in schema.defaults().items():
             if name not in filled and _serialisable(default):
@@ -329,13 +333,17 @@ def resolve(
     config: Mapping[str, Any],
     source: str | None = None,
     raw: Mapping[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build every component of an interpolated config; return the resolved tree.
 
     Nothing is built unless the whole config is valid. ``raw``, the config before
-    interpolation, lets errors name the variable a bad value came from.
+    interpolation, lets errors name the variable a bad value came from. Relative paths
+    in the config are read from ``base_dir`` (the config file's or model's directory;
+    None: the working directory).
     """
-    walker = _Walker(build=True)
+    walker = _Walker(build=True, base_dir=base_dir)
     tree, _ = walker.walk(config, "")
     if walker.problems:
         raise ConfigError(_explain_variables(walker.problems, raw), source=source)

@@ -15,11 +15,13 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import ConfigError, ConfigProblem, did_you_mean
+from ..types import BASE_DIR
 
 _ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True)
 
@@ -44,12 +46,12 @@ class Param:
         except Exception:  # pydantic cannot build a validator: accept as-is
             return TypeAdapter(Any)
 
-    def convert_default(self) -> Any:
+    def convert_default(self, context: dict[str, Any] | None = None) -> Any:
         """The default, converted like a config value (a default that fails stays as is)."""
         if self.default is None or self.adapter is None:
             return self.default
         try:
-            return self.adapter.validate_python(self.default)
+            return self.adapter.validate_python(self.default, context=context)
         except ValidationError:
             return self.default
 
@@ -63,13 +65,20 @@ class Schema:
     accepts_any_kwargs: bool = False
 
     def check(
-        self, args: dict[str, Any], path: str = "", *, partial: bool = False
+        self,
+        args: dict[str, Any],
+        path: str = "",
+        *,
+        partial: bool = False,
+        base_dir: Path | None = None,
     ) -> tuple[dict[str, Any], list[ConfigProblem]]:
         """Convert ``args``; return the converted arguments and every problem found.
 
         Values that are or hold ``Unbuilt`` (not yet built sub-components) pass through;
-        ``partial`` checks only the arguments given (no check for missing ones).
+        ``partial`` checks only the arguments given (no check for missing ones);
+        ``base_dir`` is where relative paths are read from (else the working directory).
         """
+        context = {BASE_DIR: base_dir}
         problems: list[ConfigProblem] = []
         converted: dict[str, Any] = {}
         prefix = f"{path}." if path else ""
@@ -92,7 +101,7 @@ class Schema:
                 converted[name] = value
                 continue
             try:
-                converted[name] = param.adapter.validate_python(value)
+                converted[name] = param.adapter.validate_python(value, context=context)
             except ValidationError as e:
                 for err in e.errors(include_url=False):
                     loc = ".".join(str(p) for p in err["loc"])
@@ -108,7 +117,7 @@ class Schema:
         for name, param in self.params.items():
             if not partial and name not in args and not param.required:
                 # Defaults are config values too: "gelu" must become an activation module.
-                converted[name] = param.convert_default()
+                converted[name] = param.convert_default(context)
             if not partial and param.required and name not in args:
                 problems.append(
                     ConfigProblem(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,8 @@ from confection import Config
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config.resolve import fill, interpolate, read_config
+from ..config.families import family_config_text
+from ..config.resolve import interpolate, read_config
 from ..converters.base import HFConverter, converter_for_model_type
 from ..errors import (
     CheckpointError,
@@ -25,15 +24,6 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .materialise import parameter_slots
-
-
-@functools.lru_cache(maxsize=64)
-def family_config_text(family: str) -> str:
-    """The text of ``configs/<family>.cfg`` as shipped with the package (read once)."""
-    try:
-        return resources.files("registry_xf.configs").joinpath(f"{family}.cfg").read_text("utf8")
-    except FileNotFoundError:
-        raise RegistryXFError(f"no config for family {family!r} (configs/{family}.cfg)") from None
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -98,16 +88,6 @@ def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
     return None
 
 
-def config_from_hf(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """The filled registry_xf config for an HF model directory.
-
-    The family's ``configs/<family>.cfg`` gives the architecture; config.json gives the
-    ``[hyper]`` values; ``[weights]`` and ``[tokenizer]`` point at the directory.
-    """
-    directory = Path(path).expanduser().resolve()
-    return fill(hf_config(directory, overrides), source=str(directory))
-
-
 def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """``config_from_hf`` without writing out the defaults (what loading needs)."""
     if directory.is_file() and directory.name == "config.json":
@@ -149,14 +129,15 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
 
 def converter_of(model: nn.Module) -> HFConverter:
     """The HF converter for a loaded model (from its config's weights or its family)."""
-    config = getattr(model, "config", None)
+    record = getattr(model, "record", None)
+    config = record.config if record is not None else None
     name = None
     if config is not None:
         weights = config.get("weights", {})
         converter = weights.get("converter") if isinstance(weights, Mapping) else None
         if isinstance(converter, Mapping):
             name = converter.get("@converters")
-    name = name or getattr(model, "hf_converter", None)
+    name = name or (record.converter if record is not None else None)
     if name is None:
         raise RegistryXFError(
             "this model has no HF converter on record (it was not loaded from an HF "

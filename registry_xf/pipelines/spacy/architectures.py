@@ -27,6 +27,7 @@ def transformer_model_v1(
     weights: Any = None,
     tokenizer: Any = None,
     pooling: Any = None,
+    hyper: dict[str, Any] = {},  # noqa: B006
     dtype: str = "float32",
     window: int | None = None,
     stride: int | None = None,
@@ -37,12 +38,13 @@ def transformer_model_v1(
 ) -> Model:
     """A registry_xf encoder for spaCy.
 
-    Name a ``source`` (HF directory, directory written by registry_xf's ``save``, installed
-    model package, or ``.cfg``) with dotted ``overrides``; or give ``encoder``, ``weights``
-    and ``tokenizer`` sections built from registry_xf's own registered functions (and
-    optionally a ``pooling`` for the sentence embedding); an ``encoder`` replaces
-    ``source``. ``window``/``stride``: pieces per window and between window starts for long
-    docs (default: the model's limit, and 3/4 of the window). ``all_layers`` keeps every
+    Name a ``source`` (Hub id, HF directory, directory written by registry_xf's ``save``,
+    installed model package, or ``.cfg``) with dotted ``overrides``; or give ``encoder``,
+    ``weights`` and ``tokenizer`` sections built from registry_xf's own registered
+    functions (and optionally a ``pooling`` for the sentence embedding, and the ``hyper``
+    values that the weights' converter reads); an ``encoder`` replaces ``source``.
+    ``window``/``stride``: pieces per window and between window starts for long docs
+    (default: the model's limit, and 3/4 of the window). ``all_layers`` keeps every
     layer's states. ``trainable`` fine-tunes the encoder with the pipeline (frozen
     otherwise). ``batch_tokens``: padded tokens per forward pass. ``pack``: prepacked CPU
     weights (None: automatic; never when trainable).
@@ -52,7 +54,7 @@ def transformer_model_v1(
             [
                 ConfigProblem(
                     "model.source",
-                    "give a source (HF directory, saved directory, package or .cfg) or an "
+                    "give a source (Hub id, HF directory, saved directory, package or .cfg) or an "
                     "encoder section built from registry_xf's architectures",
                 )
             ]
@@ -78,6 +80,7 @@ def transformer_model_v1(
         weights=weights,
         tokenizer=tokenizer,
         pooling=pooling,
+        hyper=dict(hyper),
         dtype=dtype,
         pack=False if trainable else pack,
     )

@@ -25,7 +25,7 @@ from thinc.types import Ragged
 from torch import nn
 
 from ...errors import RegistryXFError
-from ...loading.load import load
+from ...loading.load import load, with_weights
 from ...types import to_dtype
 from ..poolers import Pooler
 from .alignment import align_tokens
@@ -77,6 +77,7 @@ class EncoderSpec:
     weights: Any
     tokenizer: Any
     pooling: Any
+    hyper: dict[str, Any]
     dtype: str
     pack: bool | None
 
@@ -87,11 +88,15 @@ def encoder_of(model: Model) -> nn.Module:
         spec: EncoderSpec = model.attrs["spec"]
         device = get_torch_default_device()
         if spec.encoder is not None:
-            module = spec.encoder
-            report = spec.weights.load_into(module, device=device, dtype=_dtype(spec.dtype))
-            object.__setattr__(module, "tokenizer", spec.tokenizer)
-            object.__setattr__(module, "pooler", spec.pooling)
-            object.__setattr__(module, "load_report", report)
+            module = with_weights(
+                spec.encoder,
+                spec.weights,
+                tokenizer=spec.tokenizer,
+                pooler=spec.pooling,
+                hyper=spec.hyper,
+                device=device,
+                dtype=spec.dtype,
+            )
         else:
             module = load(
                 spec.source,
