@@ -12,6 +12,7 @@ config: ``registry-xf config`` prints it whole, with the differences applied.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -54,7 +55,7 @@ def _expand(text: str, base_dir: Path | None, where: str | None, depth: int) -> 
     if f"[{EXTENDS}]" not in text:
         return text
     try:
-        config = Config().from_str(text, interpolate=False)
+        config = Config().from_str(_with_parent_sections(text), interpolate=False)
     except Exception as e:
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=where) from None
     extends = config.get(EXTENDS)
@@ -101,6 +102,23 @@ def _expand(text: str, base_dir: Path | None, where: str | None, depth: int) -> 
     )
     changes = {k: v for k, v in config.items() if k != EXTENDS}
     return Config(_laid_over(base, changes)).to_str(interpolate=False)
+
+
+_SECTION = re.compile(r"^\[([^\]\n]+)\]\s*$", re.MULTILINE)
+
+
+def _with_parent_sections(text: str) -> str:
+    """``text`` with empty headers for the parents of its sections: a difference may change
+    ``[model.decoder.layers.layer.attention]`` alone, which confection would refuse
+    without ``[model]``, ``[model.decoder]``... (empty, they change nothing)."""
+    named = [m.group(1).strip() for m in _SECTION.finditer(text)]
+    missing = {
+        ".".join(parts[:i])
+        for parts in (name.split(".") for name in named)
+        for i in range(1, len(parts))
+    } - set(named)
+    headers = "".join(f"[{name}]\n" for name in sorted(missing, key=lambda n: n.count(".")))
+    return headers + "\n" + text
 
 
 def _laid_over(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
