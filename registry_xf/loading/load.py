@@ -82,6 +82,8 @@ def load(
     stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
     ``pack`` keeps CPU linear weights also in oneDNN's blocked layout for faster inference
     (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB.
+    With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
+    bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
     """
     base: Path | None = None
     meta: dict[str, Any] = {}
