@@ -301,3 +301,16 @@ def test_hub_cache_links_elsewhere_are_refused(tmp_path: Path) -> None:
     outside.write_bytes(files[first])
     (snapshot / "elsewhere.safetensors").symlink_to(outside)
     refused({k: "elsewhere.safetensors" for k, v in weight_map.items() if v == first})
+
+
+def test_saved_models_are_checked_the_same_way(tmp_path: Path) -> None:
+    write_llama(tmp_path / "hf")
+    rx.save(rx.load(tmp_path / "hf"), tmp_path / "saved")
+    file = tmp_path / "saved" / "model.safetensors"
+    qkv = "decoder.layers.0.attention.qkv_proj.weight"
+    relabel(file, qkv, "U32")
+    with pytest.raises(rx.LoadError, match=f"{qkv} in {file} is stored as U32"):
+        rx.load(tmp_path / "saved")
+    relabel(file, qkv, "F32", [64, 1])
+    with pytest.raises(rx.LoadError, match=r"model expects \[64, 32\], checkpoint has \[64, 1\]"):
+        rx.load(tmp_path / "saved")
