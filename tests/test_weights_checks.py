@@ -145,13 +145,9 @@ def test_a_tensor_loads_only_with_a_float_dtype_and_the_config_shape(
         [] if dtype == "F32" else [f"{name} in {directory}/model.safetensors: {dtype} -> float32"]
     )
     if dtype == "F32":
-        assert torch.equal(logits(model), logits(rx.load(_plain(reference))))
-
-
-def _plain(tensors: dict[str, torch.Tensor]) -> Path:
-    directory = Path(tempfile.mkdtemp())
-    write_llama(directory, tensors)
-    return directory
+        with tempfile.TemporaryDirectory() as tmp:
+            write_llama(Path(tmp), reference)
+            assert torch.equal(logits(model), logits(rx.load(tmp)))
 
 
 # --- mixed floating dtypes ---------------------------------------------------------------
