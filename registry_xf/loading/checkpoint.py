@@ -1,7 +1,8 @@
 """Safetensors checkpoint files: single or sharded, opened safely.
 
 Never unpickles: only ``.safetensors`` files are read. A shard index may only name files
-inside the model's directory.
+inside the model's directory; a shard that is a symbolic link must resolve inside that
+directory too, or, for a snapshot of the Hugging Face cache, inside the cache's ``blobs``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ _STORED_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+}
+# Every dtype string safetensors writes, by kind. Only "float" tensors become weights
+# (cast to the model's dtype); the others are named in errors. Formats that need scales
+# stored beside them (8-, 6- and 4-bit floats) cannot be loaded as plain weights.
+DTYPE_KINDS = {
+    **dict.fromkeys(("F64", "F32", "F16", "BF16"), "float"),
+    **dict.fromkeys(
+        ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4"),
+        "low-precision float",
+    ),
+    **dict.fromkeys(("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"), "integer"),
+    "BOOL": "bool",
+    "C64": "complex",
+}
+FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
 }
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _HUGE_PAGE = 2 << 20
@@ -81,19 +101,63 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
     root = index_path.parent.resolve()
-    files = []
-    for name in dict.fromkeys(weight_map.values()):
-        shard = (root / str(name)).resolve()
-        if not shard.is_relative_to(root):
+    blobs = _hub_cache_blobs(root)
+    files: dict[Path, Path] = {}  # resolved -> as named (errors and reports show the name)
+    for name in dict.fromkeys(map(str, weight_map.values())):
+        lexical = Path(os.path.normpath(root / name))
+        try:
+            shard = lexical.resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, link loops
+            raise CheckpointError(f"{index_path}: shard {name!r} cannot be opened ({e})") from None
+        if (
+            Path(name).is_absolute()
+            or not lexical.is_relative_to(root)
+            or not (shard.is_relative_to(root) or (blobs and shard.is_relative_to(blobs)))
+        ):
             raise CheckpointError(
-                f"{index_path}: shard {name!r} lies outside the model directory {root}; refused"
+                f"{index_path}: shard {name!r} lies outside the model directory {root}"
+                + (f" and the cache's {blobs}" if blobs else "")
+                + "; refused"
             )
-        if shard.suffix != ".safetensors":
+        if lexical.suffix != ".safetensors":
             raise CheckpointError(f"{index_path}: shard {name!r} is not a .safetensors file")
         if not shard.is_file():
             raise CheckpointError(f"{index_path}: shard {name!r} is missing")
-        files.append(shard)
-    return files
+        files.setdefault(shard, lexical)
+    return list(files.values())
+
+
+def _hub_cache_blobs(snapshot: Path) -> Path | None:
+    """The ``blobs`` folder whose files the snapshot's links may name, where ``snapshot``
+    is ``models--org--name/snapshots/<commit>`` in a Hugging Face cache (the files of a
+    snapshot are relative links to ``../../blobs/<hash>``); None elsewhere.
+
+    ``snapshot`` is resolved, and so is the result."""
+    repo = snapshot.parent.parent
+    blobs = repo / "blobs"
+    if snapshot.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    return blobs.resolve() if blobs.is_dir() else None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """What a file's header says of one tensor, read before any of its data."""
+
+    name: str
+    file: Path
+    dtype: str  # as safetensors writes it: "F32", "BF16", "I64", ...
+    shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        """ "float", "integer", "bool", "complex", "low-precision float" or "unknown"."""
+        return DTYPE_KINDS.get(self.dtype, "unknown")
+
+    @property
+    def nbytes(self) -> int:
+        dtype = FLOAT_DTYPES.get(self.dtype)
+        return math.prod(self.shape) * (dtype.itemsize if dtype is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -239,13 +303,17 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
+    def entry(self, name: str) -> TensorEntry:
+        """Tensor ``name``'s dtype and shape from its file's header (no data is read)."""
+        handle, file = self._handles[name]
+        found = handle.get_slice(name)
+        return TensorEntry(name, file, found.get_dtype(), tuple(found.get_shape()))
+
     def shape(self, name: str) -> tuple[int, ...]:
-        handle, _ = self._handles[name]
-        return tuple(handle.get_slice(name).get_shape())
+        return self.entry(name).shape
 
     def dtype_of(self, name: str) -> str:
-        handle, _ = self._handles[name]
-        return handle.get_slice(name).get_dtype()
+        return self.entry(name).dtype
 
     def metadata(self) -> dict[str, str]:
         meta: dict[str, str] = {}
@@ -316,6 +384,27 @@ class Checkpoint:
         return self._raw[file]
 
 
+def _unknown_dtype(file: Path) -> str | None:
+    """Which tensor of ``file`` has a dtype that safetensors does not define, if one does
+    (safetensors itself only says the header is invalid)."""
+    try:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length <= _MAX_HEADER_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) and name != "__metadata__" else None
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPE_KINDS):
+            return (
+                f"tensor {name!r} has dtype {dtype!r}, which is not a safetensors dtype "
+                f"(known: {', '.join(DTYPE_KINDS)})"
+            )
+    return None
+
+
 @contextmanager
 def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[Checkpoint]:
     """Open every file of a checkpoint, reading tensors straight onto ``device``."""
@@ -330,7 +419,8 @@ def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[
                 names = list(handle.keys())
             except Exception as e:
                 raise CheckpointError(
-                    f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
+                    f"{file}: not a readable safetensors file (truncated or corrupt?): "
+                    f"{_unknown_dtype(file) or e}"
                 ) from None
             for name in names:
                 if name in handles:

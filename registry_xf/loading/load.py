@@ -81,6 +81,8 @@ def load(
     linear weights also in oneDNN's blocked layout for faster inference (a second copy of
     them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
     ``local_files_only`` apply to Hub ids (see docs/sources.md).
+    With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
+    bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
     """
     found = config_from_source(
         source, overrides=overrides, revision=revision, local_files_only=local_files_only

@@ -1,14 +1,16 @@
 """Weight sources: safetensors checkpoints, in our layout or in HF's through a converter.
 
-Loading is strict and planned before it starts: every expected tensor is found and its
-shape checked first, so a bad checkpoint fails with one report and no half-loaded model.
-Then each tensor is read once, straight onto the target device, and cast there.
+Loading is strict and planned before it starts: every expected tensor is found, and the
+dtype and shape its file's header gives are checked (each part of a fused matrix on its
+own) first, so a bad checkpoint fails with one report and no half-loaded model. Then each
+tensor is read once, straight onto the target device, and cast there.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,8 @@ from torch import nn
 from ..converters.base import HFConverter, KeyRule
 from ..errors import LoadError
 from ..registry import registry
-from ..types import PathLike
-from .checkpoint import open_checkpoint
+from ..types import PathLike, dtype_name
+from .checkpoint import FLOAT_DTYPES, TensorEntry, open_checkpoint
 from .materialise import assign, current, init_buffers, initialise, parameter_slots
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoadReport:
-    """What loading found. Any ``missing``, ``unexpected`` or ``mismatched`` key is an error."""
+    """What loading found. Any ``missing``, ``unexpected``, ``mismatched`` or
+    ``wrong_dtype`` key is an error; ``cast`` lists tensors stored in another floating
+    dtype than the model's, converted on load."""
 
     files: list[Path] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
@@ -38,10 +42,12 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
+    wrong_dtype: list[str] = field(default_factory=list)
+    cast: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def __str__(self) -> str:
         where = ", ".join(str(f) for f in self.files)
@@ -54,6 +60,12 @@ class LoadReport:
                 "allow them with allow_unexpected=[regex, ...] if they are deliberate",
             ),
             ("shape mismatch", self.mismatched, "the config does not describe this checkpoint"),
+            (
+                "wrong dtype (stored as something other than the model's weights can be)",
+                self.wrong_dtype,
+                "the file is damaged or not a checkpoint of this model",
+            ),
+            ("cast to the model's floating dtype (stored in another)", self.cast, ""),
             ("skipped (task heads and buffers the encoder does not use)", self.skipped, ""),
             ("initialised with fresh values (allowed missing)", self.initialised, ""),
         ):
@@ -86,8 +98,17 @@ class SafetensorsWeights:
     ) -> LoadReport:
         """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
 
-        ``dtype`` None keeps each tensor's stored dtype; otherwise floating tensors are cast.
-        ``hyper`` (the config's ``[hyper]`` values) is what converters' reorderings need.
+        ``dtype`` None keeps the stored floating dtype; where the checkpoint mixes several,
+        the model gets the one that most of its floating-point bytes are stored in, and the
+        tensors stored otherwise are cast to it and listed in ``LoadReport.cast`` (so that a
+        float16 tensor in a float32 checkpoint cannot break the first forward pass). A
+        given ``dtype`` casts every floating tensor. ``hyper`` (the config's ``[hyper]``
+        values) is what converters' reorderings need.
+
+        Every tensor's dtype and shape are checked against the model before anything is
+        read, each part of a fused matrix on its own (its rows against the config's split,
+        its dtype against the others'); integer, boolean, complex and 8-bit float tensors in
+        floating-point places are errors.
         """
         device = torch.device(device)
         slots = parameter_slots(model)
@@ -103,6 +124,7 @@ class SafetensorsWeights:
             )
             by_name = {v: k for k, v in stripped.items()}
             plan: list[tuple[str, KeyRule | None, list[str]]] = []
+            floating: list[TensorEntry] = []
             used: set[str] = set()
             for ours, places in slots.items():
                 rule, names = self._names(ours, hyper)
@@ -115,15 +137,16 @@ class SafetensorsWeights:
                     continue
                 files = [by_name[n] for n in names]
                 used.update(files)
-                found = _joined_shape(rule, [ckpt.shape(f) for f in files])
-                expected = tuple(current(places).shape)
-                if found != expected:
-                    report.mismatched.append(
-                        f"{ours}: model expects {list(expected)}, checkpoint has {list(found)}"
-                        + (f" (from {', '.join(files)})" if files != [ours] else "")
-                    )
+                entries = [ckpt.entry(f) for f in files]
+                slot = current(places)
+                wrong = _dtype_problems(ours, slot.dtype, entries)
+                mismatched = _shape_problems(ours, rule, entries, tuple(slot.shape), model)
+                report.wrong_dtype += wrong
+                report.mismatched += mismatched
+                if wrong or mismatched:
                     continue
                 plan.append((ours, rule, files))
+                floating += [e for e in entries if e.kind == "float"]
             for key in file_keys:
                 if key in used:
                     continue
@@ -136,6 +159,8 @@ class SafetensorsWeights:
                     report.unexpected.append(key)
             if not report.ok:
                 raise LoadError(str(report))
+            if dtype is None:
+                dtype = _model_dtype(floating, report)
             fused = [(ours, files) for ours, rule, files in plan if _read_in_place(rule, files)]
             read = ckpt.read_concatenated([files for _, files in fused], dtype)
             joined = {ours: tensor for (ours, _), tensor in zip(fused, read, strict=True)}
@@ -164,6 +189,130 @@ class SafetensorsWeights:
 
 
 _IDENTITY = KeyRule("", ("",))
+
+
+def _expected_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _dtype_problems(ours: str, expected: torch.dtype, entries: list[TensorEntry]) -> list[str]:
+    """Where a stored dtype cannot become the model's tensor (an integer in a weight's place
+    would otherwise crash in torch, or be converted silently as a part of a fused matrix)."""
+    kind = _expected_kind(expected)
+    wanted = f"a floating-point tensor ({', '.join(FLOAT_DTYPES)})" if kind == "float" else kind
+    problems = []
+    for e in entries:
+        if e.kind == kind:
+            continue
+        why = {
+            "low-precision float": "a quantised format whose scales registry_xf does not read",
+            "unknown": "a dtype registry_xf does not know",
+        }.get(e.kind, e.kind)
+        problems.append(
+            f"{ours}: {e.name} in {e.file} is stored as {e.dtype} ({why}); "
+            f"the model expects {wanted}"
+        )
+    return problems
+
+
+def _shape_problems(
+    ours: str,
+    rule: KeyRule | None,
+    entries: list[TensorEntry],
+    expected: tuple[int, ...],
+    model: nn.Module,
+) -> list[str]:
+    """Where the stored shapes do not make the model's tensor. The parts of a fused matrix
+    are checked one by one, against the rows the config gives each (the owning module's
+    ``split``, as export writes them), so that parts cannot trade rows or broadcast."""
+    names = ", ".join(e.name for e in entries)
+    if len(entries) == 1 or rule is None:
+        found = _joined_shape(rule, [entries[0].shape])
+        if found == expected:
+            return []
+        where = f" (from {names})" if names != ours else ""
+        return [f"{ours}: model expects {list(expected)}, checkpoint has {list(found)}{where}"]
+    joined = tuple(reversed(expected)) if rule.transpose else expected
+    sizes = _part_sizes(model, ours, len(entries), joined, rule.dim)
+    if sizes is None:  # the config gives no split: parts agree, and sum to the model's rows
+        shapes = [e.shape for e in entries]
+        d = rule.dim
+        if (
+            d < len(joined)
+            and all(
+                len(s) == len(joined) and s[:d] + s[d + 1 :] == joined[:d] + joined[d + 1 :]
+                for s in shapes
+            )
+            and sum(s[d] for s in shapes) == joined[d]
+        ):
+            return []
+        found = " + ".join(str(list(s)) for s in shapes)
+        return [f"{ours}: model expects {list(expected)}, checkpoint has {found} (from {names})"]
+    problems = []
+    for e, size in zip(entries, sizes, strict=True):
+        part = joined[: rule.dim] + (size,) + joined[rule.dim + 1 :]
+        if e.shape != part:
+            problems.append(
+                f"{ours}: part {e.name} in {e.file} has shape {list(e.shape)}, expected "
+                f"{list(part)} (the model's {list(expected)} is made of parts of "
+                f"{list(sizes)} on dimension {rule.dim})"
+            )
+    return problems
+
+
+def _part_sizes(
+    model: nn.Module, ours: str, n: int, joined: tuple[int, ...], dim: int
+) -> tuple[int, ...] | None:
+    """The size on ``dim`` of each of the ``n`` parts of our fused tensor: its module's
+    ``split`` (query/key/value or gate/up widths), else equal parts; None if neither fits."""
+    if dim >= len(joined):
+        return None
+    try:
+        owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
+    except AttributeError:
+        owner = model
+    split = getattr(owner, "split", None)
+    if (
+        isinstance(split, (tuple, list))
+        and len(split) == n
+        and all(isinstance(s, int) for s in split)
+        and sum(split) == joined[dim]
+    ):
+        return tuple(split)
+    if joined[dim] % n == 0:
+        return (joined[dim] // n,) * n
+    return None
+
+
+def _model_dtype(floating: list[TensorEntry], report: LoadReport) -> torch.dtype | None:
+    """The one floating dtype of a model loaded "as stored": the dtype most of the
+    checkpoint's floating-point bytes have (the wider on a tie). Tensors stored in another
+    are listed in ``report.cast`` and logged."""
+    if not floating:
+        return None
+    total: Counter[str] = Counter()
+    for e in floating:
+        total[e.dtype] += e.nbytes
+    chosen = max(total, key=lambda d: (total[d], FLOAT_DTYPES[d].itemsize, d))
+    dtype = FLOAT_DTYPES[chosen]
+    report.cast += [
+        f"{e.name} in {e.file}: {e.dtype} -> {dtype_name(dtype)}"
+        for e in floating
+        if e.dtype != chosen
+    ]
+    if report.cast:
+        logger.warning(
+            "the checkpoint mixes floating dtypes; %d tensor(s) cast to %s, the dtype of "
+            "most of its bytes: %s",
+            len(report.cast),
+            dtype_name(dtype),
+            ", ".join(report.cast[:5]) + (" ..." if len(report.cast) > 5 else ""),
+        )
+    return dtype
 
 
 def _read_in_place(rule: KeyRule | None, files: list[str]) -> bool:
