@@ -81,18 +81,20 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
     root = index_path.parent.resolve()
+    # a snapshot of the HF cache links each of its files into the repository's blobs/
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else root
     files = []
     for name in dict.fromkeys(weight_map.values()):
         shard = (root / str(name)).resolve()
-        if not shard.is_relative_to(root):
+        if not (shard.is_relative_to(root) or shard.is_relative_to(blobs)):
             raise CheckpointError(
                 f"{index_path}: shard {name!r} lies outside the model directory {root}; refused"
             )
-        if shard.suffix != ".safetensors":
+        if Path(str(name)).suffix != ".safetensors":
             raise CheckpointError(f"{index_path}: shard {name!r} is not a .safetensors file")
         if not shard.is_file():
             raise CheckpointError(f"{index_path}: shard {name!r} is missing")
-        files.append(shard)
+        files.append(shard if shard.is_relative_to(root) else root / str(name))
     return files
 
 

