@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -196,6 +197,10 @@ def test_gated(hub: FakeHub, models: dict[str, Path], monkeypatch: pytest.Monkey
 def test_server_dies_mid_download(
     hub: FakeHub, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.file_download as client
+
+    # the client retries a broken download five times, a second apart: skip the waits only
+    monkeypatch.setattr(client, "time", SimpleNamespace(sleep=lambda seconds: None))
     hub.break_after = ("model.safetensors", 4096)
     with pytest.raises(errors.HubConnectionError, match="org/tiny@main: model.safetensors"):
         rx.fetch("org/tiny", progress=False)
