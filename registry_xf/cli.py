@@ -205,7 +205,7 @@ def make_parser() -> argparse.ArgumentParser:
     embed.add_argument("--file", help="a text file, one text per line")
     embed.add_argument("--out", help="write the embeddings to this .npy file")
     embed.add_argument(
-        "--model", default=DEFAULT_MODEL, help="a .cfg, a model directory or package"
+        "--model", default=DEFAULT_MODEL, help="a .cfg, a model directory, a package or a Hub id"
     )
     embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
@@ -219,7 +219,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="the text to continue")
     generate.add_argument(
-        "--model", required=True, help="a .cfg, a model directory or package (a causal LM)"
+        "--model",
+        required=True,
+        help="a .cfg, a model directory, a package or a Hub id (a causal LM)",
     )
     generate.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     generate.add_argument(

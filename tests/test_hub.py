@@ -130,6 +130,9 @@ def test_main_and_pinned_revision(hub: FakeHub, models: dict[str, Path]) -> None
     commit = hub.old_commit  # type: ignore[attr-defined]
     for old in (rx.load("org/tiny", revision=commit), rx.load(f"org/tiny@{commit}")):
         assert_same_model(old, models["old"])
+    requests = len(hub.log)
+    assert_same_model(rx.load(f"org/tiny@{commit}"), models["old"])
+    assert len(hub.log) == requests  # a cached commit is final: the Hub is not asked
     assert_same_model(rx.load("org/tiny@v1"), models["old"])
     assert not torch.equal(hidden(new), hidden(old))
     assert new.tokenizer is not None

@@ -192,6 +192,11 @@ def download(
     repo_id, revision = split_revision(source, revision)
     if is_offline(local_files_only):
         return cached_snapshot(repo_id, revision)
+    if _COMMIT.fullmatch(revision):  # a commit never changes: a complete snapshot is final
+        try:
+            return cached_snapshot(repo_id, revision)
+        except HubNotCachedError:
+            pass
     session = _Session(repo_id, revision, token, progress)
     try:
         commit, listing = session.listing()
