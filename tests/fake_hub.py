@@ -31,6 +31,7 @@ class FakeRepo:
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit
     gated_token: str | None = None  # downloads need "Authorization: Bearer <this>"
+    forbidden: bool = False  # every download answers 403 (a token without the right scope)
 
     def commit_of(self, revision: str) -> str | None:
         if revision in self.commits:
@@ -217,6 +218,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         if repo.gated_token and self.headers.get("authorization") != f"Bearer {repo.gated_token}":
             return self._error(401, "GatedRepo", "Access to this model is restricted")
+        if repo.forbidden:
+            return self._error(403, None, "Your token has no read access to this repository")
         data = repo.commits[commit].get(name)
         if data is None:
             return self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)
@@ -272,10 +275,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         return 200
 
-    def _error(self, status: int, code: str, message: str, commit: str | None = None) -> int:
+    def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> int:
         data = json.dumps({"error": message}).encode()
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
+        if code is not None:
+            self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)
         if commit is not None:
             self.send_header("X-Repo-Commit", commit)

@@ -4,6 +4,7 @@ on loopback (tests/fake_hub.py) that the real huggingface_hub client talks to.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import torch
 from conftest import write_hf_checkpoint
 from fake_hub import FakeHub
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from tiny_tokenizer import write_tokenizer
 
@@ -124,6 +127,36 @@ def test_repo_id_spelling() -> None:
         rx_hub.split_revision("org/name@v1", "v2")
 
 
+ID_PART = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,30}[A-Za-z0-9])?", fullmatch=True).filter(
+    lambda part: ".." not in part and "--" not in part and not part.endswith((".cfg", ".json"))
+)
+REVISION = st.from_regex(r"[A-Za-z0-9._/-]{1,40}", fullmatch=True).filter(
+    lambda rev: ".." not in rev
+)
+FUZZ_CASES = int(os.environ.get("REGISTRY_XF_FUZZ_CASES", "200"))
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True)
+@given(org=ID_PART, name=ID_PART, revision=st.none() | REVISION)
+def test_repo_id_round_trip(org: str, name: str, revision: str | None) -> None:
+    source = f"{org}/{name}" + (f"@{revision}" if revision else "")
+    assert rx_hub.looks_like_repo_id(source)
+    assert rx_hub.split_revision(source) == (f"{org}/{name}", revision or "main")
+    for path in (f"./{source}", f"/{source}", f"{org}/{name}/x", f"~/{name}"):
+        assert not rx_hub.looks_like_repo_id(path)
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True)
+@given(text=st.text(max_size=60))
+def test_any_text_is_judged_without_error(text: str) -> None:
+    if rx_hub.looks_like_repo_id(text):
+        repo_id, revision = rx_hub.split_revision(text)
+        assert "/" not in repo_id.split("/", 1)[-1] and revision
+    else:
+        with pytest.raises(errors.HubError, match="not a Hub id"):
+            rx_hub.split_revision(text)
+
+
 def test_main_and_pinned_revision(hub: FakeHub, models: dict[str, Path]) -> None:
     new = rx.load("org/tiny")
     assert_same_model(new, models["new"])
@@ -195,6 +228,10 @@ def test_gated(hub: FakeHub, models: dict[str, Path], monkeypatch: pytest.Monkey
     assert [r.status for r in hub.requested("/config.json")] == [401]
     monkeypatch.setenv("HF_TOKEN", "hf_secret")  # honoured by the client
     assert_same_model(rx.load("org/gated"), models["new"])
+    hub.add("org/private", models["new"])
+    hub.repos["org/private"].forbidden = True
+    with pytest.raises(errors.HubAccessError, match=r"org/private@main: config.json: .*HTTP 403"):
+        rx.fetch("org/private", progress=False)
 
 
 def test_server_dies_mid_download(

@@ -270,17 +270,21 @@ def _missing_files(snapshot: Path) -> list[str]:
     if not snapshot.is_dir():
         return ["the snapshot"]
     missing = [] if (snapshot / CONFIG_FILE).is_file() else [CONFIG_FILE]
+    # a corrupt index or modules.json counts as present: loading says what is wrong with it
     if not (snapshot / SINGLE_NAME).is_file():
         if not (snapshot / INDEX_NAME).is_file():
             missing.append(SINGLE_NAME)
         else:
-            index = json.loads((snapshot / INDEX_NAME).read_text(encoding="utf8"))
             try:
+                index = json.loads((snapshot / INDEX_NAME).read_text(encoding="utf8"))
                 missing += [s for s in _shards(index) if not (snapshot / s).is_file()]
             except ValueError:
-                pass  # loading names what is wrong with the index
+                pass
     if (snapshot / "modules.json").is_file():
-        modules = json.loads((snapshot / "modules.json").read_text(encoding="utf8"))
+        try:
+            modules = json.loads((snapshot / "modules.json").read_text(encoding="utf8"))
+        except ValueError:
+            modules = None
         missing += [p for p in _pooling_configs(modules) if not (snapshot / p).is_file()]
     return missing
 
@@ -501,6 +505,9 @@ def _translate(
     import httpx2
     from huggingface_hub import errors as hf
 
+    if isinstance(error, hf.LocalEntryNotFoundError) and isinstance(error.__cause__, Exception):
+        # the client hides why it could not ask the Hub (and found nothing cached) behind this
+        return _translate(error.__cause__, repo_id, revision, name, where)
     repo = f"{repo_id}@{revision}"
     file = f": {name}" if name else ""
     login = "log in with `hf auth login` or set HF_TOKEN"
@@ -530,7 +537,8 @@ def _translate(
     elif isinstance(error, (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, httpx2.HTTPError)):
         kind = HubConnectionError
         cause = error.__cause__ or error
-        text = f"{repo}{file}: the Hub at {where} could not be reached or broke off ({cause})"
+        said = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        text = f"{repo}{file}: the Hub at {where} could not be reached or broke off ({said})"
     elif isinstance(error, OSError) and "Consistency check failed" in str(error):
         kind = HubConnectionError
         text = f"{repo}{file}: the download broke off ({str(error).splitlines()[0]}); try again"
