@@ -56,6 +56,7 @@ class FakeHub:
         self.break_after: tuple[str, int] | None = None  # (file name, bytes sent before stopping)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()  # open keep-alive connections
 
     # -- repositories ------------------------------------------------------------------------
 
@@ -120,11 +121,18 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
-        """Stop answering: later connections are refused."""
+        """Stop answering: open connections are cut and later ones refused."""
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self.lock:
+            connections = list(self._connections)
+        for connection in connections:  # a client's pooled connection must not outlive us
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -143,6 +151,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # the hub keeps its own log
 
+    def setup(self) -> None:
+        super().setup()
+        with self.fake.lock:
+            self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake.lock:
+            self.fake._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass  # cut by stop()
+
     def do_HEAD(self) -> None:  # noqa: N802
         self._answer(body=False)
 
@@ -152,6 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- dispatch ----------------------------------------------------------------------------
 
     def _answer(self, body: bool) -> None:
+        if not self.fake.running:  # stopped while this connection was open
+            self.close_connection = True
+            return
         url = urlsplit(self.path)
         path = unquote(url.path)
         query = parse_qs(url.query)

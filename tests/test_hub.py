@@ -264,14 +264,22 @@ def test_server_dies_mid_download(
 
 
 def test_offline_after_fetch(
-    hub: FakeHub, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    hub: FakeHub,
+    models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = rx.fetch("org/tiny", progress=False)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert rx.fetch("org/tiny", revision="v1", progress=False) != path
     hub.stop()
+    requests = len(hub.log)
     # unreachable but cached: the cached snapshot, with a warning
     assert_same_model(rx.load("org/tiny"), models["new"])
+    assert "could not be reached" in caplog.text and f"using the cached {path}" in caplog.text
+    with pytest.raises(errors.HubConnectionError, match="org/sharded@main: the Hub at"):
+        rx.load("org/sharded")
+    assert len(hub.log) == requests
     set_offline(monkeypatch)
     assert_same_model(rx.load("org/tiny"), models["new"])
     assert_same_model(rx.load("org/tiny@v1"), models["old"])
@@ -333,7 +341,7 @@ def test_shared_with_sentence_transformers(
     rx.fetch("org/rx-first", progress=False)
     hub.stop()
     set_offline(monkeypatch)
-    ours = rx.Embedder(rx.load("org/st-first")).embed(TEXTS)  # cached by sentence-transformers
+    ours = rx.Embedder("org/st-first").embed(TEXTS)  # cached by sentence-transformers
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
     theirs = SentenceTransformer(
         "org/rx-first", cache_folder=cache, device="cpu", local_files_only=True
