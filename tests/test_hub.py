@@ -185,7 +185,11 @@ def test_local_directory_wins(
     shutil.copytree(models["old"], local)
     monkeypatch.chdir(tmp_path)
     assert_same_model(rx.load("org/tiny"), models["old"])  # the directory, not main
+    with pytest.raises(rx.CheckpointError, match="a local path has no revision"):
+        rx.load("org/tiny", revision="v1")
     assert hub.log == []
+    assert_same_model(rx.load("org/tiny@v1"), models["old"])  # no such directory: the Hub
+    assert hub.downloads()
 
 
 def test_pickles_never_requested(hub: FakeHub, models: dict[str, Path]) -> None:
