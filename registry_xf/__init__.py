@@ -23,6 +23,7 @@ from .errors import (
 from .generation import GenerationSettings, Generator, SettingsError
 from .loading import weights as _weights  # noqa: F401
 from .loading.hf import export_hf
+from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
@@ -56,6 +57,7 @@ __all__ = [
     "build",
     "config_from_hf",
     "export_hf",
+    "fetch",
     "fill",
     "load",
     "read_config",

