@@ -367,3 +367,28 @@ def test_environment_read_at_call_time(
     with pytest.raises(errors.HubNotCachedError):
         rx.load("org/tiny")
     assert len(hub.log) == requests  # no connection was made
+
+
+def test_every_entry_point_takes_a_hub_id(
+    hub: FakeHub, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One path from source to model: build, config_from_hf, Embedder, the CLI's config and
+    the spaCy component all take the same Hub id as load."""
+    built = rx.build("org/tiny@v1")
+    assert all(p.device.type == "meta" for p in built.parameters())
+    assert built.record.origin.repo_id == "org/tiny" and built.record.origin.revision == "v1"
+    config = rx.config_from_hf("org/tiny", revision="v1")
+    assert config["weights"]["path"] == str(rx_hub.download("org/tiny@v1"))
+    loaded = rx.load("org/tiny", revision="v1")
+    assert_same_model(loaded, models["old"])
+    embedder = rx.Embedder("org/tiny@v1")
+    expected = rx.Embedder(rx.load(models["old"])).embed(TEXTS)
+    assert (embedder.embed(TEXTS) == expected).all()
+    assert main(["config", "org/tiny", "--revision", "v1"]) == 0
+    assert "registry_xf.HFBert.v1" in capsys.readouterr().out
+
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    nlp.add_pipe("registry_xf_transformer", config={"model": {"source": "org/tiny@v1"}})
+    doc = nlp("the cat sat on the mat")
+    assert doc.tensor.shape[0] == len(doc)
