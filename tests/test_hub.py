@@ -178,6 +178,19 @@ def test_sharded(hub: FakeHub, models: dict[str, Path]) -> None:
     assert len(shards) == 2
 
 
+def test_a_saved_model_on_the_hub(
+    hub: FakeHub, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A repository holding what registry_xf's save writes (config.cfg, meta.json) loads."""
+    saved = rx.save(rx.load(models["old"]), tmp_path / "saved")
+    hub.add("org/saved", saved)
+    loaded = rx.load("org/saved", local_files_only=False)
+    assert loaded.record.origin.kind == "saved" and loaded.tokenizer is not None
+    assert_same_model(loaded, models["old"])
+    fetched = {p.name for p in rx_hub.download("org/saved").iterdir()}
+    assert {"config.cfg", "meta.json", "model.safetensors"} <= fetched
+
+
 def test_local_directory_wins(
     hub: FakeHub, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

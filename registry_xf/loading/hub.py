@@ -49,6 +49,8 @@ OPTIONAL_FILES = (
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
 )
+# A model written by registry_xf's save (its config first), read instead of config.json.
+SAVED_FILES = ("config.cfg", "meta.json")
 # Weights in formats that are never read; pickles among them are never even downloaded.
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 # The index and modules.json are read before the weights; a bigger one is not what it claims.
@@ -269,7 +271,8 @@ def _missing_files(snapshot: Path) -> list[str]:
     """The files loading needs that a cached snapshot lacks (empty when it is complete)."""
     if not snapshot.is_dir():
         return ["the snapshot"]
-    missing = [] if (snapshot / CONFIG_FILE).is_file() else [CONFIG_FILE]
+    has_config = (snapshot / CONFIG_FILE).is_file() or (snapshot / SAVED_FILES[0]).is_file()
+    missing = [] if has_config else [CONFIG_FILE]
     # a corrupt index or modules.json counts as present: loading says what is wrong with it
     if not (snapshot / SINGLE_NAME).is_file():
         if not (snapshot / INDEX_NAME).is_file():
@@ -298,9 +301,11 @@ def _plan_files(
 ) -> list[str]:
     """The files to fetch, small ones first, decided from the listing before any weights."""
     repo = f"{session.repo_id}@{session.revision}"
-    if CONFIG_FILE not in listing:
+    config = SAVED_FILES[0] if SAVED_FILES[0] in listing else CONFIG_FILE
+    if config not in listing:
         raise HubFileNotFoundError(
-            f"{repo}: no {CONFIG_FILE} in the repository (not a transformers model?)",
+            f"{repo}: no {CONFIG_FILE} (HF) or {SAVED_FILES[0]} (registry_xf) in the "
+            "repository (not a transformers model?)",
             repo_id=session.repo_id,
             revision=session.revision,
         )
@@ -336,7 +341,8 @@ def _plan_files(
             repo_id=session.repo_id,
             revision=session.revision,
         )
-    small = [CONFIG_FILE, *(n for n in OPTIONAL_FILES if n in listing)]
+    extra = SAVED_FILES if config in SAVED_FILES else ()
+    small = [config, *(n for n in (*extra, *OPTIONAL_FILES) if n in listing)]
     if "modules.json" in listing:
         modules = read(commit, "modules.json", listing["modules.json"])
         small += [p for p in _pooling_configs(modules) if p in listing]
