@@ -24,6 +24,7 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .materialise import parameter_slots
+from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -176,9 +177,12 @@ def export_hf(
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     target = Path(path)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(
+        target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
+    ) as tmp:
         write_json(tmp / "config.json", hf_config)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt", WRITER_KEY: WRITER}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp)

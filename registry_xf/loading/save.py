@@ -14,15 +14,20 @@ from ..errors import RegistryXFError
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .hf import converter_of
+from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
 from .sources import META_FILE, SAVED_CONFIG
+from .written import WRITER, WRITER_KEY, is_saved_model
 
 
 def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``.
+    """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``
+    (which records the sha256 of the other files).
 
-    The directory is written beside its target and renamed into place, so it never
-    exists half-written.
+    The directory is written beside its target, flushed to disk and swapped into place
+    (see ``atomic.py``), so the path never holds a half-written model, and a crash leaves
+    the old model or the new one there. ``overwrite=True`` replaces only a model saved by
+    registry_xf or an empty folder.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -49,11 +54,13 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     except RegistryXFError:
         converter = None
     target = Path(path)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(target, overwrite=overwrite, replaceable=is_saved_model) as tmp:
         fill(saved).to_disk(tmp / SAVED_CONFIG, interpolate=False)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt", WRITER_KEY: WRITER}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        hashes = file_hashes(tmp)
         write_json(
             tmp / META_FILE,
             {
@@ -61,6 +68,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
                 "format_version": FORMAT_VERSION,
                 "dtype": dtype_name(next(iter(tensors.values())).dtype) if tensors else None,
                 "hf_converter": converter,
+                HASHES_KEY: hashes,
             },
         )
     return target
