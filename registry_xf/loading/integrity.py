@@ -39,8 +39,8 @@ def file_hashes(directory: Path) -> dict[str, str]:
 def verify_saved(directory: str | Path) -> None:
     """Check the files of a saved model against the hashes its meta.json recorded.
 
-    Raises a CheckpointError naming the first file that is missing or differs. Files
-    added to the directory later are not checked.
+    Raises a CheckpointError naming every file that is missing or differs. Files added
+    to the directory later are not checked.
     """
     directory = Path(directory)
     meta_path = directory / META_FILE
@@ -58,16 +58,21 @@ def verify_saved(directory: str | Path) -> None:
             f"{meta_path}: records no file hashes ({HASHES_KEY!r}); it was written by an "
             "older registry_xf and cannot be verified: save it again"
         )
+    problems = []
     for name, expected in sorted(hashes.items()):
         path = safe_join(directory, name, where=str(meta_path))
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing (its hash is recorded in {meta_path})")
+            problems.append(f"{path}: missing")
+            continue
         found = file_sha256(path)
         if found != expected:
-            raise CheckpointError(
-                f"{path}: sha256 {found} differs from {expected}, recorded in {meta_path} "
-                "when the model was saved: the file changed since (corrupted or edited)"
-            )
+            problems.append(f"{path}: sha256 {found} differs from {expected}")
+    if problems:
+        raise CheckpointError(
+            f"{directory}: {len(problems)} file(s) changed since the model was saved "
+            f"(corrupted or edited), against the hashes recorded in {meta_path}:\n  - "
+            + "\n  - ".join(problems)
+        )
 
 
 def verify_source(found: SourceConfig) -> None:
