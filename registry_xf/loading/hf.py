@@ -24,6 +24,7 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .materialise import parameter_slots
+from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
 
 
@@ -52,7 +53,8 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
     pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
     if pooling is None:
         return None
-    settings = json.loads((directory / pooling["path"] / "config.json").read_text(encoding="utf8"))
+    folder = safe_join(directory, pooling.get("path"), where=str(modules_file))
+    settings = json.loads((folder / "config.json").read_text(encoding="utf8"))
     if settings.get("pooling_mode_cls_token"):
         name = "registry_xf.CLSPooler.v1"
     elif settings.get("pooling_mode_max_tokens"):

@@ -281,6 +281,8 @@ def _files_from_bytes(data: bytes, name: str) -> dict[str, bytes]:
         raise CheckpointError(
             f"{name}: from_bytes: expected a map of file names to bytes, as to_bytes writes"
         )
+    if not files:
+        raise CheckpointError(f"{name}: from_bytes: the bytes hold no files")
     return files
 
 
