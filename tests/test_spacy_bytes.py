@@ -178,3 +178,21 @@ def test_sentence_transformers_module_paths_are_checked(tmp_path: Path) -> None:
     modules[1]["path"] = "1_Pooling"
     (source / "modules.json").write_text(json.dumps(modules))
     assert rx.load(source).pooler is not None
+
+
+def test_to_disk_replaces_only_its_own_model_folder(
+    pipeline_bytes: tuple[object, bytes], tmp_path: Path
+) -> None:
+    component = pipeline_bytes[0].get_pipe(FACTORY)  # type: ignore[attr-defined]
+    component.to_disk(tmp_path / "pipe")
+    component.to_disk(tmp_path / "pipe")  # again: its own model is replaced
+    assert sorted(os.listdir(tmp_path / "pipe")) == ["model"]
+    (tmp_path / "other" / "model").mkdir(parents=True)
+    (tmp_path / "other" / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(rx.SaveError, match="notes.txt"):
+        component.to_disk(tmp_path / "other")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(rx.SaveError, match="is a file"):
+        component.to_disk(tmp_path / "file")
+    assert (tmp_path / "other" / "model" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["file", "other", "pipe"]

@@ -130,7 +130,7 @@ def atomic_directory(
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
         if isinstance(e, OSError) and not isinstance(e, RegistryXFError):
-            raise SaveError(f"{target}: cannot save there: {_describe(e)}") from e
+            raise SaveError(f"{target}: the save failed: {_describe(e)}") from e
         raise
 
 

@@ -210,10 +210,12 @@ class Transformer(TrainablePipe):
     # --- serialization -----------------------------------------------------------
 
     def to_disk(self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
-        """Write the encoder (config, safetensors weights, tokenizer) into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save(encoder_of(self.model), path / MODEL_FOLDER, overwrite=True)
+        """Write the encoder (config, safetensors weights, tokenizer) into ``path``.
+
+        The folder ``path/model`` is replaced as a whole (see ``registry_xf.save``), and
+        only if it holds a saved model: a folder of other files there is an error.
+        """
+        save(encoder_of(self.model), Path(path) / MODEL_FOLDER, overwrite=True)
 
     def from_disk(
         self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()
