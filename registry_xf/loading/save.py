@@ -12,7 +12,7 @@ from ..about import FORMAT_VERSION, __version__
 from ..config.resolve import fill
 from ..errors import RegistryXFError
 from ..types import dtype_name
-from .atomic import atomic_directory, write_json
+from .atomic import atomic_directory, flushing, write_json
 from .hf import converter_of
 from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
@@ -60,7 +60,8 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
         save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        hashes = file_hashes(tmp)
+        with flushing(tmp):
+            hashes = file_hashes(tmp)
         write_json(
             tmp / META_FILE,
             {
