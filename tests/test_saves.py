@@ -11,11 +11,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny_tokenizer import write_tokenizer
 
 import registry_xf as rx
@@ -403,3 +406,44 @@ def test_verify_needs_a_saved_directory(tiny: torch.nn.Module, tmp_path: Path) -
     (saved / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(rx.CheckpointError, match="records no file hashes"):
         rx.load(saved, verify=True)
+
+
+def test_threads_saving_over_one_path_take_turns(
+    two_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = {name: rx.load(path, pack=False) for name, path in two_models.items()}
+    target = rx.save(models["a"], tmp_path / "model")
+    with ThreadPoolExecutor(4) as pool:
+        done = list(
+            pool.map(lambda i: rx.save(models["ab"[i % 2]], target, overwrite=True), range(8))
+        )
+    assert done == [target] * 8 and sorted(os.listdir(tmp_path)) == ["model"]
+    loaded = parameters(rx.load(target, verify=True, pack=False))
+    assert any(same(loaded, parameters(m)) for m in models.values())
+
+
+NAMES = st.text(alphabet="abcmetaj.sonfg_", min_size=1, max_size=12).filter(
+    lambda n: n not in (".", "..")
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(names=st.sets(NAMES, min_size=1, max_size=4), meta=st.sampled_from([None, "{}", "[1]", "x"]))
+def test_overwrite_never_deletes_a_folder_of_other_files(
+    tiny: torch.nn.Module, tmp_path: Path, names: set[str], meta: str | None
+) -> None:
+    """Whatever a folder holds, unless it is a saved model, overwrite=True leaves it be."""
+    target = Path(tempfile.mkdtemp(dir=tmp_path))
+    contents = {name: f"{name} {i}" for i, name in enumerate(sorted(names))}
+    if meta is not None:
+        contents["meta.json"] = meta
+    for name, text in contents.items():
+        (target / name).write_text(text)
+    with pytest.raises(rx.SaveError, match="is not a model saved by registry_xf"):
+        rx.save(tiny, target, overwrite=True)
+    assert {p.name: p.read_text() for p in target.iterdir()} == contents
+    assert not leftovers(tmp_path)
