@@ -124,7 +124,8 @@ def atomic_directory(
                 _replace(tmp, target)
             elif not _rename2(tmp, target, _RENAME_NOREPLACE):
                 os.rename(tmp, target)
-            _fsync_directory(target.parent)
+            for folder in [target, *created]:  # the new entries, up to the first old folder
+                _fsync_directory(folder.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # the old model, after an exchange
     except BaseException as e:
         if tmp is not None:
