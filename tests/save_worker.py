@@ -26,7 +26,7 @@ import traceback
 
 import registry_xf as rx
 from registry_xf.loading import atomic
-from registry_xf.loading.written import is_saved_model
+from registry_xf.loading.save import is_saved_model
 
 
 def _child(work) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from tiny_tokenizer import write_tokenizer
 
 import registry_xf as rx
 from registry_xf.loading import atomic
-from registry_xf.loading.written import is_saved_model
+from registry_xf.loading.save import is_saved_model
 
 HERE = Path(__file__).resolve().parent
 FUZZ_CASES = max(50, int(os.environ.get("REGISTRY_XF_FUZZ_CASES", "50")))

@@ -259,7 +259,7 @@ def clean_leftovers(target: str | Path) -> None:
         with _directory_lock(where.parent, wait=False) as held:
             if held:
                 _clean_locked(where)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a name with a NUL, say
         logger.warning("could not clean up beside %s: %s", target, e)
 
 

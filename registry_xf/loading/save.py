@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from confection import Config
@@ -17,7 +18,9 @@ from .hf import converter_of
 from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
 from .sources import META_FILE, SAVED_CONFIG
-from .written import WRITER, WRITER_KEY, is_saved_model
+from .written import WRITER, WRITER_KEY
+
+_MAX_META_BYTES = 2**20  # a meta.json of ours is a few kilobytes at most
 
 
 def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -73,3 +76,17 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
             },
         )
     return target
+
+
+def is_saved_model(directory: Path) -> bool:
+    """A directory written by ``registry_xf.save``: config.cfg and our meta.json."""
+    meta = directory / META_FILE
+    if not (directory / SAVED_CONFIG).is_file() or not meta.is_file():
+        return False
+    try:
+        if meta.stat().st_size > _MAX_META_BYTES:
+            return False
+        data = json.loads(meta.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"registry_xf_version", "format_version"} <= set(data)

@@ -1,6 +1,6 @@
-"""How registry_xf knows a directory as one it wrote: the only kind (besides an empty
-folder) that ``overwrite=True`` replaces, so that a mistyped path never deletes a user's
-own files."""
+"""How registry_xf knows a file or directory as one it wrote: the only kind (besides an
+empty folder) that ``overwrite=True`` replaces, so that a mistyped path never deletes a
+user's own files. (A saved model is known by its meta.json: see ``save.is_saved_model``.)"""
 
 from __future__ import annotations
 
@@ -9,28 +9,12 @@ import struct
 from pathlib import Path
 
 from ..about import __version__
-from .sources import META_FILE, SAVED_CONFIG
 
 # Recorded in the metadata of every safetensors file registry_xf writes.
 WRITER = f"registry_xf {__version__}"
 WRITER_KEY = "written_by"
 _MAX_HEADER = 100 * 2**20  # a safetensors header is JSON; larger ones are not ours
-_MAX_META = 2**20
 EXPORTED_KIND = "an HF directory written by registry_xf.export_hf"
-
-
-def is_saved_model(directory: Path) -> bool:
-    """A directory written by ``registry_xf.save``: config.cfg and our meta.json."""
-    meta = directory / META_FILE
-    if not (directory / SAVED_CONFIG).is_file() or not meta.is_file():
-        return False
-    try:
-        if meta.stat().st_size > _MAX_META:
-            return False
-        data = json.loads(meta.read_text(encoding="utf8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"registry_xf_version", "format_version"} <= set(data)
 
 
 def is_exported_hf(directory: Path) -> bool:
