@@ -18,6 +18,8 @@ from .errors import (
     LoadError,
     RegistryNameError,
     RegistryXFError,
+    SaveError,
+    UnsafePathError,
     UnsupportedModelError,
 )
 from .generation import GenerationSettings, Generator, SettingsError
@@ -51,7 +53,9 @@ __all__ = [
     "Pooler",
     "RegistryNameError",
     "RegistryXFError",
+    "SaveError",
     "SettingsError",
+    "UnsafePathError",
     "UnsupportedModelError",
     "__version__",
     "build",

@@ -122,3 +122,13 @@ class HubNotCachedError(HubError):
 
 class HubNoSafetensorsError(HubError):
     """A repository whose weights are pickles (or other formats) only, never safetensors."""
+
+
+class SaveError(RegistryXFError, OSError):
+    """A save that cannot be done where it was asked (the target is not ours to replace,
+    or the filesystem refuses); nothing is left behind."""
+
+
+class UnsafePathError(CheckpointError):
+    """A file name from untrusted data (a byte blob, an index) that would land outside the
+    directory it belongs in."""

@@ -414,19 +414,24 @@ def test_save_refuses_an_existing_directory(bert: rx.Encoder, tmp_path: Path) ->
     target = tmp_path / "saved"
     target.mkdir()
     (target / "keep.txt").write_text("old")
-    with pytest.raises(rx.RegistryXFError, match="overwrite=True") as info:
-        rx.save(bert, target)
-    assert str(target) in str(info.value)
-    assert leftovers(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "old"
-    assert leftovers(tmp_path) == ["saved"]  # no temporary directory left
+    for overwrite in (False, True):  # not a saved model: never replaced
+        with pytest.raises(rx.SaveError, match="overwrite=True") as info:
+            rx.save(bert, target, overwrite=overwrite)
+        assert str(target) in str(info.value) and "keep.txt" in str(info.value)
+        assert leftovers(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "old"
+        assert leftovers(tmp_path) == ["saved"]  # no temporary directory left
 
-    rx.save(bert, target, overwrite=True)
-    assert "keep.txt" not in leftovers(target) and "config.cfg" in leftovers(target)
-    assert leftovers(tmp_path) == ["saved"]
+    model_dir = tmp_path / "model"
+    rx.save(bert, model_dir)
+    with pytest.raises(rx.SaveError, match="overwrite=True"):
+        rx.save(bert, model_dir)
+    rx.save(bert, model_dir, overwrite=True)  # a saved model is replaced as a whole
+    assert "config.cfg" in leftovers(model_dir)
+    assert leftovers(tmp_path) == ["model", "saved"]
     ids, mask = random_batch()
     with torch.no_grad():
         expected = bert(ids, mask).last_hidden_state
-        assert torch.equal(rx.load(target)(ids, mask).last_hidden_state, expected)
+        assert torch.equal(rx.load(model_dir)(ids, mask).last_hidden_state, expected)
 
 
 def test_save_of_a_meta_model_writes_nothing(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -447,11 +452,11 @@ def test_save_failing_midway_leaves_nothing(checkpoints: dict[str, Path], tmp_pa
     assert leftovers(tmp_path) == ["source"]
 
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "keep.txt").write_text("old")
+    rx.save(rx.load(checkpoints["bert"]), old)
+    before = {name: (old / name).read_bytes() for name in leftovers(old)}
     with pytest.raises(rx.CheckpointError):
         rx.save(model, old, overwrite=True)
-    assert leftovers(old) == ["keep.txt"]
+    assert {name: (old / name).read_bytes() for name in leftovers(old)} == before
     assert leftovers(tmp_path) == ["old", "source"]
 
 

@@ -24,6 +24,8 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .materialise import parameter_slots
+from .paths import safe_join
+from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -51,7 +53,8 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
     pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
     if pooling is None:
         return None
-    settings = json.loads((directory / pooling["path"] / "config.json").read_text(encoding="utf8"))
+    folder = safe_join(directory, pooling.get("path"), where=str(modules_file))
+    settings = json.loads((folder / "config.json").read_text(encoding="utf8"))
     if settings.get("pooling_mode_cls_token"):
         name = "registry_xf.CLSPooler.v1"
     elif settings.get("pooling_mode_max_tokens"):
@@ -176,9 +179,12 @@ def export_hf(
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     target = Path(path)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(
+        target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
+    ) as tmp:
         write_json(tmp / "config.json", hf_config)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt", WRITER_KEY: WRITER}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ from ..config.resolve import interpolate, resolve
 from ..errors import ConfigError, ConfigProblem
 from ..layers.packed_linear import pack_linear_weights, should_pack
 from ..types import to_device, to_dtype
+from .atomic import clean_leftovers
+from .integrity import verify_source
 from .materialise import materialise_random, on_meta
 from .sources import DEFAULT_MODEL, ModelSource, SourceConfig, config_from_source
 
@@ -70,6 +73,7 @@ def load(
     pack: bool | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    verify: bool = False,
 ) -> Assembly:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
@@ -80,13 +84,18 @@ def load(
     dotted config paths (``{"hyper.attention_backend": "eager"}``). ``pack`` keeps CPU
     linear weights also in oneDNN's blocked layout for faster inference (a second copy of
     them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
-    ``local_files_only`` apply to Hub ids (see docs/sources.md).
+    ``local_files_only`` apply to Hub ids (see docs/sources.md). ``verify`` checks a saved
+    directory's files against the sha256 its meta.json records.
     With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
     bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
     """
+    if isinstance(source, (str, Path)):
+        clean_leftovers(source)  # of interrupted saves; may put back a model moved aside
     found = config_from_source(
         source, overrides=overrides, revision=revision, local_files_only=local_files_only
     )
+    if verify:
+        verify_source(found)
     interpolated = interpolate(found.config)
     if "weights" not in interpolated:
         raise ConfigError(

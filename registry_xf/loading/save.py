@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from confection import Config
@@ -12,17 +13,24 @@ from ..about import FORMAT_VERSION, __version__
 from ..config.resolve import fill
 from ..errors import RegistryXFError
 from ..types import dtype_name
-from .atomic import atomic_directory, write_json
+from .atomic import atomic_directory, flushing, write_json
 from .hf import converter_of
+from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
 from .sources import META_FILE, SAVED_CONFIG
+from .written import WRITER, WRITER_KEY
+
+_MAX_META_BYTES = 2**20  # a meta.json of ours is a few kilobytes at most
 
 
 def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``.
+    """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``
+    (which records the sha256 of the other files).
 
-    The directory is written beside its target and renamed into place, so it never
-    exists half-written.
+    The directory is written beside its target, flushed to disk and swapped into place
+    (see ``atomic.py``), so the path never holds a half-written model, and a crash leaves
+    the old model or the new one there. ``overwrite=True`` replaces only a model saved by
+    registry_xf or an empty folder.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -49,11 +57,14 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     except RegistryXFError:
         converter = None
     target = Path(path)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(target, overwrite=overwrite, replaceable=is_saved_model) as tmp:
         fill(saved).to_disk(tmp / SAVED_CONFIG, interpolate=False)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt", WRITER_KEY: WRITER}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        with flushing(tmp):
+            hashes = file_hashes(tmp)
         write_json(
             tmp / META_FILE,
             {
@@ -61,6 +72,21 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
                 "format_version": FORMAT_VERSION,
                 "dtype": dtype_name(next(iter(tensors.values())).dtype) if tensors else None,
                 "hf_converter": converter,
+                HASHES_KEY: hashes,
             },
         )
     return target
+
+
+def is_saved_model(directory: Path) -> bool:
+    """A directory written by ``registry_xf.save``: config.cfg and our meta.json."""
+    meta = directory / META_FILE
+    if not (directory / SAVED_CONFIG).is_file() or not meta.is_file():
+        return False
+    try:
+        if meta.stat().st_size > _MAX_META_BYTES:
+            return False
+        data = json.loads(meta.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"registry_xf_version", "format_version"} <= set(data)

@@ -22,7 +22,9 @@ from spacy.vocab import Vocab
 from thinc.api import Model, Optimizer, get_torch_default_device, set_dropout_rate
 from thinc.types import Floats2d, Ragged
 
+from ...errors import CheckpointError
 from ...loading.load import load
+from ...loading.paths import safe_join
 from ...loading.save import save
 from ...loading.sources import DEFAULT_MODEL
 from . import hooks
@@ -208,10 +210,12 @@ class Transformer(TrainablePipe):
     # --- serialization -----------------------------------------------------------
 
     def to_disk(self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
-        """Write the encoder (config, safetensors weights, tokenizer) into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save(encoder_of(self.model), path / MODEL_FOLDER, overwrite=True)
+        """Write the encoder (config, safetensors weights, tokenizer) into ``path``.
+
+        The folder ``path/model`` is replaced as a whole (see ``registry_xf.save``), and
+        only if it holds a saved model: a folder of other files there is an error.
+        """
+        save(encoder_of(self.model), Path(path) / MODEL_FOLDER, overwrite=True)
 
     def from_disk(
         self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()
@@ -224,29 +228,64 @@ class Transformer(TrainablePipe):
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = SimpleFrozenList()) -> bytes:
+        """The files ``to_disk`` writes, as one msgpack map of ``/``-separated names."""
         with tempfile.TemporaryDirectory() as tmp:
             self.to_disk(tmp)
             files = {
-                str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
+                p.relative_to(tmp).as_posix(): p.read_bytes()
+                for p in sorted(Path(tmp).rglob("*"))
+                if p.is_file()
             }
         return srsly.msgpack_dumps(files)
 
     def from_bytes(
         self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()
     ) -> "Transformer":
-        files = srsly.msgpack_loads(bytes_data)
+        """Read what ``to_bytes`` wrote. The names in the bytes are untrusted: each must be
+        a plain relative name (see ``safe_join``), or nothing is read."""
+        files = _files_from_bytes(bytes_data, self.name)
         # The tokenizer reads its files lazily: they live as long as this component.
         tmp = tempfile.TemporaryDirectory(prefix="registry_xf_spacy_")
-        for name, data in files.items():
-            target = Path(tmp.name) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        self.from_disk(tmp.name)
+        try:
+            for name, data in files.items():
+                target = safe_join(tmp.name, name, where=f"{self.name}: from_bytes")
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with target.open("xb") as f:  # never through a file already there
+                        f.write(data)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"{self.name}: from_bytes: file {name!r} cannot be written "
+                        f"({e.strerror}); the bytes are not a registry_xf component's"
+                    ) from None
+            self.from_disk(tmp.name)
+        except BaseException:
+            tmp.cleanup()
+            raise
         self._from_bytes_dir = tmp
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_from_bytes_dir": None}
+
+
+def _files_from_bytes(data: bytes, name: str) -> dict[str, bytes]:
+    """The ``{file name: contents}`` map of ``to_bytes``, checked for its shape."""
+    try:
+        files = srsly.msgpack_loads(data)
+    except Exception as e:  # msgpack raises many kinds for bytes that are not its own
+        raise CheckpointError(
+            f"{name}: from_bytes: not msgpack data ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()
+    ):
+        raise CheckpointError(
+            f"{name}: from_bytes: expected a map of file names to bytes, as to_bytes writes"
+        )
+    if not files:
+        raise CheckpointError(f"{name}: from_bytes: the bytes hold no files")
+    return files
 
 
 def _target_device(model: Model) -> Any:
