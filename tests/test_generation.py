@@ -252,6 +252,14 @@ def test_generate_ids_takes_a_tensor(model: torch.nn.Module) -> None:
     assert g.generate_ids([], max_new_tokens=5) == []
 
 
+def test_a_generator_takes_a_source(model: torch.nn.Module, llama_dir: Path) -> None:
+    from_source = Generator(str(llama_dir))
+    assert from_source.model.record.origin.path == llama_dir
+    assert from_source.generate_ids([PROMPTS[0]], max_new_tokens=8) == Generator(
+        model
+    ).generate_ids([PROMPTS[0]], max_new_tokens=8)
+
+
 # -- sampling -----------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 import torch
@@ -35,8 +36,9 @@ class Generator:
     """Generates text, or token ids, with a causal language model.
 
     ``model`` is a :class:`~registry_xf.assemblies.decoder.CausalLM` (anything with
-    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``);
-    ``tokenizer`` defaults to the model's. ``settings`` are the defaults of every call,
+    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), or any source
+    ``registry_xf.load`` takes (a Hub id, a directory, a package, a ``.cfg``), loaded on the
+    CPU as stored; ``tokenizer`` defaults to the model's. ``settings`` are the defaults of every call,
     which each call may override by keyword (see :class:`GenerationSettings`).
     ``logits_processors`` and ``stopping_criteria`` are extra pieces, applied after the
     ones the settings ask for.
@@ -49,7 +51,7 @@ class Generator:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | str | PathLike[str],
         *,
         tokenizer: Any = None,
         settings: GenerationSettings | Mapping[str, Any] | None = None,
@@ -57,6 +59,12 @@ class Generator:
         stopping_criteria: Sequence[StoppingCriterion] = (),
         compile: bool = False,
     ):
+        if not isinstance(model, torch.nn.Module):
+            # A source (Hub id, directory, package, .cfg): loaded on the CPU as stored. The
+            # import is here so that generation knows nothing of loading until asked to load.
+            from ..loading.load import load
+
+            model = load(model)
         if not (callable(getattr(model, "new_cache", None)) and hasattr(model, "lm_head")):
             raise RegistryXFError(
                 f"Generator needs a causal language model (registry_xf.CausalLM.v1); "
