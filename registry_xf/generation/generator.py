@@ -38,8 +38,8 @@ class Generator:
     ``model`` is a :class:`~registry_xf.assemblies.decoder.CausalLM` (anything with
     ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), or any source
     ``registry_xf.load`` takes (a Hub id, a directory, a package, a ``.cfg``), loaded on the
-    CPU as stored; ``tokenizer`` defaults to the model's. ``settings`` are the defaults of every call,
-    which each call may override by keyword (see :class:`GenerationSettings`).
+    CPU as stored; ``tokenizer`` defaults to the model's. ``settings`` are the defaults of
+    every call, which each call may override by keyword (see :class:`GenerationSettings`).
     ``logits_processors`` and ``stopping_criteria`` are extra pieces, applied after the
     ones the settings ask for.
 
