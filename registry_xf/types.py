@@ -87,8 +87,9 @@ CONVERTING = ((torch.dtype, DType), (torch.device, Device), (Path, PathLike))
 # at most 128 layers, widths up to 53,248, vocabularies up to 262,144, contexts up to
 # 10,485,760 positions, 128 heads of up to 256 dimensions).
 
-MAX_LAYERS = 2048
-"""Layers in a stack (the deepest released models have 128; research models ~1,000)."""
+MAX_LAYERS = 1024
+"""Layers in a stack (the deepest released models have 126; research models reach 1,000).
+Building a stack on the meta device costs a few milliseconds per layer."""
 MAX_WIDTH = 2**18
 """Any hidden, intermediate or embedding width: 262,144 (five times the widest released)."""
 MAX_HEADS = 4096

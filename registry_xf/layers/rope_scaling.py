@@ -42,7 +42,7 @@ def check_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError(f"rope scaling {kind!r} needs {', '.join(missing)}")
     spec["type"] = kind
     spec.pop("rope_type", None)
-    problems = [_value_problem(key, spec[key]) for key in _VALUE_RULES if spec.get(key) is not None]
+    problems = [value_problem(key, spec[key]) for key in _VALUE_RULES if spec.get(key) is not None]
     low, high = spec.get("low_freq_factor"), spec.get("high_freq_factor")
     if kind == "llama3" and not any(problems) and high <= low:
         problems.append(f"high_freq_factor {high} must be above low_freq_factor {low}")
@@ -84,7 +84,11 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _value_problem(key: str, value: Any) -> str:
+def value_problem(key: str, value: Any) -> str:
+    """What is wrong with ``value`` for the scaling setting ``key`` ("" when nothing is, or
+    when the key is not a numeric setting)."""
+    if key not in _VALUE_RULES:
+        return ""
     check, expected = _VALUE_RULES[key]
     return "" if check(value) else f"{key} must be {expected} (found {value!r})"
 

@@ -13,16 +13,18 @@ from torch import nn
 
 from ..config.families import family_config_text
 from ..config.resolve import interpolate, read_config
-from ..converters.base import HFConverter, converter_for_model_type
+from ..converters.base import HFConverter, converter_for_model_type, template_regex
 from ..errors import (
     CheckpointError,
     ConfigError,
+    ConfigProblem,
     RegistryXFError,
     UnsupportedModelError,
 )
 from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
+from .checkpoint import checkpoint_files, open_checkpoint
 from .materialise import parameter_slots
 
 
@@ -99,9 +101,12 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
         hyper = converter.hyper_from_hf(hf)
     except UnsupportedModelError as e:  # name the file, not just "config.json"
         raise UnsupportedModelError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(where)) from None
     config = read_config(
         family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
     )
+    check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
     config["weights"] = {
         "@loaders": "registry_xf.Safetensors.v1",
         "path": str(directory),
@@ -183,3 +188,182 @@ def export_hf(
         if tokenizer is not None:
             tokenizer.save(tmp)
     return target
+
+
+# --- config.json against the weights' header ----------------------------------------------
+
+# config.json keys that set a [hyper] value beside the converters' one-to-one settings.
+_DERIVED_KEYS = {
+    "n_kv_heads": ("num_key_value_heads", "num_kv_heads"),
+    "head_width": ("head_dim",),
+    "intermediate_width": ("n_inner", "ffn_hidden_size"),
+    "embedding_width": ("embedding_size",),
+}
+
+
+def check_config_against_weights(
+    directory: Path, hf: Mapping[str, Any], converter: HFConverter, hyper: Mapping[str, Any]
+) -> None:
+    """Refuse a config.json that disagrees with its safetensors files, before anything is
+    built: the vocabulary and widths against the embedding and projection shapes, the
+    number of layers against the layer indexes in the tensor names, and the heads against
+    the query/key/value shapes. Reads the files' headers only.
+
+    ``hyper`` holds the ``[hyper]`` values config.json gives (the family's defaults for
+    the rest). A directory without weights passes: loading reports what is missing.
+    """
+    try:
+        checkpoint_files(directory)
+    except CheckpointError:
+        return
+    with open_checkpoint(directory, "cpu") as ckpt:
+        stripped = converter.strip_prefix(ckpt.keys())
+        shapes = {name: key for key, name in stripped.items()}
+        facts = _WeightFacts(converter, hyper, shapes, ckpt.shape)
+        problems = [
+            ConfigProblem(_key_text(converter, hf, hyper, name), message, hyper.get(name), True)
+            for name, message in facts.disagreements()
+        ]
+    if problems:
+        raise ConfigError(problems, source=str(directory / "config.json"))
+
+
+def _key_text(
+    converter: HFConverter, hf: Mapping[str, Any], hyper: Mapping[str, Any], name: str
+) -> str:
+    """The config.json key that sets the [hyper] value ``name``, as an error's path."""
+    keys = [s.hf for s in converter.settings if s.hyper == name] or list(
+        _DERIVED_KEYS.get(name, ())
+    )
+    present = [k for k in keys if k in hf]
+    if present:
+        return present[0]
+    if keys:
+        return f"{keys[0]} (absent: {name} = {hyper.get(name)!r} by default)"
+    return f"hyper.{name} (derived from config.json)"
+
+
+class _WeightFacts:
+    """What the weights' shapes say about the [hyper] values, compared with them."""
+
+    def __init__(
+        self,
+        converter: HFConverter,
+        hyper: Mapping[str, Any],
+        names: Mapping[str, str],
+        shape_of: Any,
+    ):
+        self.converter = converter
+        self.hyper = hyper
+        self.names = names  # HF name without prefix -> name in the files
+        self.shape_of = shape_of
+
+    def disagreements(self) -> list[tuple[str, str]]:
+        """(``[hyper]`` name, what the weights say) for each value they contradict."""
+        found: list[tuple[str, str]] = []
+        hyper = self.hyper
+        width_name = "embedding_width" if hyper.get("embedding_width") else "hidden_width"
+        for suffix, dims in (
+            ("embeddings.word_embeddings.weight", ("vocab_size", width_name)),
+            ("embeddings.positions.weight", ("max_positions", None)),
+            ("embeddings.token_type_embeddings.weight", ("type_vocab_size", None)),
+            ("layers.0.feed_forward.down_proj.weight", ("hidden_width", "intermediate_width")),
+        ):
+            tensor = self._tensor(suffix)
+            if tensor is None:
+                continue
+            name, shape = tensor
+            for axis, setting in enumerate(dims):
+                value = hyper.get(setting) if setting else None
+                if value is not None and axis < len(shape) and shape[axis] != value:
+                    found.append((setting, f"the weights' {name} has shape {list(shape)}"))
+        found += self._layer_count()
+        found += self._heads()
+        return found
+
+    def _tensor(self, suffix: str) -> tuple[str, tuple[int, ...]] | None:
+        """The shape (in our layout) of the single HF tensor for our parameter ``*suffix``."""
+        for rule in self.converter.rules:
+            ours = rule.ours.replace("{i}", "0").replace("{p}", "weight")
+            if not ours.endswith(suffix):
+                continue
+            found = self.converter.hf_names(ours, self.hyper)
+            if found is None or found[0] is not rule or len(found[1]) != 1:
+                continue
+            name = found[1][0]
+            if name in self.names:
+                shape = tuple(self.shape_of(self.names[name]))
+                return self.names[name], tuple(reversed(shape)) if rule.transpose else shape
+        return None
+
+    def _layer_count(self) -> list[tuple[str, str]]:
+        setting = self.converter.layer_index_setting
+        expected = self.hyper.get(setting)
+        indexes: set[int] = set()
+        for rule in self.converter.rules:
+            for template in rule.hf:
+                if "{i}" not in template:
+                    continue
+                pattern = template_regex(template)
+                for name in self.names:
+                    m = pattern.match(name)
+                    if m is not None and m.group("i").isdigit():
+                        indexes.add(int(m.group("i")))
+        if not indexes or expected is None or indexes == set(range(expected)):
+            return []
+        what = f"layers 0 to {max(indexes)}" if len(indexes) == max(indexes) + 1 else "layers"
+        listed = f"{what} ({len(indexes)} in all)"
+        return [(setting, f"the weights' tensor names have {listed}")]
+
+    def _heads(self) -> list[tuple[str, str]]:
+        hyper = self.hyper
+        n_heads, hidden = hyper.get("n_heads"), hyper.get("hidden_width")
+        if not n_heads or not hidden:
+            return []
+        n_kv = hyper.get("n_kv_heads") or n_heads
+        head_width = hyper.get("head_width") or hidden // n_heads
+        for rule in self.converter.rules:
+            ours = rule.ours.replace("{i}", "0").replace("{p}", "weight")
+            if not ours.endswith("layers.0.attention.qkv_proj.weight"):
+                continue
+            found = self.converter.hf_names(ours, hyper)
+            if found is None or any(n not in self.names for n in found[1]):
+                continue
+            rule, names = found
+            rows = []
+            for name in names:
+                shape = tuple(self.shape_of(self.names[name]))
+                rows.append(shape[-1] if rule.transpose else shape[0])
+            heads_text = f"{n_heads} query heads and {n_kv} key/value heads of width {head_width}"
+            if len(rows) == 3:
+                problems = []
+                if rows[0] != n_heads * head_width:
+                    problems.append(
+                        (
+                            "n_heads",
+                            f"{n_heads} query heads of width {head_width} need "
+                            f"{n_heads * head_width} rows; the weights' {self.names[names[0]]} "
+                            f"has {rows[0]}",
+                        )
+                    )
+                if rows[1] != n_kv * head_width:
+                    problems.append(
+                        (
+                            "n_kv_heads",
+                            f"{n_kv} key/value heads of width {head_width} need "
+                            f"{n_kv * head_width} rows; the weights' {self.names[names[1]]} "
+                            f"has {rows[1]}",
+                        )
+                    )
+                return problems
+            total = (n_heads + 2 * n_kv) * head_width
+            if len(rows) == 1 and rows[0] != total:
+                return [
+                    (
+                        "n_heads",
+                        f"{heads_text} need {total} query/key/value rows; the weights' "
+                        f"{self.names[names[0]]} has {rows[0]}",
+                    )
+                ]
+            return []
+        return []
