@@ -60,6 +60,7 @@ def tiny_overrides(family: str) -> dict[str, Any]:
         "head_width": 8,
         "intermediate_width": 37,
         "embedding_width": 16,
+        "projection_width": 32,
         "max_positions": 64,
         "embedding_scale": 32**0.5,
         "sliding_window": 16,

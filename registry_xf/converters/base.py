@@ -231,6 +231,10 @@ def converter_for_model_type(model_type: str | None, where: str = "config.json")
     Converters are indexed once; an unknown type re-reads the registry (a package that
     adds converters may have been installed since).
     """
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(
+            f"{where}: model_type must be a string such as 'bert'; found {model_type!r}"
+        )
     if model_type not in _BY_MODEL_TYPE:
         for converter in all_converters():
             for kind in converter.model_types:
