@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BeforeValidator, Field, PlainSerializer, ValidationInfo
+from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, ValidationInfo
 
 from .errors import InputError
 
@@ -114,7 +114,6 @@ def _sized(low: int, high: int) -> Any:
 
 PositiveInt = Annotated[int, Field(ge=1)]
 """A count of at least one."""
-NonNegativeInt = Annotated[int, Field(ge=0)]
 LayerCount = Annotated[int, _sized(1, MAX_LAYERS)]
 Width = Annotated[int, _sized(1, MAX_WIDTH)]
 HeadCount = Annotated[int, _sized(1, MAX_HEADS)]
@@ -129,12 +128,19 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 """Any real number: NaN and infinities are refused (they turn every output into NaN)."""
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 """A finite number above zero (a scale, a factor)."""
-NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 """A probability such as a dropout rate: from 0 to 1."""
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 """A share of something that must not be empty: above 0, at most 1."""
-Eps = Annotated[float, Field(ge=MIN_EPS, le=1, allow_inf_nan=False)]
+
+
+def _not_flushed(eps: float) -> float:
+    if eps < MIN_EPS:
+        raise ValueError(f"{eps:g} is below {MIN_EPS:g}: float32 sums flush it to zero")
+    return eps
+
+
+Eps = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), AfterValidator(_not_flushed)]
 """A norm's epsilon: from ``MIN_EPS`` to 1."""
 RopeBase = Annotated[float, Field(gt=1, allow_inf_nan=False)]
 """Rotary base (theta): finite and above 1 (1 or less gives no or NaN frequencies)."""

@@ -164,35 +164,11 @@ def _func_name(func: Callable[..., Any]) -> str:
 def _annotation_text(annotation: Any) -> str:
     if annotation is inspect.Parameter.empty:
         return "any value"
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " | ".join(_annotation_text(a) for a in typing.get_args(annotation))
-    bounds = ""
     if typing.get_origin(annotation) is typing.Annotated:
-        annotation, *extras = typing.get_args(annotation)
-        bounds = _bounds_text(extras)
-    if annotation is type(None):
-        return "None"
+        annotation = typing.get_args(annotation)[0]
     if isinstance(annotation, type):
-        return annotation.__name__ + bounds
-    text = str(annotation).replace("typing.", "").replace("torch.nn.modules.module.", "")
-    return text + bounds
-
-
-_BOUND_WORDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-
-
-def _bounds_text(extras: list[Any]) -> str:
-    """The range that ``Field`` constraints in ``Annotated`` extras allow, as text."""
-    found = []
-    for extra in extras:
-        for item in [extra, *getattr(extra, "metadata", [])]:
-            for attr, sign in _BOUND_WORDS:
-                value = getattr(item, attr, None)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    found.append(f"{sign} {value:g}")
-            if getattr(item, "allow_inf_nan", None) is False:
-                found.append("finite")
-    return f" ({', '.join(dict.fromkeys(found))})" if found else ""
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("torch.nn.modules.module.", "")
 
 
 def _converting(annotation: Any) -> Any:

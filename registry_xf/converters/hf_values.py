@@ -102,8 +102,7 @@ def checked_hf_values(hf: Mapping[str, Any], converter: HFConverter) -> dict[str
         try:
             checked[key] = _ADAPTERS[kind].validate_python(value)
         except ValidationError as e:
-            message = e.errors(include_url=False)[0]["msg"]
-            problems.append(ConfigProblem(key, f"{message} (a {kind} setting)", value, True))
+            problems.append(ConfigProblem(key, f"{_message(e)} (a {kind} setting)", value, True))
     for section in _ROPE_SECTIONS:
         problems += _rope_problems(section, hf.get(section))
     if not problems:
@@ -126,8 +125,7 @@ def _rope_problems(section: str, value: Any) -> list[ConfigProblem]:
             try:
                 _ADAPTERS[kind].validate_python(item)
             except ValidationError as e:
-                message = e.errors(include_url=False)[0]["msg"]
-                problems.append(ConfigProblem(path, message, item, True))
+                problems.append(ConfigProblem(path, _message(e), item, True))
             continue
         if item is None:
             continue
@@ -135,6 +133,10 @@ def _rope_problems(section: str, value: Any) -> list[ConfigProblem]:
         if found:
             problems.append(ConfigProblem(path, found))
     return problems
+
+
+def _message(error: ValidationError) -> str:
+    return error.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
 
 
 def _setting_key(converter: HFConverter, hyper: str) -> str | None:

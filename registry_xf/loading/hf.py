@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,7 @@ class _WeightFacts:
         converter: HFConverter,
         hyper: Mapping[str, Any],
         names: Mapping[str, str],
-        shape_of: Any,
+        shape_of: Callable[[str], tuple[int, ...]],
     ):
         self.converter = converter
         self.hyper = hyper
