@@ -337,15 +337,15 @@ def test_bad_config_json_values_name_the_key(
 @pytest.mark.parametrize(
     ("family", "changes", "key", "says"),
     [
-        ("bert", {"vocab_size": 100}, "vocab_size", "word_embeddings.weight has shape [99, 32]"),
-        ("bert", {"num_hidden_layers": 3}, "num_hidden_layers", "layers 0 to 1 (2 in all)"),
-        ("bert", {"intermediate_size": 64}, "intermediate_size", "[32, 37]"),
-        ("bert", {"max_position_embeddings": 128}, "max_position_embeddings", "[64, 32]"),
-        ("llama", {"num_key_value_heads": 4}, "num_key_value_heads", "k_proj.weight has 16"),
-        ("llama", {"head_dim": 4}, "num_attention_heads", "q_proj.weight has 32"),
+        ("bert", {"vocab_size": 100}, "vocab_size", "word_embeddings.weight say 99"),
+        ("bert", {"num_hidden_layers": 3}, "num_hidden_layers", "layers 0 to 1 (2)"),
+        ("bert", {"hidden_size": 64}, "hidden_size", "say 32"),
+        ("llama", {"vocab_size": 98}, "vocab_size", "and lm_head.weight say 99"),
+        ("llama", {"num_key_value_heads": 4}, "num_key_value_heads", "k_proj.weight say 16"),
+        ("llama", {"head_dim": 4}, "num_attention_heads", "make 16 rows; the weights' model"),
         ("llama", {"num_hidden_layers": 1}, "num_hidden_layers", "layers 0 to 1"),
-        ("gpt2", {"n_head": 2, "n_embd": 64}, "n_embd", "wte.weight has shape [99, 32]"),
-        ("albert", {"num_hidden_groups": 2}, "num_hidden_groups", "(1 in all)"),
+        ("gpt2", {"n_head": 2, "n_embd": 64}, "n_embd", "say 32"),
+        ("albert", {"num_hidden_groups": 2}, "num_hidden_groups", "layers 0 to 0 (1)"),
     ],
 )
 def test_config_json_is_checked_against_the_weights(
@@ -363,6 +363,23 @@ def test_config_json_is_checked_against_the_weights(
     assert str(directory / "config.json") in str(info.value)
     assert key in problems and says in problems[key], str(info.value)
     with pytest.raises(rx.ConfigError):
+        rx.load(directory)
+
+
+def test_one_odd_tensor_is_the_files_fault_not_config_json(
+    tiny_hf: dict[str, Path], tmp_path: Path
+) -> None:
+    """A key projection whose rows disagree with the value projection's: loading names the
+    tensor (the weights do not agree with themselves on the key/value heads)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = with_config_json(tiny_hf["llama"], tmp_path / "llama")
+    tensors = load_file(directory / "model.safetensors")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = torch.zeros(8, 32)
+    save_file(tensors, directory / "model.safetensors")
+    rx.config_from_hf(directory)  # config.json itself is not blamed
+    with pytest.raises(rx.LoadError, match="k_proj"):
         rx.load(directory)
 
 

@@ -244,7 +244,13 @@ def _key_text(
 
 
 class _WeightFacts:
-    """What the weights' shapes say about the [hyper] values, compared with them."""
+    """What the weights' shapes say about the [hyper] values, compared with them.
+
+    The weights "say" a value only where two tensors agree on it (the embedding's and the
+    projections' widths, the key and value rows, the query rows and the output projection's
+    columns; every layer holding the same tensors). A single odd tensor is a fault of the
+    file, not of config.json: loading reports it, naming the tensor.
+    """
 
     def __init__(
         self,
@@ -260,46 +266,80 @@ class _WeightFacts:
 
     def disagreements(self) -> list[tuple[str, str]]:
         """(``[hyper]`` name, what the weights say) for each value they contradict."""
-        found: list[tuple[str, str]] = []
-        hyper = self.hyper
-        width_name = "embedding_width" if hyper.get("embedding_width") else "hidden_width"
-        for suffix, dims in (
-            ("embeddings.word_embeddings.weight", ("vocab_size", width_name)),
-            ("embeddings.positions.weight", ("max_positions", None)),
-            ("embeddings.token_type_embeddings.weight", ("type_vocab_size", None)),
-            ("layers.0.feed_forward.down_proj.weight", ("hidden_width", "intermediate_width")),
-        ):
-            tensor = self._tensor(suffix)
-            if tensor is None:
-                continue
-            name, shape = tensor
-            for axis, setting in enumerate(dims):
-                value = hyper.get(setting) if setting else None
-                if value is not None and axis < len(shape) and shape[axis] != value:
-                    found.append((setting, f"the weights' {name} has shape {list(shape)}"))
-        found += self._layer_count()
-        found += self._heads()
-        return found
+        found = self._layer_count()
+        width = self._hidden_width()
+        if width is not None and width[0] != self.hyper.get("hidden_width"):
+            found.append(("hidden_width", f"the weights' {width[1]} say {width[0]}"))
+        vocab = self._vocab_size()
+        if vocab is not None and vocab[0] != self.hyper.get("vocab_size"):
+            found.append(("vocab_size", f"the weights' {vocab[1]} say {vocab[0]}"))
+        return found + self._heads()
 
-    def _tensor(self, suffix: str) -> tuple[str, tuple[int, ...]] | None:
-        """The shape (in our layout) of the single HF tensor for our parameter ``*suffix``."""
+    def _matrices(self, suffix: str) -> list[tuple[str, tuple[int, ...]]] | None:
+        """The HF tensors of our parameter ``*suffix`` (layer 0) as (name, shape in our
+        layout); None unless every one of them is in the files and is a matrix."""
         for rule in self.converter.rules:
             ours = rule.ours.replace("{i}", "0").replace("{p}", "weight")
             if not ours.endswith(suffix):
                 continue
             found = self.converter.hf_names(ours, self.hyper)
-            if found is None or found[0] is not rule or len(found[1]) != 1:
+            if found is None or found[0] is not rule:
                 continue
-            name = found[1][0]
-            if name in self.names:
+            if any(name not in self.names for name in found[1]):
+                continue
+            matrices = []
+            for name in found[1]:
                 shape = tuple(self.shape_of(self.names[name]))
-                return self.names[name], tuple(reversed(shape)) if rule.transpose else shape
+                if len(shape) != 2 or 0 in shape:
+                    return None
+                matrices.append((self.names[name], shape[::-1] if rule.transpose else shape))
+            return matrices
+        return None
+
+    def _single(self, suffix: str) -> tuple[str, tuple[int, ...]] | None:
+        found = self._matrices(suffix)
+        return found[0] if found is not None and len(found) == 1 else None
+
+    def _hidden_width(self) -> tuple[int, str] | None:
+        """The width every witness agrees on (at least two): the output projections' rows,
+        and the token embeddings' columns where they are not narrower (ALBERT, ELECTRA)."""
+        witnesses = [
+            (shape[0], name)
+            for suffix in (
+                "layers.0.attention.o_proj.weight",
+                "layers.0.feed_forward.down_proj.weight",
+            )
+            if (found := self._single(suffix)) is not None
+            for name, shape in [found]
+        ]
+        embedding = self._single("embeddings.word_embeddings.weight")
+        if embedding is not None and not self.hyper.get("embedding_width"):
+            witnesses.append((embedding[1][1], embedding[0]))
+        if len(witnesses) < 2 or len({w for w, _ in witnesses}) > 1:
+            return None
+        return witnesses[0][0], " and ".join(name for _, name in witnesses)
+
+    def _vocab_size(self) -> tuple[int, str] | None:
+        """The rows of the token embeddings, where the output projection (if untied) or the
+        agreed hidden width confirms the matrix."""
+        embedding = self._single("embeddings.word_embeddings.weight")
+        if embedding is None:
+            return None
+        name, shape = embedding
+        head = self._single("lm_head.weight")
+        if head is not None:
+            return (shape[0], f"{name} and {head[0]}") if head[1] == shape else None
+        width = self._hidden_width()
+        if self.hyper.get("embedding_width") or (width is not None and width[0] == shape[1]):
+            return shape[0], name
         return None
 
     def _layer_count(self) -> list[tuple[str, str]]:
+        """The layers in the tensor names, when they are 0 to N - 1 and all hold the same
+        tensors."""
         setting = self.converter.layer_index_setting
         expected = self.hyper.get(setting)
-        indexes: set[int] = set()
+        per_layer: dict[int, set[str]] = {}
         for rule in self.converter.rules:
             for template in rule.hf:
                 if "{i}" not in template:
@@ -308,62 +348,58 @@ class _WeightFacts:
                 for name in self.names:
                     m = pattern.match(name)
                     if m is not None and m.group("i").isdigit():
-                        indexes.add(int(m.group("i")))
-        if not indexes or expected is None or indexes == set(range(expected)):
+                        rest = name.replace(f".{m.group('i')}.", ".{i}.", 1)
+                        per_layer.setdefault(int(m.group("i")), set()).add(rest)
+        if not per_layer or expected is None:
             return []
-        what = f"layers 0 to {max(indexes)}" if len(indexes) == max(indexes) + 1 else "layers"
-        listed = f"{what} ({len(indexes)} in all)"
-        return [(setting, f"the weights' tensor names have {listed}")]
+        count = len(per_layer)
+        complete = set(per_layer) == set(range(count)) and all(
+            tensors == per_layer[0] for tensors in per_layer.values()
+        )
+        if not complete or count == expected:
+            return []
+        return [(setting, f"the weights' tensor names have layers 0 to {count - 1} ({count})")]
 
     def _heads(self) -> list[tuple[str, str]]:
+        """Query and key/value widths, where the output projection's columns confirm the
+        query rows and the key and value rows agree."""
         hyper = self.hyper
         n_heads, hidden = hyper.get("n_heads"), hyper.get("hidden_width")
-        if not n_heads or not hidden:
+        output = self._single("layers.0.attention.o_proj.weight")
+        parts = self._matrices("layers.0.attention.qkv_proj.weight")
+        if not n_heads or not hidden or output is None or parts is None:
             return []
         n_kv = hyper.get("n_kv_heads") or n_heads
         head_width = hyper.get("head_width") or hidden // n_heads
-        for rule in self.converter.rules:
-            ours = rule.ours.replace("{i}", "0").replace("{p}", "weight")
-            if not ours.endswith("layers.0.attention.qkv_proj.weight"):
-                continue
-            found = self.converter.hf_names(ours, hyper)
-            if found is None or any(n not in self.names for n in found[1]):
-                continue
-            rule, names = found
-            rows = []
-            for name in names:
-                shape = tuple(self.shape_of(self.names[name]))
-                rows.append(shape[-1] if rule.transpose else shape[0])
-            heads_text = f"{n_heads} query heads and {n_kv} key/value heads of width {head_width}"
-            if len(rows) == 3:
-                problems = []
-                if rows[0] != n_heads * head_width:
-                    problems.append(
-                        (
-                            "n_heads",
-                            f"{n_heads} query heads of width {head_width} need "
-                            f"{n_heads * head_width} rows; the weights' {self.names[names[0]]} "
-                            f"has {rows[0]}",
-                        )
-                    )
-                if rows[1] != n_kv * head_width:
-                    problems.append(
-                        (
-                            "n_kv_heads",
-                            f"{n_kv} key/value heads of width {head_width} need "
-                            f"{n_kv * head_width} rows; the weights' {self.names[names[1]]} "
-                            f"has {rows[1]}",
-                        )
-                    )
-                return problems
-            total = (n_heads + 2 * n_kv) * head_width
-            if len(rows) == 1 and rows[0] != total:
-                return [
-                    (
-                        "n_heads",
-                        f"{heads_text} need {total} query/key/value rows; the weights' "
-                        f"{self.names[names[0]]} has {rows[0]}",
-                    )
-                ]
+        q_width = output[1][1]
+        if len(parts) == 3:
+            (q_name, q), (k_name, k), (_, v) = parts
+            if q[0] != q_width or k[0] != v[0]:
+                return []
+            kv_width, kv_name = k[0], k_name
+        elif len(parts) == 1:
+            kv_name, (rows, _) = parts[0]
+            q_name = f"{output[0]} (columns)"
+            if rows <= q_width or (rows - q_width) % 2:
+                return []
+            kv_width = (rows - q_width) // 2
+        else:
             return []
-        return []
+        found = []
+        if q_width != n_heads * head_width:
+            found.append(
+                (
+                    "n_heads",
+                    f"{n_heads} query heads of width {head_width} make {n_heads * head_width} "
+                    f"rows; the weights' {q_name} say {q_width}",
+                )
+            )
+        elif kv_width != n_kv * head_width:
+            found.append(
+                (
+                    "n_kv_heads",
+                    f"{n_kv} key/value heads of width {head_width} make {n_kv * head_width} "
+                    f"rows; the weights' {kv_name} say {kv_width}",
+                )
+            )
+        return found
