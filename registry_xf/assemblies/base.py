@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..types import MAX_PARAMETERS
+
 if TYPE_CHECKING:  # annotations only: these live on floors above the assemblies
     from confection import Config
 
@@ -69,3 +71,19 @@ class Assembly(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+
+def within_size_bound(model: nn.Module) -> nn.Module:
+    """``model``, unless it has more parameters than any real model (``MAX_PARAMETERS``).
+
+    Counted where models are built, on the meta device: it costs nothing there, and a
+    config with sizes that are each plausible but together absurd is refused before a
+    single byte of weights is allocated.
+    """
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"the model would have {count:,} parameters, more than the {MAX_PARAMETERS:,} "
+            "registry_xf builds; check its sizes (layers, widths, vocabulary)"
+        )
+    return model

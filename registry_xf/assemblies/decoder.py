@@ -16,7 +16,8 @@ from ..errors import InputError
 from ..layers.attention_mask import AttentionMask
 from ..layers.kv_cache import KVCache
 from ..registry import registry
-from .base import Assembly
+from ..types import PositionCount
+from .base import Assembly, within_size_bound
 from .outputs import ModelOutput
 
 
@@ -190,13 +191,13 @@ def decoder(
     embeddings: nn.Module,
     layers: nn.Module,
     final_norm: nn.Module | None = None,
-    max_positions: int | None = None,
+    max_positions: PositionCount | None = None,
 ) -> Decoder:
     """A causal decoder; ``max_positions`` bounds the positions it accepts."""
-    return Decoder(embeddings, layers, final_norm, max_positions)
+    return within_size_bound(Decoder(embeddings, layers, final_norm, max_positions))
 
 
 @registry.architectures.register("registry_xf.CausalLM.v1")
 def causal_lm(decoder: Decoder, tie_embeddings: bool = False, bias: bool = False) -> CausalLM:
     """A decoder with a language-model head (tied to the token embeddings, or its own)."""
-    return CausalLM(decoder, tie_embeddings, bias)
+    return within_size_bound(CausalLM(decoder, tie_embeddings, bias))

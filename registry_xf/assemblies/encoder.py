@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import InputError
 from ..layers.attention_mask import AttentionMask
 from ..registry import registry
-from .base import Assembly
+from .base import Assembly, within_size_bound
 from .outputs import ModelOutput
 
 
@@ -83,4 +83,4 @@ def encoder(
     embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None
 ) -> Encoder:
     """A transformer encoder from embeddings, a layer stack and an optional final norm."""
-    return Encoder(embeddings, layers, final_norm)
+    return within_size_bound(Encoder(embeddings, layers, final_norm))

@@ -8,6 +8,7 @@ children first.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -117,6 +118,18 @@ def _parsed(text: str) -> Config:
 
 _VARIABLE = re.compile(r"\$\{([^}]+)\}")
 
+MAX_EXPANDED_SIZE = 1_000_000
+"""Values (numbers, strings, list items, settings) and characters a config may hold once
+its variables are substituted. Family configs hold a few hundred; a chain of variables
+that each use the one before twice doubles at every link, and would take the resolver
+hours and all memory: such a config is refused at this size instead."""
+MAX_VARIABLE_DEPTH = 64
+"""Variables that refer to variables, at most this deep (family configs: 1)."""
+
+
+class _TooLarge(Exception):
+    """Raised inside ``interpolate`` once the expanded config passes its size bound."""
+
 
 def interpolate(config: Mapping[str, Any]) -> Config:
     """The config with every ``${section.key}`` replaced by its value.
@@ -124,10 +137,45 @@ def interpolate(config: Mapping[str, Any]) -> Config:
     A value that is only a variable takes the referenced value as it is (a number, a
     list, a whole section); a variable inside a longer string is replaced by its text.
     Done here rather than by confection, which writes the config out and parses it again.
+
+    Each variable is worked out once (later uses copy it), and the expanded config may
+    hold at most ``MAX_EXPANDED_SIZE`` values and characters: time and memory stay
+    bounded whatever the variables do. A variable that refers to itself is an error.
     """
     problems: list[ConfigProblem] = []
+    done: dict[str, tuple[Any, int]] = {}  # variable -> (value, size)
+    pending: list[str] = []  # variables being worked out, outermost first
+    budget = [MAX_EXPANDED_SIZE]
 
-    def lookup(dotted: str, path: str, depth: int) -> Any:
+    def spend(size: int, path: str) -> None:
+        budget[0] -= size
+        if budget[0] < 0:
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"substituting the variables makes the config larger than "
+                    f"{MAX_EXPANDED_SIZE:,} values and characters (variables that use "
+                    "each other several times grow exponentially); refused",
+                )
+            )
+            raise _TooLarge
+
+    def lookup(dotted: str, path: str) -> Any:
+        if dotted in done:
+            value, size = done[dotted]
+            spend(size, path)
+            return copy.deepcopy(value)
+        if dotted in pending:
+            chain = " -> ".join(f"${{{v}}}" for v in [*pending[pending.index(dotted) :], dotted])
+            problems.append(ConfigProblem(path, f"${{{dotted}}} refers to itself ({chain})"))
+            return None
+        if len(pending) >= MAX_VARIABLE_DEPTH:
+            problems.append(
+                ConfigProblem(
+                    path, f"variables nest more than {MAX_VARIABLE_DEPTH} deep at ${{{dotted}}}"
+                )
+            )
+            return None
         node: Any = config
         for part in dotted.split("."):
             if not isinstance(node, Mapping) or part not in node:
@@ -138,24 +186,36 @@ def interpolate(config: Mapping[str, Any]) -> Config:
                 )
                 return None
             node = node[part]
-        if depth > 32:
-            problems.append(ConfigProblem(path, f"${{{dotted}}} refers to itself"))
-            return None
-        return substitute(node, path, depth + 1)
+        pending.append(dotted)
+        before = budget[0]
+        try:
+            value = substitute(node, path)
+        finally:
+            pending.pop()
+        done[dotted] = (value, before - budget[0])
+        return copy.deepcopy(value)
 
-    def substitute(node: Any, path: str, depth: int) -> Any:
+    def substitute(node: Any, path: str) -> Any:
         if isinstance(node, Mapping):
-            return {k: substitute(v, f"{path}.{k}" if path else k, depth) for k, v in node.items()}
+            spend(1, path)
+            return {k: substitute(v, f"{path}.{k}" if path else k) for k, v in node.items()}
         if isinstance(node, list):
-            return [substitute(v, f"{path}.{i}", depth) for i, v in enumerate(node)]
+            spend(1, path)
+            return [substitute(v, f"{path}.{i}") for i, v in enumerate(node)]
         if isinstance(node, str) and "${" in node:
             whole = _VARIABLE.fullmatch(node)
             if whole:
-                return lookup(whole.group(1), path, depth)
-            return _VARIABLE.sub(lambda m: str(lookup(m.group(1), path, depth)), node)
+                return lookup(whole.group(1), path)
+            text = _VARIABLE.sub(lambda m: str(lookup(m.group(1), path)), node)
+            spend(len(text), path)
+            return text
+        spend(len(node) if isinstance(node, str) else 1, path)
         return node
 
-    result = substitute(config, "", 0)
+    try:
+        result = substitute(config, "")
+    except _TooLarge:
+        raise ConfigError(problems[-1:]) from None
     if problems:
         raise ConfigError(problems)
     return Config(result)

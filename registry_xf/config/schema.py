@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from ..errors import ConfigError, ConfigProblem, did_you_mean
+from ..errors import ConfigError, ConfigProblem, RegistryXFError, did_you_mean
 from ..types import BASE_DIR
 
 _ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True)
@@ -227,7 +227,13 @@ def validated(func: Callable[..., Any]) -> Callable[..., Any]:
         converted, problems = schema.check(kwargs)
         if problems:
             raise ConfigError(problems, source=_func_name(schema.func))
-        return schema.func(**converted)
+        try:
+            return schema.func(**converted)
+        except RegistryXFError:
+            raise
+        except (ValueError, TypeError) as e:  # arguments that do not fit together
+            name = _func_name(schema.func)
+            raise ConfigError([ConfigProblem("", f"{name}: {e}")], source=name) from None
 
     sig = inspect.signature(func)
     wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]

@@ -52,5 +52,6 @@ def albert_converter() -> HFConverter:
         checkpoint_prefixes=("albert.",),
         ignored=(*BERT_HEADS, r"predictions\.", r"sop_classifier\."),
         checks=_checks,
+        layer_index_setting="n_groups",
         extra_to_hf=lambda hyper: {"inner_group_num": 1},
     )

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, ConfigProblem, RegistryXFError, UnsupportedModelError
+from .hf_values import checked_hf_values
 
 
 @functools.lru_cache(maxsize=4096)
-def _template_regex(template: str) -> re.Pattern[str]:
+def template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
     pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>[^.]+)", pattern)
     return re.compile(pattern + r"\Z")
@@ -48,7 +49,7 @@ class KeyRule:
 
     def match(self, key: str, hyper: Mapping[str, Any] | None = None) -> list[str] | None:
         """HF names for our ``key`` if this rule covers it (for these ``[hyper]`` values)."""
-        m = _template_regex(self.ours).match(key)
+        m = template_regex(self.ours).match(key)
         if m is None or (self.when is not None and not self.when(hyper or {})):
             return None
         return [h.format(**m.groupdict()) for h in self.hf]
@@ -140,25 +141,42 @@ class HFConverter:
     extra_from_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     extra_to_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     checks: Callable[[dict[str, Any]], None] | None = None
+    # The [hyper] setting that counts the "{i}" of weight names (ALBERT: its layer groups).
+    layer_index_setting: str = "n_layers"
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._ignored_re = [re.compile(p) for p in self.ignored]
 
     def hyper_from_hf(self, hf_config: dict[str, Any]) -> dict[str, Any]:
-        """``[hyper]`` overrides for an HF ``config.json``."""
+        """``[hyper]`` overrides for an HF ``config.json``.
+
+        Every size and setting is checked first (``checked_hf_values``): a bad value is a
+        ``ConfigError`` naming its config.json key, never an exception from the
+        arithmetic below or a model too large to build.
+        """
         model_type = hf_config.get("model_type")
         if model_type not in self.model_types:
             raise UnsupportedModelError(
                 f"converter {self.name} reads model_type {', '.join(self.model_types)}, "
                 f"not {model_type!r}"
             )
-        if self.checks is not None:
-            self.checks(hf_config)
-        values = {s.hyper: hf_config.get(s.hf, s.default) for s in self.settings}
-        values = {k: v for k, v in values.items() if v is not None}  # absent: keep the .cfg's
-        if self.extra_from_hf is not None:
-            values.update(self.extra_from_hf(hf_config))  # may set None (null) on purpose
+        hf_config = checked_hf_values(hf_config, self)
+        try:
+            if self.checks is not None:
+                self.checks(hf_config)
+            values = {s.hyper: hf_config.get(s.hf, s.default) for s in self.settings}
+            values = {k: v for k, v in values.items() if v is not None}  # absent: the .cfg's
+            if self.extra_from_hf is not None:
+                values.update(self.extra_from_hf(hf_config))  # may set None (null) on purpose
+        except RegistryXFError:
+            raise
+        except KeyError as e:
+            problem = ConfigProblem(str(e.args[0]), f"missing: {self.family} models need it")
+            raise ConfigError([problem], source="config.json") from None
+        except (TypeError, ValueError, ArithmeticError) as e:
+            problem = ConfigProblem("", f"cannot be read as a {self.family} config: {e}")
+            raise ConfigError([problem], source="config.json") from None
         return values
 
     def hyper_to_hf(self, hyper: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +231,10 @@ def converter_for_model_type(model_type: str | None, where: str = "config.json")
     Converters are indexed once; an unknown type re-reads the registry (a package that
     adds converters may have been installed since).
     """
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(
+            f"{where}: model_type must be a string such as 'bert'; found {model_type!r}"
+        )
     if model_type not in _BY_MODEL_TYPE:
         for converter in all_converters():
             for kind in converter.model_types:

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
+from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probability, Width
 from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
 from .positions import ALiBi, RotaryEmbeddings
@@ -194,24 +196,41 @@ class SelfAttention(nn.Module):
 
 @registry.layers.register("registry_xf.SelfAttention.v1")
 def self_attention(
-    width: int,
-    n_heads: int,
-    n_kv_heads: int | None = None,
-    head_width: int | None = None,
+    width: Width,
+    n_heads: HeadCount,
+    n_kv_heads: HeadCount | None = None,
+    head_width: HeadWidth | None = None,
     qkv: Literal["fused", "separate"] = "fused",
     qkv_bias: bool = True,
     out_bias: bool = True,
     backend: Backend = "sdpa",
-    dropout: float = 0.0,
-    scale: float | None = None,
+    dropout: Probability = 0.0,
+    scale: PositiveFloat | None = None,
     rotary: RotaryEmbeddings | None = None,
     alibi: ALiBi | None = None,
-    window: int | None = None,
+    window: PositionCount | None = None,
 ) -> nn.Module:
     """Self-attention (MHA; GQA/MQA with ``n_kv_heads``), optional rotary or ALiBi positions.
 
     ``window`` limits each query to the ``window`` most recent keys (Mistral's sliding window).
     """
+    own_head_width = head_width or (width // n_heads if width % n_heads == 0 else None)
+    problems = []
+    if rotary is not None and own_head_width and rotary.head_width != own_head_width:
+        problems.append(
+            ConfigProblem(
+                "rotary.head_width",
+                f"differs from the attention's head width {own_head_width}",
+                rotary.head_width,
+                True,
+            )
+        )
+    if alibi is not None and alibi.n_heads != n_heads:
+        problems.append(
+            ConfigProblem("alibi.n_heads", f"differs from n_heads {n_heads}", alibi.n_heads, True)
+        )
+    if problems:
+        raise ConfigError(problems)
     return SelfAttention(
         width,
         n_heads,

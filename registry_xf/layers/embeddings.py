@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, ConfigProblem, InputError
 from ..registry import registry
+from ..types import PositiveFloat, Probability, TypeVocabSize, VocabSize, Width
 
 
 class TransformerEmbeddings(nn.Module):
@@ -116,16 +117,23 @@ class TransformerEmbeddings(nn.Module):
 
 @registry.layers.register("registry_xf.TransformerEmbeddings.v1")
 def transformer_embeddings(
-    vocab_size: int,
-    width: int,
-    type_vocab_size: int = 0,
+    vocab_size: VocabSize,
+    width: Width,
+    type_vocab_size: TypeVocabSize = 0,
     positions: nn.Module | None = None,
     norm: nn.Module | None = None,
-    projection_width: int | None = None,
-    scale: float | None = None,
-    dropout: float = 0.0,
+    projection_width: Width | None = None,
+    scale: PositiveFloat | None = None,
+    dropout: Probability = 0.0,
 ) -> nn.Module:
     """Token embeddings (+ token types, + absolute positions), normed, optionally projected."""
+    problems = [
+        ConfigProblem(name, f"differs from the embedding width {width}", found, True)
+        for name, found in (("positions.width", _width(positions)), ("norm.width", _width(norm)))
+        if found is not None and found != width
+    ]
+    if problems:
+        raise ConfigError(problems)
     return TransformerEmbeddings(
         vocab_size,
         width,
@@ -136,3 +144,16 @@ def transformer_embeddings(
         scale=scale,
         dropout=dropout,
     )
+
+
+def _width(module: nn.Module | None) -> int | None:
+    """The width a positions table or a norm works on (None: unknown or absent)."""
+    if module is None:
+        return None
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() in (1, 2):
+        return int(weight.shape[-1])  # a norm's (width,), learned positions' (n, width)
+    width = getattr(module, "width", None)
+    return width if isinstance(width, int) else None

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..registry import registry
+from ..types import Probability, Width
 from .activations import Activation
 
 
@@ -54,12 +55,12 @@ class FeedForward(nn.Module):
 
 @registry.layers.register("registry_xf.FeedForward.v1")
 def feed_forward(
-    width: int,
-    intermediate_width: int,
+    width: Width,
+    intermediate_width: Width,
     activation: Activation = "gelu",  # type: ignore[assignment]
     gated: bool = False,
     bias: bool = True,
-    dropout: float = 0.0,
+    dropout: Probability = 0.0,
     fused: bool = False,
 ) -> nn.Module:
     """Feed-forward layer. ``gated=True`` with ``silu`` is SwiGLU, with ``gelu`` GeGLU;

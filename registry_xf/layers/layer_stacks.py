@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import registry
+from ..types import MAX_PARAMETERS, LayerCount
 
 
 def clone(module: nn.Module) -> nn.Module:
@@ -101,20 +102,36 @@ class PatternLayerStack(nn.ModuleList):
 
 
 @registry.layers.register("registry_xf.LayerStack.v1")
-def layer_stack(layer: nn.Module, n_layers: int) -> nn.Module:
+def layer_stack(layer: nn.Module, n_layers: LayerCount) -> nn.Module:
     """``n_layers`` copies of ``layer``, each with its own weights."""
-    return LayerStack(layer, n_layers)
+    return LayerStack(within_size_bound(layer, n_layers), n_layers)
 
 
 @registry.layers.register("registry_xf.SharedLayerStack.v1")
-def shared_layer_stack(layer: nn.Module, n_layers: int, n_groups: int = 1) -> nn.Module:
+def shared_layer_stack(
+    layer: nn.Module, n_layers: LayerCount, n_groups: LayerCount = 1
+) -> nn.Module:
     """``n_layers`` layer applications sharing the weights of ``n_groups`` layers (ALBERT)."""
-    return SharedLayerStack(layer, n_layers, n_groups)
+    return SharedLayerStack(within_size_bound(layer, n_groups), n_layers, n_groups)
 
 
 @registry.layers.register("registry_xf.PatternLayerStack.v1")
 def pattern_layer_stack(
-    kinds: dict[str, nn.Module], pattern: list[str], n_layers: int
+    kinds: dict[str, nn.Module], pattern: list[str], n_layers: LayerCount
 ) -> nn.Module:
     """Layers whose kind follows ``pattern`` cyclically (alternating attention, as Gemma 2)."""
+    for kind in kinds.values():
+        within_size_bound(kind, n_layers)
     return PatternLayerStack(kinds, pattern, n_layers)
+
+
+def within_size_bound(layer: nn.Module, copies: int) -> nn.Module:
+    """``layer``, unless ``copies`` of it hold more parameters than any real model: refused
+    before they are made (``MAX_PARAMETERS``)."""
+    count = sum(p.numel() for p in layer.parameters()) * copies
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"{copies} layers of {count // copies:,} parameters would make {count:,}, more "
+            f"than the {MAX_PARAMETERS:,} registry_xf builds; check the layer's sizes"
+        )
+    return layer

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import registry
+from ..types import Eps, FiniteFloat, Width
 
 
 class LayerNorm(nn.LayerNorm):
@@ -43,12 +44,12 @@ class RMSNorm(nn.Module):
 
 
 @registry.layers.register("registry_xf.LayerNorm.v1")
-def layer_norm(width: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+def layer_norm(width: Width, eps: Eps = 1e-5, bias: bool = True) -> nn.Module:
     """LayerNorm over the last dimension."""
     return LayerNorm(width, eps=eps, bias=bias)
 
 
 @registry.layers.register("registry_xf.RMSNorm.v1")
-def rms_norm(width: int, eps: float = 1e-6, weight_offset: float = 0.0) -> nn.Module:
+def rms_norm(width: Width, eps: Eps = 1e-6, weight_offset: FiniteFloat = 0.0) -> nn.Module:
     """RMSNorm; ``weight_offset`` is added to the weight (1.0 for Gemma)."""
     return RMSNorm(width, eps=eps, weight_offset=weight_offset)

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
-from .rope_scaling import check_scaling, scaled_inv_freq
+from ..types import Fraction, HeadCount, HeadWidth, PositionCount, PositionIndex, RopeBase, Width
+from .rope_scaling import RopeScaling, check_scaling, scaled_inv_freq
 
 
 def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -196,33 +198,62 @@ class ALiBi(nn.Module):
 
 
 @registry.layers.register("registry_xf.LearnedPositions.v1")
-def learned_positions(max_positions: int, width: int, padding_idx: int | None = None) -> nn.Module:
+def learned_positions(
+    max_positions: PositionCount, width: Width, padding_idx: PositionIndex | None = None
+) -> nn.Module:
     """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions."""
+    if padding_idx is not None and padding_idx >= max_positions - 1:
+        # positions count from padding_idx + 1: none would be left for the tokens
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "padding_idx",
+                    f"leaves no usable position below max_positions {max_positions}",
+                    padding_idx,
+                    True,
+                )
+            ]
+        )
     return LearnedPositions(max_positions, width, padding_idx)
 
 
 @registry.layers.register("registry_xf.SinusoidalPositions.v1")
-def sinusoidal_positions(max_positions: int, width: int) -> nn.Module:
+def sinusoidal_positions(max_positions: PositionCount, width: Width) -> nn.Module:
     """Fixed sinusoidal positions (Transformer, 2017)."""
     return SinusoidalPositions(max_positions, width)
 
 
 @registry.layers.register("registry_xf.RotaryEmbeddings.v1")
 def rotary_embeddings(
-    head_width: int,
-    fraction: float = 1.0,
-    base: float = 10000.0,
-    scaling: dict[str, Any] | None = None,
+    head_width: HeadWidth,
+    fraction: Fraction = 1.0,
+    base: RopeBase = 10000.0,
+    scaling: RopeScaling | None = None,
 ) -> nn.Module:
     """Rotary embeddings over ``fraction`` of each head (GPT-NeoX uses 0.25), base ``theta``.
 
     ``scaling``: None, or ``{"type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ...}``
     with the scheme's settings (``original_max_positions``, ``low_freq_factor``, ...).
     """
+    rotary_width = int(head_width * fraction)
+    needed = 4 if scaling is not None and scaling.get("type") == "dynamic" else 2
+    if rotary_width < needed:
+        # dynamic scaling divides by (rotary width - 2)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "fraction",
+                    f"rotates {rotary_width} of the head's {head_width} dimensions; at least "
+                    f"{needed} are needed" + (" with dynamic scaling" if needed == 4 else ""),
+                    fraction,
+                    True,
+                )
+            ]
+        )
     return RotaryEmbeddings(head_width, fraction, base, scaling)
 
 
 @registry.layers.register("registry_xf.ALiBi.v1")
-def alibi(n_heads: int) -> nn.Module:
+def alibi(n_heads: HeadCount) -> nn.Module:
     """ALiBi attention biases (one slope per head)."""
     return ALiBi(n_heads)

@@ -8,10 +8,13 @@ model that runs and answers wrongly.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator
+
+from ..types import MAX_POSITIONS
 
 SUPPORTED = ("linear", "dynamic", "llama3", "yarn")
 
@@ -39,7 +42,65 @@ def check_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError(f"rope scaling {kind!r} needs {', '.join(missing)}")
     spec["type"] = kind
     spec.pop("rope_type", None)
+    problems = [value_problem(key, spec[key]) for key in _VALUE_RULES if spec.get(key) is not None]
+    low, high = spec.get("low_freq_factor"), spec.get("high_freq_factor")
+    if kind == "llama3" and not any(problems) and high <= low:
+        problems.append(f"high_freq_factor {high} must be above low_freq_factor {low}")
+    found = [p for p in problems if p]
+    if found:
+        raise ValueError(f"rope scaling {kind!r}: " + "; ".join(found))
     return spec
+
+
+def _finite_above(bound: float, *, inclusive: bool = False) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not _is_number(value) or abs(value) > 1e300 or not math.isfinite(value):
+            return False
+        return value >= bound if inclusive else value > bound
+
+    return check
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each numeric setting must be: NaN, infinities and signs that make no sense would
+# turn the rotary tables (and every output) into NaN or divide by zero.
+_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "factor": (_finite_above(0), "a finite number above 0"),
+    "low_freq_factor": (_finite_above(0), "a finite number above 0"),
+    "high_freq_factor": (_finite_above(0), "a finite number above 0"),
+    "attention_factor": (_finite_above(0), "a finite number above 0"),
+    "beta_fast": (_finite_above(0), "a finite number above 0"),
+    "beta_slow": (_finite_above(0), "a finite number above 0"),
+    "mscale": (_finite_above(0, inclusive=True), "a finite number of at least 0"),
+    "mscale_all_dim": (_finite_above(0, inclusive=True), "a finite number of at least 0"),
+    "original_max_positions": (
+        lambda v: _is_number(v) and float(v).is_integer() and 1 <= v <= MAX_POSITIONS,
+        f"a whole number from 1 to {MAX_POSITIONS}",
+    ),
+    "truncate": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def value_problem(key: str, value: Any) -> str:
+    """What is wrong with ``value`` for the scaling setting ``key`` ("" when nothing is, or
+    when the key is not a numeric setting)."""
+    if key not in _VALUE_RULES:
+        return ""
+    check, expected = _VALUE_RULES[key]
+    return "" if check(value) else f"{key} must be {expected} (found {value!r})"
+
+
+def _checked(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, Mapping):
+        raise ValueError('expected a section such as {type = "linear", factor = 2.0}')
+    return check_scaling(value)
+
+
+RopeScaling = Annotated[dict[str, Any], AfterValidator(_checked)]
+"""A rope scaling section, checked: a supported type, its settings present and in range."""
 
 
 def scaled_inv_freq(

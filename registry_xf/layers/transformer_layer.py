@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
+from ..types import Probability
 from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
 
@@ -71,9 +73,28 @@ def transformer_layer(
     attention_norm: nn.Module | None = None,
     feed_forward_norm: nn.Module | None = None,
     residual: Residual = "post",
-    dropout: float = 0.0,
+    dropout: Probability = 0.0,
 ) -> nn.Module:
     """A transformer layer; ``residual`` is "pre", "post" or "parallel"."""
+    parts = {
+        "attention": attention,
+        "feed_forward": feed_forward,
+        "attention_norm": attention_norm,
+        "feed_forward_norm": feed_forward_norm,
+    }
+    widths = {name: hidden_width(part) for name, part in parts.items() if part is not None}
+    known = {name: w for name, w in widths.items() if w is not None}
+    if len(set(known.values())) > 1:
+        # they add into one residual stream: a mismatch would fail at the first forward pass
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    name, "widths of the layer's parts differ: " + _listed(known), w, True
+                )
+                for name, w in known.items()
+                if w != known.get("attention", next(iter(known.values())))
+            ]
+        )
     return TransformerLayer(
         attention,
         feed_forward,
@@ -82,3 +103,21 @@ def transformer_layer(
         residual=residual,
         dropout=dropout,
     )
+
+
+def hidden_width(module: nn.Module) -> int | None:
+    """The width of the hidden states a part of a layer reads and writes (None: unknown)."""
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    for name in ("o_proj", "down_proj"):  # attention, feed-forward
+        projection = getattr(module, name, None)
+        if isinstance(projection, nn.Linear):
+            return projection.out_features
+    weight = getattr(module, "weight", None)  # RMSNorm and other norms
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return int(weight.shape[0])
+    return None
+
+
+def _listed(widths: dict[str, int]) -> str:
+    return ", ".join(f"{name} {width}" for name, width in widths.items())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,18 @@ from torch import nn
 
 from ..config.families import family_config_text
 from ..config.resolve import interpolate, read_config
-from ..converters.base import HFConverter, converter_for_model_type
+from ..converters.base import HFConverter, converter_for_model_type, template_regex
 from ..errors import (
     CheckpointError,
     ConfigError,
+    ConfigProblem,
     RegistryXFError,
     UnsupportedModelError,
 )
 from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
+from .checkpoint import checkpoint_files, open_checkpoint
 from .materialise import parameter_slots
 from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
@@ -102,9 +104,12 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
         hyper = converter.hyper_from_hf(hf)
     except UnsupportedModelError as e:  # name the file, not just "config.json"
         raise UnsupportedModelError(f"{where}: {str(e).removeprefix('config.json: ')}") from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(where)) from None
     config = read_config(
         family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
     )
+    check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
     config["weights"] = {
         "@loaders": "registry_xf.Safetensors.v1",
         "path": str(directory),
@@ -189,3 +194,218 @@ def export_hf(
         if tokenizer is not None:
             tokenizer.save(tmp)
     return target
+
+
+# --- config.json against the weights' header ----------------------------------------------
+
+# config.json keys that set a [hyper] value beside the converters' one-to-one settings.
+_DERIVED_KEYS = {
+    "n_kv_heads": ("num_key_value_heads", "num_kv_heads"),
+    "head_width": ("head_dim",),
+    "intermediate_width": ("n_inner", "ffn_hidden_size"),
+    "embedding_width": ("embedding_size",),
+}
+
+
+def check_config_against_weights(
+    directory: Path, hf: Mapping[str, Any], converter: HFConverter, hyper: Mapping[str, Any]
+) -> None:
+    """Refuse a config.json that disagrees with its safetensors files, before anything is
+    built: the vocabulary and widths against the embedding and projection shapes, the
+    number of layers against the layer indexes in the tensor names, and the heads against
+    the query/key/value shapes. Reads the files' headers only.
+
+    ``hyper`` holds the ``[hyper]`` values config.json gives (the family's defaults for
+    the rest). A directory without weights passes: loading reports what is missing.
+    """
+    try:
+        checkpoint_files(directory)
+    except CheckpointError:
+        return
+    with open_checkpoint(directory, "cpu") as ckpt:
+        stripped = converter.strip_prefix(ckpt.keys())
+        shapes = {name: key for key, name in stripped.items()}
+        facts = _WeightFacts(converter, hyper, shapes, ckpt.shape)
+        problems = [
+            ConfigProblem(_key_text(converter, hf, hyper, name), message, hyper.get(name), True)
+            for name, message in facts.disagreements()
+        ]
+    if problems:
+        raise ConfigError(problems, source=str(directory / "config.json"))
+
+
+def _key_text(
+    converter: HFConverter, hf: Mapping[str, Any], hyper: Mapping[str, Any], name: str
+) -> str:
+    """The config.json key that sets the [hyper] value ``name``, as an error's path."""
+    keys = [s.hf for s in converter.settings if s.hyper == name] or list(
+        _DERIVED_KEYS.get(name, ())
+    )
+    present = [k for k in keys if k in hf]
+    if present:
+        return present[0]
+    if keys:
+        return f"{keys[0]} (absent: {name} = {hyper.get(name)!r} by default)"
+    return f"hyper.{name} (derived from config.json)"
+
+
+class _WeightFacts:
+    """What the weights' shapes say about the [hyper] values, compared with them.
+
+    The weights "say" a value only where two tensors agree on it (the embedding's and the
+    projections' widths, the key and value rows, the query rows and the output projection's
+    columns; every layer holding the same tensors). A single odd tensor is a fault of the
+    file, not of config.json: loading reports it, naming the tensor.
+    """
+
+    def __init__(
+        self,
+        converter: HFConverter,
+        hyper: Mapping[str, Any],
+        names: Mapping[str, str],
+        shape_of: Callable[[str], tuple[int, ...]],
+    ):
+        self.converter = converter
+        self.hyper = hyper
+        self.names = names  # HF name without prefix -> name in the files
+        self.shape_of = shape_of
+
+    def disagreements(self) -> list[tuple[str, str]]:
+        """(``[hyper]`` name, what the weights say) for each value they contradict."""
+        found = self._layer_count()
+        width = self._hidden_width()
+        if width is not None and width[0] != self.hyper.get("hidden_width"):
+            found.append(("hidden_width", f"the weights' {width[1]} say {width[0]}"))
+        vocab = self._vocab_size()
+        if vocab is not None and vocab[0] != self.hyper.get("vocab_size"):
+            found.append(("vocab_size", f"the weights' {vocab[1]} say {vocab[0]}"))
+        return found + self._heads()
+
+    def _matrices(self, suffix: str) -> list[tuple[str, tuple[int, ...]]] | None:
+        """The HF tensors of our parameter ``*suffix`` (layer 0) as (name, shape in our
+        layout); None unless every one of them is in the files and is a matrix."""
+        for rule in self.converter.rules:
+            ours = rule.ours.replace("{i}", "0").replace("{p}", "weight")
+            if not ours.endswith(suffix):
+                continue
+            found = self.converter.hf_names(ours, self.hyper)
+            if found is None or found[0] is not rule:
+                continue
+            if any(name not in self.names for name in found[1]):
+                continue
+            matrices = []
+            for name in found[1]:
+                shape = tuple(self.shape_of(self.names[name]))
+                if len(shape) != 2 or 0 in shape:
+                    return None
+                matrices.append((self.names[name], shape[::-1] if rule.transpose else shape))
+            return matrices
+        return None
+
+    def _single(self, suffix: str) -> tuple[str, tuple[int, ...]] | None:
+        found = self._matrices(suffix)
+        return found[0] if found is not None and len(found) == 1 else None
+
+    def _hidden_width(self) -> tuple[int, str] | None:
+        """The width every witness agrees on (at least two): the output projections' rows,
+        and the token embeddings' columns where they are not narrower (ALBERT, ELECTRA)."""
+        witnesses = [
+            (shape[0], name)
+            for suffix in (
+                "layers.0.attention.o_proj.weight",
+                "layers.0.feed_forward.down_proj.weight",
+            )
+            if (found := self._single(suffix)) is not None
+            for name, shape in [found]
+        ]
+        embedding = self._single("embeddings.word_embeddings.weight")
+        if embedding is not None and not self.hyper.get("embedding_width"):
+            witnesses.append((embedding[1][1], embedding[0]))
+        if len(witnesses) < 2 or len({w for w, _ in witnesses}) > 1:
+            return None
+        return witnesses[0][0], " and ".join(name for _, name in witnesses)
+
+    def _vocab_size(self) -> tuple[int, str] | None:
+        """The rows of the token embeddings, where the output projection (if untied) or the
+        agreed hidden width confirms the matrix."""
+        embedding = self._single("embeddings.word_embeddings.weight")
+        if embedding is None:
+            return None
+        name, shape = embedding
+        head = self._single("lm_head.weight")
+        if head is not None:
+            return (shape[0], f"{name} and {head[0]}") if head[1] == shape else None
+        width = self._hidden_width()
+        if self.hyper.get("embedding_width") or (width is not None and width[0] == shape[1]):
+            return shape[0], name
+        return None
+
+    def _layer_count(self) -> list[tuple[str, str]]:
+        """The layers in the tensor names, when they are 0 to N - 1 and all hold the same
+        tensors."""
+        setting = self.converter.layer_index_setting
+        expected = self.hyper.get(setting)
+        per_layer: dict[int, set[str]] = {}
+        for rule in self.converter.rules:
+            for template in rule.hf:
+                if "{i}" not in template:
+                    continue
+                pattern = template_regex(template)
+                for name in self.names:
+                    m = pattern.match(name)
+                    if m is not None and m.group("i").isdigit():
+                        rest = name.replace(f".{m.group('i')}.", ".{i}.", 1)
+                        per_layer.setdefault(int(m.group("i")), set()).add(rest)
+        if not per_layer or expected is None:
+            return []
+        count = len(per_layer)
+        complete = set(per_layer) == set(range(count)) and all(
+            tensors == per_layer[0] for tensors in per_layer.values()
+        )
+        if not complete or count == expected:
+            return []
+        return [(setting, f"the weights' tensor names have layers 0 to {count - 1} ({count})")]
+
+    def _heads(self) -> list[tuple[str, str]]:
+        """Query and key/value widths, where the output projection's columns confirm the
+        query rows and the key and value rows agree."""
+        hyper = self.hyper
+        n_heads, hidden = hyper.get("n_heads"), hyper.get("hidden_width")
+        output = self._single("layers.0.attention.o_proj.weight")
+        parts = self._matrices("layers.0.attention.qkv_proj.weight")
+        if not n_heads or not hidden or output is None or parts is None:
+            return []
+        n_kv = hyper.get("n_kv_heads") or n_heads
+        head_width = hyper.get("head_width") or hidden // n_heads
+        q_width = output[1][1]
+        if len(parts) == 3:
+            (q_name, q), (k_name, k), (_, v) = parts
+            if q[0] != q_width or k[0] != v[0]:
+                return []
+            kv_width, kv_name = k[0], k_name
+        elif len(parts) == 1:
+            kv_name, (rows, _) = parts[0]
+            q_name = f"{output[0]} (columns)"
+            if rows <= q_width or (rows - q_width) % 2:
+                return []
+            kv_width = (rows - q_width) // 2
+        else:
+            return []
+        found = []
+        if q_width != n_heads * head_width:
+            found.append(
+                (
+                    "n_heads",
+                    f"{n_heads} query heads of width {head_width} make {n_heads * head_width} "
+                    f"rows; the weights' {q_name} say {q_width}",
+                )
+            )
+        elif kv_width != n_kv * head_width:
+            found.append(
+                (
+                    "n_kv_heads",
+                    f"{n_kv} key/value heads of width {head_width} make {n_kv * head_width} "
+                    f"rows; the weights' {kv_name} say {kv_width}",
+                )
+            )
+        return found
