@@ -17,6 +17,7 @@ from ..layers.attention_mask import AttentionMask
 from ..layers.kv_cache import KVCache
 from ..registry import registry
 from .base import Assembly
+from .inputs import check_attention_mask, check_ids_like, check_input_ids
 from .outputs import ModelOutput
 
 
@@ -66,6 +67,45 @@ class Decoder(Assembly):
             dtype=self.dtype,
         )
 
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> None:
+        """Refuse inputs of the wrong kind or shape, and a cache that does not fit them,
+        before torch sees them. Kinds and shapes only: a decoding step stays cheap, and
+        the checks trace under torch.compile."""
+        check_input_ids(input_ids, self.embeddings.word_embeddings.weight.device)
+        batch, n_new = input_ids.shape[0], input_ids.shape[1]
+        if cache is not None and not isinstance(cache, KVCache):
+            raise InputError(
+                f"cache must be a KVCache (from model.new_cache); found {type(cache).__name__}"
+            )
+        if attention_mask is not None:
+            n_keys = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else 0
+            expected = (batch, n_keys if cache is not None else n_new)
+            what = "(batch, cached + new)" if cache is not None else "(batch, seq) as input_ids"
+            check_attention_mask(attention_mask, expected, what, input_ids.device)
+            if attention_mask.shape[1] < n_new:
+                raise InputError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens, fewer than the "
+                    f"{n_new} of input_ids: it must cover the cached and the new tokens"
+                )
+        if positions is not None:
+            check_ids_like("positions", positions, input_ids, batch_of_one=True)
+        if cache is not None:
+            n_past = attention_mask.shape[1] - n_new if attention_mask is not None else cache.length
+            cache.check_fits(batch, n_past, n_new, len(self.layers.applied()))
+            # the cache's counter is a Python int: compiled, it would pin every length
+            if not torch.compiler.is_compiling() and n_past != cache.length:
+                raise InputError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens (cached + new), "
+                    f"so {n_past} cached ones, but the cache holds {cache.length}: pass the "
+                    "mask of every token so far, or a fresh cache"
+                )
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -80,25 +120,16 @@ class Decoder(Assembly):
         ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
         new). ``positions`` default to counting the real tokens.
         """
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq); found {tuple(input_ids.shape)}")
+        self.check_inputs(input_ids, attention_mask, positions, cache)
         n_new = input_ids.shape[1]
         # With a mask, the cached length is read from its shape: under torch.compile a
         # shape stays symbolic, where the cache's own counter would compile every length.
         if cache is None:
             n_past = 0
-        elif attention_mask is not None and attention_mask.dim() == 2:
+        elif attention_mask is not None:
             n_past = attention_mask.shape[1] - n_new
         else:
             n_past = cache.length
-        if attention_mask is not None and attention_mask.shape != (
-            input_ids.shape[0],
-            n_past + n_new,
-        ):
-            raise InputError(
-                f"attention_mask must be (batch, cached + new) = "
-                f"{(input_ids.shape[0], n_past + n_new)}; found {tuple(attention_mask.shape)}"
-            )
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(n_past, n_past + n_new, device=input_ids.device)[None]

@@ -32,6 +32,18 @@ class LayerCache:
             )
         keys = self.parent.keys[self.index]
         values = self.parent.values[self.index]
+        if (
+            k.shape[1] != keys.shape[1]
+            or k.shape[3] != keys.shape[3]
+            or k.dtype != keys.dtype
+            or k.device != keys.device
+        ):
+            raise InputError(
+                f"the KV cache holds {keys.shape[1]} heads of width {keys.shape[3]} "
+                f"({keys.dtype}, {keys.device}); layer {self.index} gives {k.shape[1]} of width "
+                f"{k.shape[3]} ({k.dtype}, {k.device}): make the cache with this model's "
+                "new_cache"
+            )
         where = torch.arange(start, end, device=keys.device)
         keys.index_copy_(2, where, k)
         values.index_copy_(2, where, v)
@@ -57,6 +69,28 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_length = max_length
         self.length = 0
+
+    def check_fits(self, batch_size: int, start: int, n_new: int, n_layers: int) -> None:
+        """Refuse a forward pass this cache cannot take: another number of layers, another
+        batch size, more positions than it holds. Shapes only (trace-friendly)."""
+        if len(self.keys) != n_layers:
+            raise InputError(
+                f"the KV cache has {len(self.keys)} layers and the model {n_layers}: make the "
+                "cache with this model's new_cache"
+            )
+        if not self.keys:
+            return
+        held = self.keys[0].shape
+        if held[0] != batch_size:
+            raise InputError(
+                f"the KV cache was made for a batch of {held[0]} and input_ids has a batch of "
+                f"{batch_size}: make it with new_cache({batch_size}, max_length)"
+            )
+        if start + n_new > held[2]:
+            raise InputError(
+                f"KV cache overflow: {start} cached + {n_new} new positions need "
+                f"{start + n_new}, the cache holds {held[2]}; create it with a larger max_length"
+            )
 
     def layer(self, index: int, start: int) -> LayerCache:
         """Layer ``index``'s view, writing the next entries at position ``start``."""
