@@ -34,6 +34,10 @@ def positions_from_mask(key_mask: torch.Tensor, n_new: int) -> torch.Tensor:
     return positions.clamp(min=0)[:, -n_new:]
 
 
+def _is_int(value: object) -> bool:
+    return hasattr(value, "__index__") and not isinstance(value, bool)
+
+
 class Decoder(Assembly):
     """A causal transformer: embeddings, a stack of layers, a final norm."""
 
@@ -55,7 +59,17 @@ class Decoder(Assembly):
         return int(self.embeddings.output_width)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens (at
+        most the model's positions: a longer cache could never be filled)."""
+        if (
+            self.max_positions is not None
+            and _is_int(max_length)
+            and max_length > self.max_positions
+        ):
+            raise InputError(
+                f"a KV cache of max_length {max_length} is longer than the model's "
+                f"{self.max_positions} positions"
+            )
         attention = self.layers.applied()[0].attention
         return KVCache(
             len(self.layers.applied()),
@@ -84,7 +98,7 @@ class Decoder(Assembly):
                 f"cache must be a KVCache (from model.new_cache); found {type(cache).__name__}"
             )
         if attention_mask is not None:
-            n_keys = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else 0
+            n_keys = attention_mask.shape[-1] if getattr(attention_mask, "ndim", 0) else 0
             expected = (batch, n_keys if cache is not None else n_new)
             what = "(batch, cached + new)" if cache is not None else "(batch, seq) as input_ids"
             check_attention_mask(attention_mask, expected, what, input_ids.device)
@@ -130,12 +144,14 @@ class Decoder(Assembly):
             n_past = attention_mask.shape[1] - n_new
         else:
             n_past = cache.length
+        # any nonzero mask value is one real token (a 2 must not count twice in positions)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
         if positions is None:
-            if attention_mask is None:
+            if key_mask is None:
                 positions = torch.arange(n_past, n_past + n_new, device=input_ids.device)[None]
                 positions = positions.expand(input_ids.shape[0], -1)
             else:
-                positions = positions_from_mask(attention_mask, n_new)
+                positions = positions_from_mask(key_mask, n_new)
         if (
             self.max_positions is not None
             and n_new
@@ -147,7 +163,6 @@ class Decoder(Assembly):
                 "positions: the prompt (plus new tokens) is too long for this model"
             )
         self.embeddings.check(input_ids, None, positions)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
         mask = AttentionMask(key_mask, causal=True)
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []

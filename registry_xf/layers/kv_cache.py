@@ -8,9 +8,20 @@ graph writing one layer's entries never copies the others'.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..errors import InputError
+
+
+def _size(name: str, value: object) -> int:
+    """A Python or numpy integer of at least 1, as an int."""
+    if not isinstance(value, bool) and hasattr(value, "__index__"):
+        size = operator.index(value)  # type: ignore[call-overload]
+        if size >= 1:
+            return size
+    raise InputError(f"a KV cache needs an integer {name} of at least 1; found {value!r}")
 
 
 class LayerCache:
@@ -64,6 +75,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
+        batch_size, max_length = _size("batch_size", batch_size), _size("max_length", max_length)
         shape = (batch_size, n_kv_heads, max_length, head_width)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
