@@ -17,7 +17,7 @@ from ..layers.attention_mask import AttentionMask
 from ..layers.kv_cache import KVCache
 from ..registry import registry
 from .base import Assembly
-from .inputs import check_attention_mask, check_ids_like, check_input_ids
+from .inputs import check_attention_mask, check_ids_device, check_ids_like, check_input_ids
 from .outputs import ModelOutput
 
 
@@ -87,11 +87,12 @@ class Decoder(Assembly):
         attention_mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         cache: KVCache | None,
+        n_layers: int | None = None,
     ) -> None:
         """Refuse inputs of the wrong kind or shape, and a cache that does not fit them,
-        before torch sees them. Kinds and shapes only: a decoding step stays cheap, and
-        the checks trace under torch.compile."""
-        check_input_ids(input_ids, self.embeddings.word_embeddings.weight.device)
+        before torch sees them. Kinds and shapes only, and a few microseconds: a decoding
+        step stays cheap, and the checks trace under torch.compile."""
+        check_input_ids(input_ids, None)
         batch, n_new = input_ids.shape[0], input_ids.shape[1]
         if cache is not None and not isinstance(cache, KVCache):
             raise InputError(
@@ -109,16 +110,33 @@ class Decoder(Assembly):
                 )
         if positions is not None:
             check_ids_like("positions", positions, input_ids, batch_of_one=True)
-        if cache is not None:
-            n_past = attention_mask.shape[1] - n_new if attention_mask is not None else cache.length
-            cache.check_fits(batch, n_past, n_new, len(self.layers.applied()))
-            # the cache's counter is a Python int: compiled, it would pin every length
-            if not torch.compiler.is_compiling() and n_past != cache.length:
-                raise InputError(
-                    f"attention_mask covers {attention_mask.shape[1]} tokens (cached + new), "
-                    f"so {n_past} cached ones, but the cache holds {cache.length}: pass the "
-                    "mask of every token so far, or a fresh cache"
-                )
+        if cache is None:
+            if not torch.compiler.is_compiling():
+                check_ids_device(input_ids, self.embeddings.word_embeddings.weight.device)
+            return
+        n_past = attention_mask.shape[1] - n_new if attention_mask is not None else cache.length
+        if n_layers is None:
+            n_layers = len(self.layers.applied())
+        cache.check_fits(batch, n_past, n_new, n_layers)
+        # Python values (the cache's counter, devices) are settled while tracing: compiled,
+        # they would pin every length
+        if torch.compiler.is_compiling():
+            return
+        if n_past != cache.length:
+            raise InputError(
+                f"attention_mask covers {n_past + n_new} tokens (cached + new), so {n_past} "
+                f"cached ones, but the cache holds {cache.length}: pass the mask of every "
+                "token so far, or a fresh cache"
+            )
+        # A decoding step reads the model's device off the cache (a module's parameter is
+        # slow to reach); the cache was checked against the model when it was filled.
+        device = cache.device if n_past else self.embeddings.word_embeddings.weight.device
+        check_ids_device(input_ids, device)
+        if cache.device != device:
+            raise InputError(
+                f"the KV cache is on {cache.device} and the model on {device}: make the "
+                "cache with the model's new_cache after moving the model"
+            )
 
     def forward(
         self,
@@ -134,7 +152,8 @@ class Decoder(Assembly):
         ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
         new). ``positions`` default to counting the real tokens.
         """
-        self.check_inputs(input_ids, attention_mask, positions, cache)
+        layers = self.layers.applied()
+        self.check_inputs(input_ids, attention_mask, positions, cache, len(layers))
         n_new = input_ids.shape[1]
         # With a mask, the cached length is read from its shape: under torch.compile a
         # shape stays symbolic, where the cache's own counter would compile every length.
@@ -166,7 +185,7 @@ class Decoder(Assembly):
         mask = AttentionMask(key_mask, causal=True)
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
-        for i, layer in enumerate(self.layers.applied()):
+        for i, layer in enumerate(layers):
             layer_cache = cache.layer(i, n_past) if cache is not None else None
             h = layer(h, mask, positions, layer_cache)
             if output_hidden_states:

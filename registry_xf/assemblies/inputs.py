@@ -29,9 +29,9 @@ def _shape(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in value.shape)
 
 
-def check_input_ids(input_ids: Any, device: torch.device) -> None:
+def check_input_ids(input_ids: Any, device: torch.device | None) -> None:
     """``input_ids``: an int64 (or int32) tensor (batch, seq) of at least one token, on the
-    model's ``device``."""
+    model's ``device`` (None: the caller checks the device)."""
     if not isinstance(input_ids, torch.Tensor):
         raise InputError(
             f"input_ids must be a torch tensor of token ids (batch, seq); found {_kind(input_ids)}"
@@ -55,6 +55,11 @@ def check_input_ids(input_ids: Any, device: torch.device) -> None:
             f"input_ids has sequences of no tokens (shape {_shape(input_ids)}): give at least "
             "one token per sequence"
         )
+    if device is not None:
+        check_ids_device(input_ids, device)
+
+
+def check_ids_device(input_ids: torch.Tensor, device: torch.device) -> None:
     if input_ids.device != device:
         raise InputError(
             f"input_ids is on {input_ids.device} and the model on {device}: move the inputs "

@@ -80,6 +80,8 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_length = max_length
+        # as its tensors report it ("cuda" is read as "cuda:0")
+        self.device = self.keys[0].device if self.keys else torch.device(device)
         self.length = 0
 
     def check_fits(self, batch_size: int, start: int, n_new: int, n_layers: int) -> None:
