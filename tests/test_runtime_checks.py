@@ -258,6 +258,33 @@ def test_settings_out_of_range(settings: dict, expected: str) -> None:
         GenerationSettings(**settings)
 
 
+SETTING_NAMES = [*GenerationSettings.model_fields, "temprature"]
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=3),
+)
+
+
+@HYPOTHESIS
+@given(values=st.dictionaries(st.sampled_from(SETTING_NAMES), ANY_VALUE, max_size=4))
+def test_any_settings_are_in_range_or_a_settings_error(values: dict) -> None:
+    """Property: settings built from anything are in their stated ranges, or refused with a
+    SettingsError (never another exception)."""
+    try:
+        s = GenerationSettings(**values)
+    except SettingsError:
+        return
+    assert 1 <= s.max_new_tokens <= 2**20
+    assert s.seed is None or 0 <= s.seed < 2**64
+    assert s.temperature is None or (0 <= s.temperature < float("inf"))
+    assert all(0 <= t for t in s.eos_token_ids or [])
+    assert s.repetition_penalty is None or 1e-6 <= s.repetition_penalty <= 1e6
+
+
 def test_numpy_numbers_are_settings() -> None:
     s = GenerationSettings(
         max_new_tokens=np.int64(3),
