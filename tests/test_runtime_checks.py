@@ -413,7 +413,7 @@ def test_tokenizer_shared_between_threads(bert_dir: Path) -> None:
 
     def work(index: int) -> None:
         start.wait()
-        for round_ in range(60):
+        for round_ in range(100):
             got = [e.ids for e in tokenizer.encode(texts, **settings_by_thread[index])]
             if got != expected[index]:
                 failures.append(f"thread {index}, round {round_}")
