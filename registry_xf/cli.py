@@ -53,10 +53,11 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     texts = list(args.texts)
     if args.file:
-        lines = Path(args.file).read_text(encoding="utf8").splitlines()
+        lines = _read_text_file(args.file).splitlines()
         texts += [line for line in lines if line.strip()]
     if not texts:
         raise RegistryXFError("nothing to embed: give texts or --file")
+    out = _writable_out(args.out) if args.out else None  # checked before the slow part
     model = load(
         args.model,
         device=args.device,
@@ -66,12 +67,8 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     )
     embedder = Embedder(model, batch_tokens=args.batch_tokens)
     vectors = embedder.embed(texts, progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty())
-    if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        with tmp.open("wb") as f:
-            np.save(f, vectors)
-        tmp.replace(out)
+    if out is not None:
+        _save_atomically(out, vectors)
         print(f"wrote {len(texts)} embeddings of width {vectors.shape[1]} to {out}")
         return 0
     print(f"{len(texts)} embeddings of width {vectors.shape[1]} ({args.model})\n")
@@ -90,6 +87,70 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             i, j = np.unravel_index(np.argmax(masked), masked.shape)
             print(f"\nclosest pair: [{i}] and [{j}] ({sims[i, j]:.3f})")
     return 0
+
+
+def _read_text_file(name: str) -> str:
+    """The UTF-8 text of ``--file``; a missing, unreadable or binary file is a user error."""
+    try:
+        return Path(name).read_text(encoding="utf8")
+    except FileNotFoundError:
+        raise RegistryXFError(f"--file {name}: no such file") from None
+    except IsADirectoryError:
+        raise RegistryXFError(f"--file {name}: is a directory, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise RegistryXFError(
+            f"--file {name}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
+    except OSError as e:
+        raise RegistryXFError(f"--file {name}: cannot be read ({e.strerror or e})") from None
+
+
+def _writable_out(name: str) -> Path:
+    """``--out`` as a path whose directory exists and can be written, and that is not a
+    directory or a read-only file (checked before any work, so that none is lost)."""
+    import os
+
+    out = Path(name)
+    parent = out.parent
+    if out.is_dir():
+        raise RegistryXFError(
+            f"--out {name}: is a directory; give a file name, such as {out / 'embeddings.npy'}"
+        )
+    if not parent.exists():
+        raise RegistryXFError(f"--out {name}: the directory {parent} does not exist")
+    if not parent.is_dir():
+        raise RegistryXFError(f"--out {name}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RegistryXFError(f"--out {name}: the directory {parent} cannot be written")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise RegistryXFError(f"--out {name}: the file is read-only")
+    return out
+
+
+def _save_atomically(out: Path, vectors: Any) -> None:
+    """Write ``vectors`` to ``out`` as .npy: a temporary file beside it, then a rename, so
+    that ``out`` holds the old file or the whole new one at every instant."""
+    import contextlib
+    import os
+    import tempfile
+
+    import numpy as np
+
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, vectors)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as e:
+        raise RegistryXFError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 GENERATION_OPTIONS = (

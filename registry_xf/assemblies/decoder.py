@@ -18,6 +18,7 @@ from ..layers.kv_cache import KVCache
 from ..registry import registry
 from ..types import PositionCount
 from .base import Assembly, within_size_bound
+from .inputs import check_attention_mask, check_ids_device, check_ids_like, check_input_ids
 from .outputs import ModelOutput
 
 
@@ -32,6 +33,10 @@ def positions_from_mask(key_mask: torch.Tensor, n_new: int) -> torch.Tensor:
     """Positions of the last ``n_new`` tokens: real tokens count from 0, padding gets 0."""
     positions = key_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -n_new:]
+
+
+def _is_int(value: object) -> bool:
+    return hasattr(value, "__index__") and not isinstance(value, bool)
 
 
 class Decoder(Assembly):
@@ -55,7 +60,17 @@ class Decoder(Assembly):
         return int(self.embeddings.output_width)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens (at
+        most the model's positions: a longer cache could never be filled)."""
+        if (
+            self.max_positions is not None
+            and _is_int(max_length)
+            and max_length > self.max_positions
+        ):
+            raise InputError(
+                f"a KV cache of max_length {max_length} is longer than the model's "
+                f"{self.max_positions} positions"
+            )
         attention = self.layers.applied()[0].attention
         return KVCache(
             len(self.layers.applied()),
@@ -66,6 +81,63 @@ class Decoder(Assembly):
             device=self.device,
             dtype=self.dtype,
         )
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+        n_layers: int | None = None,
+    ) -> None:
+        """Refuse inputs of the wrong kind or shape, and a cache that does not fit them,
+        before torch sees them. Kinds and shapes only, and a few microseconds: a decoding
+        step stays cheap, and the checks trace under torch.compile."""
+        check_input_ids(input_ids, None)
+        batch, n_new = input_ids.shape[0], input_ids.shape[1]
+        if cache is not None and not isinstance(cache, KVCache):
+            raise InputError(
+                f"cache must be a KVCache (from model.new_cache); found {type(cache).__name__}"
+            )
+        if attention_mask is not None:
+            n_keys = attention_mask.shape[-1] if getattr(attention_mask, "ndim", 0) else 0
+            expected = (batch, n_keys if cache is not None else n_new)
+            what = "(batch, cached + new)" if cache is not None else "(batch, seq) as input_ids"
+            check_attention_mask(attention_mask, expected, what, input_ids.device)
+            if attention_mask.shape[1] < n_new:
+                raise InputError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens, fewer than the "
+                    f"{n_new} of input_ids: it must cover the cached and the new tokens"
+                )
+        if positions is not None:
+            check_ids_like("positions", positions, input_ids, batch_of_one=True)
+        if cache is None:
+            if not torch.compiler.is_compiling():
+                check_ids_device(input_ids, self.embeddings.word_embeddings.weight.device)
+            return
+        n_past = attention_mask.shape[1] - n_new if attention_mask is not None else cache.length
+        if n_layers is None:
+            n_layers = len(self.layers.applied())
+        cache.check_fits(batch, n_past, n_new, n_layers)
+        # Python values (the cache's counter, devices) are settled while tracing: compiled,
+        # they would pin every length
+        if torch.compiler.is_compiling():
+            return
+        if n_past != cache.length:
+            raise InputError(
+                f"attention_mask covers {n_past + n_new} tokens (cached + new), so {n_past} "
+                f"cached ones, but the cache holds {cache.length}: pass the mask of every "
+                "token so far, or a fresh cache"
+            )
+        # A decoding step reads the model's device off the cache (a module's parameter is
+        # slow to reach); the cache was checked against the model when it was filled.
+        device = cache.device if n_past else self.embeddings.word_embeddings.weight.device
+        check_ids_device(input_ids, device)
+        if cache.device != device:
+            raise InputError(
+                f"the KV cache is on {cache.device} and the model on {device}: make the "
+                "cache with the model's new_cache after moving the model"
+            )
 
     def forward(
         self,
@@ -81,31 +153,25 @@ class Decoder(Assembly):
         ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
         new). ``positions`` default to counting the real tokens.
         """
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq); found {tuple(input_ids.shape)}")
+        layers = self.layers.applied()
+        self.check_inputs(input_ids, attention_mask, positions, cache, len(layers))
         n_new = input_ids.shape[1]
         # With a mask, the cached length is read from its shape: under torch.compile a
         # shape stays symbolic, where the cache's own counter would compile every length.
         if cache is None:
             n_past = 0
-        elif attention_mask is not None and attention_mask.dim() == 2:
+        elif attention_mask is not None:
             n_past = attention_mask.shape[1] - n_new
         else:
             n_past = cache.length
-        if attention_mask is not None and attention_mask.shape != (
-            input_ids.shape[0],
-            n_past + n_new,
-        ):
-            raise InputError(
-                f"attention_mask must be (batch, cached + new) = "
-                f"{(input_ids.shape[0], n_past + n_new)}; found {tuple(attention_mask.shape)}"
-            )
+        # any nonzero mask value is one real token (a 2 must not count twice in positions)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
         if positions is None:
-            if attention_mask is None:
+            if key_mask is None:
                 positions = torch.arange(n_past, n_past + n_new, device=input_ids.device)[None]
                 positions = positions.expand(input_ids.shape[0], -1)
             else:
-                positions = positions_from_mask(attention_mask, n_new)
+                positions = positions_from_mask(key_mask, n_new)
         if (
             self.max_positions is not None
             and n_new
@@ -117,11 +183,10 @@ class Decoder(Assembly):
                 "positions: the prompt (plus new tokens) is too long for this model"
             )
         self.embeddings.check(input_ids, None, positions)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
         mask = AttentionMask(key_mask, causal=True)
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
-        for i, layer in enumerate(self.layers.applied()):
+        for i, layer in enumerate(layers):
             layer_cache = cache.layer(i, n_past) if cache is not None else None
             h = layer(h, mask, positions, layer_cache)
             if output_hidden_states:

@@ -9,6 +9,7 @@ from ..errors import InputError
 from ..layers.attention_mask import AttentionMask
 from ..registry import registry
 from .base import Assembly, within_size_bound
+from .inputs import check_attention_mask, check_ids_like, check_input_ids
 from .outputs import ModelOutput
 
 
@@ -36,7 +37,7 @@ class Encoder(Assembly):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens."""
-        self.check_inputs(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask, token_type_ids, positions)
         self.embeddings.check(input_ids, token_type_ids, positions)
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         h = self.embeddings(input_ids, token_type_ids, positions)
@@ -51,16 +52,23 @@ class Encoder(Assembly):
                 states[-1] = h
         return ModelOutput(last_hidden_state=h, hidden_states=states)
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        if input_ids.dim() != 2:
-            raise InputError(
-                f"input_ids must be (batch, seq); found shape {tuple(input_ids.shape)}"
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Refuse inputs of the wrong kind or shape before torch sees them."""
+        check_input_ids(input_ids, self.embeddings.word_embeddings.weight.device)
+        if attention_mask is not None:
+            check_attention_mask(
+                attention_mask, input_ids.shape, "(batch, seq) as input_ids", input_ids.device
             )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(
-                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
-                f"shape {tuple(input_ids.shape)}"
-            )
+        if token_type_ids is not None:
+            check_ids_like("token_type_ids", token_type_ids, input_ids, batch_of_one=False)
+        if positions is not None:
+            check_ids_like("positions", positions, input_ids, batch_of_one=True)
         limit = self.max_positions
         if limit is not None and input_ids.shape[1] > limit:
             raise InputError(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -237,7 +238,7 @@ class Generator:
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise InputError(f"prompt {i} is empty: generation needs at least one token")
-            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise InputError(
                     f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
@@ -250,11 +251,15 @@ class Generator:
                 f"longer than the model's {limit} positions: shorten the prompt or ask for "
                 f"at most {max(limit - longest, 0)} new tokens"
             )
+        for source, ids in (("eos_token_ids", self.eos_token_ids(s)), ("pad id", [self.pad_id])):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise SettingsError(
+                    f"{source} {outside} outside the model's vocabulary [0, {vocab})"
+                )
 
-    def _generate(self, prompts: Sequence[Sequence[int]], s: GenerationSettings) -> list[list[int]]:
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        prompts = [list(p) for p in prompts]
+    def _generate(self, prompts: Any, s: GenerationSettings) -> list[list[int]]:
+        prompts = token_id_lists(prompts)
         if not prompts:
             return []
         self._check(prompts, s)
@@ -319,6 +324,36 @@ class Generator:
             with torch.inference_mode(), self._steady(after_first_step=step > 0):
                 out = forward(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
             logits = out.logits[:, -1]
+
+
+def token_id_lists(prompts: Any) -> list[list[int]]:
+    """Prompts as lists of Python ints: from lists, tuples, numpy arrays or tensors of
+    integers (numpy and torch integers included). Anything else is an InputError."""
+    if hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):
+        prompts = prompts.tolist()  # a tensor or an array: its elements become Python numbers
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise InputError(
+            f"input_ids must be a list of prompts, each a list of token ids; found "
+            f"{type(prompts).__name__}"
+        )
+    lists = []
+    for i, prompt in enumerate(prompts):
+        if hasattr(prompt, "tolist") and hasattr(prompt, "dtype"):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+            raise InputError(
+                f"prompt {i} must be a list of token ids; found {type(prompt).__name__} "
+                "(a single prompt is [ids])"
+            )
+        ids = []
+        for t in prompt:
+            if isinstance(t, bool) or type(t).__name__ == "bool_" or not hasattr(t, "__index__"):
+                raise InputError(
+                    f"prompt {i} has a token id that is not an integer: {t!r} ({type(t).__name__})"
+                )
+            ids.append(operator.index(t))
+        lists.append(ids)
+    return lists
 
 
 def compile_for_generation(model: torch.nn.Module) -> Any:

@@ -9,12 +9,17 @@ HF transformers' processors of the same names.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Protocol
 
 import torch
 from pydantic import Field
 
 from ..registry import registry
+from .settings import SettingsError
+
+# Plain division is exact (as HF's) from here up: scores below 3e34 in size stay finite.
+SAFE_TEMPERATURE = 1e-4
 
 
 class LogitsProcessor(Protocol):
@@ -27,11 +32,17 @@ class LogitsProcessor(Protocol):
 
 
 class Temperature:
-    """Divide the scores by ``temperature`` (below 1 sharpens, above 1 flattens)."""
+    """Divide the scores by ``temperature`` (below 1 sharpens, above 1 flattens).
+
+    Below ``SAFE_TEMPERATURE`` the quotient could leave float32's range (1e-45 rounds to
+    0 in float32; a score of 40 over 1e-37 is inf) and softmax would give NaN. There each
+    row's distance to its best score is divided instead: the same distribution, with the
+    best token(s) at 0 and every other token at a large negative score or -inf.
+    """
 
     def __init__(self, temperature: float):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (found {temperature})")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise SettingsError(f"temperature must be finite and > 0 (found {temperature})")
         self.temperature = temperature
 
     def __call__(
@@ -40,7 +51,11 @@ class Temperature:
         scores: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return scores / self.temperature
+        if self.temperature >= SAFE_TEMPERATURE:
+            return scores / self.temperature
+        below_best = scores - scores.amax(dim=-1, keepdim=True)
+        # 0 / 0 where the temperature rounds to 0 in float32: the best tokens stay at 0
+        return torch.where(below_best == 0, below_best, below_best / self.temperature)
 
     def __repr__(self) -> str:
         return f"Temperature({self.temperature})"
@@ -51,7 +66,7 @@ class TopK:
 
     def __init__(self, k: int):
         if k < 1:
-            raise ValueError(f"top-k needs k >= 1 (found {k})")
+            raise SettingsError(f"top-k needs k >= 1 (found {k})")
         self.k = k
 
     def __call__(
@@ -77,7 +92,7 @@ class TopP:
 
     def __init__(self, p: float):
         if not 0 < p <= 1:
-            raise ValueError(f"top-p needs 0 < p <= 1 (found {p})")
+            raise SettingsError(f"top-p needs 0 < p <= 1 (found {p})")
         self.p = p
 
     def __call__(
@@ -102,7 +117,7 @@ class MinP:
 
     def __init__(self, p: float):
         if not 0 <= p <= 1:
-            raise ValueError(f"min-p needs 0 <= p <= 1 (found {p})")
+            raise SettingsError(f"min-p needs 0 <= p <= 1 (found {p})")
         self.p = p
 
     def __call__(
@@ -130,8 +145,8 @@ class RepetitionPenalty:
     """
 
     def __init__(self, penalty: float):
-        if penalty <= 0:
-            raise ValueError(f"repetition penalty must be > 0 (found {penalty})")
+        if not (math.isfinite(penalty) and penalty > 0):
+            raise SettingsError(f"repetition penalty must be finite and > 0 (found {penalty})")
         self.penalty = penalty
 
     def __call__(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -11,6 +12,20 @@ from ..errors import RegistryXFError, did_you_mean
 
 class SettingsError(RegistryXFError, ValueError):
     """Generation settings that are unknown, misspelt or out of range."""
+
+
+MAX_NEW_TOKENS = 2**20  # a bound on what one call may allocate
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 to 2**64 - 1
+MIN_PENALTY, MAX_PENALTY = 1e-6, 1e6  # beyond, penalised scores leave float32's range
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy integer as a Python int; a bool refused (it is never meant as a number)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError("expected a number, found a bool")
+    if not isinstance(value, int) and hasattr(value, "__index__") and hasattr(value, "dtype"):
+        return operator.index(value)
+    return value
 
 
 class GenerationSettings(BaseModel):
@@ -22,24 +37,51 @@ class GenerationSettings(BaseModel):
     ``config.json``, else the tokenizer's end-of-sequence token); ``[]`` never stops at an
     end-of-sequence token. ``stop`` strings end a sequence once its new text contains one;
     the text returned is cut before it. ``seed`` makes sampling reproducible.
+
+    Ranges: ``max_new_tokens`` 1 to 2**20; ``temperature`` finite and >= 0 (a tiny one
+    samples among the tokens tied, or nearly, with the most likely); ``repetition_penalty``
+    from 1e-6 to 1e6; ``seed`` 0 to 2**64 - 1 (torch's seed range, used as given);
+    ``eos_token_ids`` >= 0 (the generator checks them against the vocabulary). Integers
+    may be Python or numpy integers; a bool is refused wherever a number is expected.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(default=32, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    eos_token_ids: list[int] | None = None
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_PENALTY, le=MAX_PENALTY, allow_inf_nan=False
+    )
+    eos_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    @field_validator(
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        mode="before",
+    )
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        return _plain_number(value)
 
     @field_validator("eos_token_ids", mode="before")
     @classmethod
     def _one_eos(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        value = _plain_number(value)
+        if isinstance(value, int):
+            return [value]
+        if isinstance(value, (list, tuple)):
+            return [_plain_number(v) for v in value]
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -70,15 +70,22 @@ class Embedder:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """Embeddings of ``texts`` as a float32 array (n_texts, width)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """Embeddings of ``texts`` as a float32 array (n_texts, width).
+
+        A text the tokenizer makes no tokens of (an empty text, without special tokens)
+        gets a vector of zeros; a lone surrogate is read as U+FFFD (see the tokenizer).
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         device = self.model.device
         out = np.zeros((len(texts), self.model.width), dtype=np.float32)
         bar = _progress(len(texts), progress)
         for batch in self.batches(lengths):
+            if lengths[batch[0]] == 0:  # the longest of its batch: nothing to encode
+                if bar is not None:
+                    bar.update(len(batch))
+                continue
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
             hidden = self.model(**inputs.model_inputs()).last_hidden_state
             pooled = self.pooler(hidden, inputs.attention_mask)

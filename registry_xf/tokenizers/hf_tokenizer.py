@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +18,17 @@ import numpy as np
 import torch
 from tokenizers import Encoding, Tokenizer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..registry import registry
 from ..types import PathLike
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # tokenizer_config.json uses a huge number for "no limit"
 _NO_LIMIT = 10**9
+# truncating copies kept per tokenizer (each holds the vocabulary once more)
+MAX_TRUNCATING_COPIES = 4
 
 
 @dataclass
@@ -50,7 +57,13 @@ class Batch:
 
 
 class HFTokenizer:
-    """Batch encoding with special tokens, truncation, padding and offsets."""
+    """Batch encoding with special tokens, truncation, padding and offsets.
+
+    Safe to share between threads: no call changes a ``tokenizers.Tokenizer`` that another
+    may be using. Truncation is a setting of the Rust object, so each truncation length
+    gets its own copy, made once and kept (a few per process at most: the model's limit,
+    and those that callers ask for); untruncated encodes use the original.
+    """
 
     def __init__(self, file: Path, *, max_length: int | None, pad_id: int | None = None):
         self.file = file
@@ -58,22 +71,48 @@ class HFTokenizer:
         self.max_length = max_length
         self._pad_id = pad_id
         self._tokenizer: Tokenizer | None = None
+        self._truncating: dict[int, Tokenizer] = {}
+        self._lock = threading.Lock()  # held while a copy is made, never while encoding
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The ``tokenizers.Tokenizer``, read from its file on first use (loading a model
-        for its weights alone never pays for parsing a large vocabulary)."""
-        if self._tokenizer is None:
-            try:
-                tokenizer = Tokenizer.from_file(str(self.file))
-            except Exception as e:
-                raise CheckpointError(f"{self.file}: cannot read tokenizer ({e})") from None
-            tokenizer.no_padding()
-            tokenizer.no_truncation()
-            if self._pad_id is None:
-                self._pad_id = _pad_id(tokenizer, self.source)
-            self._tokenizer = tokenizer
-        return self._tokenizer
+        """The ``tokenizers.Tokenizer`` (it never truncates), read from its file on first
+        use: loading a model for its weights alone never pays for parsing a vocabulary."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._read()
+                tokenizer = self._tokenizer
+        return tokenizer
+
+    def _read(self) -> Tokenizer:
+        try:
+            tokenizer = Tokenizer.from_file(str(self.file))
+        except Exception as e:
+            raise CheckpointError(f"{self.file}: cannot read tokenizer ({e})") from None
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        if self._pad_id is None:
+            self._pad_id = _pad_id(tokenizer, self.source)
+        return tokenizer
+
+    def truncating(self, max_length: int) -> Tokenizer:
+        """A copy of the tokenizer that truncates to ``max_length`` ids (made once)."""
+        found = self._truncating.get(max_length)
+        if found is None:
+            base = self.tokenizer
+            with self._lock:
+                found = self._truncating.get(max_length)
+                if found is None:
+                    if len(self._truncating) >= MAX_TRUNCATING_COPIES:
+                        # the oldest copy goes; a thread encoding with it keeps its reference
+                        self._truncating.pop(next(iter(self._truncating)))
+                    found = Tokenizer.from_str(base.to_str())
+                    found.no_padding()
+                    found.enable_truncation(max_length)
+                    self._truncating[max_length] = found
+        return found
 
     @property
     def pad_id(self) -> int:
@@ -83,7 +122,19 @@ class HFTokenizer:
         return self._pad_id
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokenizer": None}
+        state = {**self.__dict__, "_tokenizer": None, "_truncating": {}}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def n_special_tokens(self) -> int:
+        """How many special tokens encoding one text adds."""
+        processor = self.tokenizer.post_processor
+        return int(processor.num_special_tokens_to_add(False)) if processor is not None else 0
 
     @property
     def vocab_size(self) -> int:
@@ -97,15 +148,33 @@ class HFTokenizer:
         truncation: bool = True,
         max_length: int | None = None,
     ) -> list[Encoding]:
-        """Unpadded encodings, truncated to ``max_length`` (default: the tokenizer's)."""
-        limit = max_length or self.max_length
-        if truncation and limit:
-            self.tokenizer.enable_truncation(limit)
-        else:
-            self.tokenizer.no_truncation()
+        """Unpadded encodings, truncated to ``max_length`` (default: the tokenizer's).
+
+        A lone surrogate (half of a UTF-16 pair, as ``surrogateescape`` decoding leaves) is
+        read as U+FFFD, one character for one, so offsets still index the given text; the
+        first time, a warning says so.
+        """
         if isinstance(texts, str):
-            raise TypeError("encode takes a list of texts; wrap a single text in a list")
-        return self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            raise InputError("encode takes a list of texts; wrap a single text in a list")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"text {i} is a {type(text).__name__}, not a str")
+        texts = _without_lone_surrogates(texts)
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise InputError(f"max_length must be an int of at least 1; found {max_length!r}")
+        limit = max_length or self.max_length
+        truncate = truncation and limit and limit < _NO_LIMIT  # beyond, nothing is cut
+        if truncate and add_special_tokens and limit <= self.n_special_tokens:
+            # tokenizers would silently return more than max_length ids
+            raise InputError(
+                f"max_length {limit} leaves no room for text beside the tokenizer's "
+                f"{self.n_special_tokens} special tokens"
+            )
+        tokenizer = self.truncating(limit) if truncate else self.tokenizer
+        return tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
     def pad(self, encodings: Sequence[Encoding]) -> Batch:
         """Right-pad encodings into one batch."""
@@ -163,6 +232,30 @@ class HFTokenizer:
                 os.close(fd)
                 shutil.copyfile(source, tmp)
                 os.replace(tmp, directory / name)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_warned_surrogates = False
+
+
+def _without_lone_surrogates(texts: list[str]) -> list[str]:
+    """``texts`` with every lone surrogate replaced by U+FFFD (tokenizers cannot take them)."""
+    global _warned_surrogates
+    found = [i for i, text in enumerate(texts) if _SURROGATE.search(text)]
+    if not found:
+        return texts
+    if not _warned_surrogates:
+        _warned_surrogates = True
+        logger.warning(
+            "text %d (of %d) holds a lone surrogate, which is not a character: it is read "
+            "as U+FFFD (this warning is given once)",
+            found[0],
+            len(texts),
+        )
+    fixed = list(texts)
+    for i in found:
+        fixed[i] = _SURROGATE.sub("\ufffd", fixed[i])
+    return fixed
 
 
 def _read_json(path: Path) -> dict[str, Any]:
