@@ -178,9 +178,7 @@ def test_sharded(hub: FakeHub, models: dict[str, Path]) -> None:
     assert len(shards) == 2
 
 
-def test_a_saved_model_on_the_hub(
-    hub: FakeHub, models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_a_saved_model_on_the_hub(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
     """A repository holding what registry_xf's save writes (config.cfg, meta.json) loads."""
     saved = rx.save(rx.load(models["old"]), tmp_path / "saved")
     hub.add("org/saved", saved)
