@@ -554,3 +554,20 @@ def test_numeric_parameters_take_sane_values_or_a_typed_error(index: int, value:
         assert math.isfinite(number), (name, param, value)
         if kind is int:
             assert 0 <= number <= 2**24, (name, param, value)
+
+
+@pytest.mark.parametrize(
+    "name, argument",
+    [
+        ("registry_xf.Temperature.v1", "temperature"),
+        ("registry_xf.TopP.v1", "p"),
+        ("registry_xf.MinP.v1", "p"),
+        ("registry_xf.RepetitionPenalty.v1", "penalty"),
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_logits_processors_refuse_non_finite_settings(
+    name: str, argument: str, value: float
+) -> None:
+    with pytest.raises(rx.ConfigError, match=rf"\[{argument}\].*finite"):
+        rx.registry.logits_processors.get(name)(**{argument: value})

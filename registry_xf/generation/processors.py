@@ -169,7 +169,7 @@ class RepetitionPenalty:
 
 
 @registry.logits_processors.register("registry_xf.Temperature.v1")
-def temperature(temperature: Annotated[float, Field(gt=0)]) -> Temperature:
+def temperature(temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]) -> Temperature:
     """Divide the scores by ``temperature`` before sampling."""
     return Temperature(temperature)
 
@@ -181,18 +181,20 @@ def top_k(k: Annotated[int, Field(ge=1)]) -> TopK:
 
 
 @registry.logits_processors.register("registry_xf.TopP.v1")
-def top_p(p: Annotated[float, Field(gt=0, le=1)]) -> TopP:
+def top_p(p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]) -> TopP:
     """Keep the most likely tokens whose probabilities sum to ``p`` (nucleus sampling)."""
     return TopP(p)
 
 
 @registry.logits_processors.register("registry_xf.MinP.v1")
-def min_p(p: Annotated[float, Field(ge=0, le=1)]) -> MinP:
+def min_p(p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]) -> MinP:
     """Keep the tokens at least ``p`` times as likely as the most likely one."""
     return MinP(p)
 
 
 @registry.logits_processors.register("registry_xf.RepetitionPenalty.v1")
-def repetition_penalty(penalty: Annotated[float, Field(gt=0)]) -> RepetitionPenalty:
+def repetition_penalty(
+    penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)],
+) -> RepetitionPenalty:
     """Divide positive and multiply negative scores of tokens already present by ``penalty``."""
     return RepetitionPenalty(penalty)
