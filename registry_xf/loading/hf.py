@@ -57,13 +57,45 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
         return None
     folder = safe_join(directory, pooling.get("path"), where=str(modules_file))
     settings = json.loads((folder / "config.json").read_text(encoding="utf8"))
-    if settings.get("pooling_mode_cls_token"):
+    mode = settings.get("pooling_mode")  # sentence-transformers >= 6; older: one flag per mode
+    if settings.get("pooling_mode_cls_token") or mode == "cls":
         name = "registry_xf.CLSPooler.v1"
-    elif settings.get("pooling_mode_max_tokens"):
+    elif settings.get("pooling_mode_max_tokens") or mode == "max":
         name = "registry_xf.MaxPooler.v1"
-    else:
+    elif mode in (None, "mean", ["mean"]):
         name = "registry_xf.MeanPooler.v1"
-    return {"@poolers": name, "normalize": any(t.endswith("Normalize") for t in types)}
+    else:
+        raise UnsupportedModelError(
+            f"{folder / 'config.json'}: pooling_mode {mode!r} is not supported "
+            "(expected 'mean', 'cls' or 'max')"
+        )
+    return {
+        "@poolers": name,
+        "normalize": any(t.endswith("Normalize") for t in types),
+        "include_prompt": bool(settings.get("include_prompt", True)),
+    }
+
+
+def _sentence_transformers_embedding(directory: Path) -> dict[str, Any] | None:
+    """The ``[embedding]`` section (named prompts, default prompt name, Matryoshka width) from
+    config_sentence_transformers.json, if the directory has one."""
+    path = directory / "config_sentence_transformers.json"
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    prompts = settings.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, type(None))) for k, v in prompts.items()
+    ):
+        raise CheckpointError(f"{path}: 'prompts' must map prompt names to texts")
+    section: dict[str, Any] = {"prompts": {k: v or "" for k, v in prompts.items()}}
+    for key in ("default_prompt_name", "truncate_dim"):
+        if settings.get(key) is not None:
+            section[key] = settings[key]
+    return section
 
 
 def _max_length(directory: Path) -> int | None:
@@ -123,6 +155,9 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
     pooling = _sentence_transformers_pooling(directory)
     if pooling is not None:
         config["pooling"] = pooling
+    embedding = _sentence_transformers_embedding(directory)
+    if embedding is not None:
+        config["embedding"] = embedding
     causal = config["model"].get("@architectures") == "registry_xf.CausalLM.v1"
     eos = _eos_token_ids(directory, hf) if causal else None
     if eos is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import RegistryXFError
+from ..errors import InputError, RegistryXFError, did_you_mean
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .poolers import Pooler
+from .quantization import check_precision, quantize
+
+# The prompt names that embed_query and embed_document try, in order (sentence-transformers'
+# encode_query / encode_document); "query" and "document" always exist, empty unless set.
+QUERY_PROMPT_NAMES = ("query",)
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,12 @@ class Embedder:
     padding, and the CPU stays busy. Results come back in the input order. The default
     budget (2,048 tokens) keeps a batch's activations in cache on CPUs; on a GPU a larger
     one is faster.
+
+    Prompts: ``prompts`` (name -> text prepended to every text) and ``default_prompt_name``
+    add to and override those of the model's ``[embedding]`` section (read from
+    sentence-transformers' config_sentence_transformers.json). ``truncate_dim`` keeps the
+    first dimensions of every embedding (Matryoshka models), renormalised where the model
+    normalises; it overrides the model's own setting.
     """
 
     def __init__(
@@ -35,6 +47,9 @@ class Embedder:
         *,
         pooler: Pooler | None = None,
         normalize: bool | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        truncate_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         batch_tokens: int = 2048,
@@ -48,10 +63,21 @@ class Embedder:
             raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")
         pooler = pooler or getattr(self.model, "pooler", None) or Pooler("mean")
         if normalize is not None:
-            pooler = Pooler(pooler.mode, normalize)
+            pooler = Pooler(pooler.mode, normalize, pooler.include_prompt)
         self.pooler = pooler
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
+        settings = _embedding_settings(self.model)
+        self.prompts: dict[str, str] = {"query": "", "document": ""}
+        self.prompts.update(settings.get("prompts") or {})
+        self.prompts.update(prompts or {})
+        self.default_prompt_name = default_prompt_name or settings.get("default_prompt_name")
+        if self.default_prompt_name is not None:
+            self._named_prompt(self.default_prompt_name, "default_prompt_name")
+        if truncate_dim is None:
+            truncate_dim = settings.get("truncate_dim")
+        self.truncate_dim = self._check_truncate_dim(truncate_dim)
+        self._prompt_lengths: dict[str, int] = {}
 
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices of texts grouped by similar length under the token budget."""
@@ -69,17 +95,39 @@ class Embedder:
             yield batch
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """Embeddings of ``texts`` as a float32 array (n_texts, width).
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Embeddings of ``texts``: an array (n_texts, width), float32 unless ``precision``.
 
+        ``prompt`` (a text) or ``prompt_name`` (one of ``self.prompts``) is prepended to every
+        text; with neither, the default prompt, if any. ``truncate_dim`` keeps the first
+        dimensions (default: the embedder's). ``precision`` "int8"/"uint8" quantise each
+        dimension over ``ranges``, else the range of ``calibration_embeddings``, else of these
+        embeddings; "binary"/"ubinary" pack sign bits 8 to a byte (int8 / uint8).
         A text the tokenizer makes no tokens of (an empty text, without special tokens)
         gets a vector of zeros; a lone surrogate is read as U+FFFD (see the tokenizer).
         """
+        check_precision(precision)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        width = self._check_truncate_dim(truncate_dim) or self.truncate_dim or self.model.width
         texts = [texts] if isinstance(texts, str) else list(texts)
+        prompt_length = self.prompt_length(prompt) if prompt else 0
+        if prompt:
+            texts = [prompt + text for text in texts]
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         device = self.model.device
-        out = np.zeros((len(texts), self.model.width), dtype=np.float32)
+        out = np.zeros((len(texts), width), dtype=np.float32)
         bar = _progress(len(texts), progress)
         for batch in self.batches(lengths):
             if lengths[batch[0]] == 0:  # the longest of its batch: nothing to encode
@@ -88,19 +136,94 @@ class Embedder:
                 continue
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
             hidden = self.model(**inputs.model_inputs()).last_hidden_state
-            pooled = self.pooler(hidden, inputs.attention_mask)
+            pooled = self.pooler.pool(hidden, inputs.attention_mask, prompt_length)[:, :width]
+            if self.pooler.normalize:
+                pooled = nn.functional.normalize(pooled, p=2, dim=-1)
             out[batch] = pooled.float().cpu().numpy()
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
-        return out
+        if precision == "float32" or not len(out):
+            return out
+        return quantize(
+            out, precision, ranges=ranges, calibration_embeddings=calibration_embeddings
+        )
+
+    def embed_query(self, texts: Sequence[str], **settings: Any) -> np.ndarray:
+        """``embed`` with the "query" prompt unless ``prompt`` or ``prompt_name`` is given."""
+        return self.embed(texts, **self._task_prompt(QUERY_PROMPT_NAMES, settings))
+
+    def embed_document(self, texts: Sequence[str], **settings: Any) -> np.ndarray:
+        """``embed`` with the first of the "document", "passage", "corpus" prompts (the
+        first always exists) unless ``prompt`` or ``prompt_name`` is given."""
+        return self.embed(texts, **self._task_prompt(DOCUMENT_PROMPT_NAMES, settings))
+
+    def _task_prompt(self, names: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+        if settings.get("prompt") is None and settings.get("prompt_name") is None:
+            found = next((n for n in names if n in self.prompts), None)
+            if found is not None:
+                settings = {**settings, "prompt_name": found}
+        return settings
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The prompt text that ``embed`` prepends for these arguments (None: no prompt)."""
+        if prompt is not None and prompt_name is not None:
+            raise InputError(
+                f"prompt={prompt!r} and prompt_name={prompt_name!r}: give one or the other"
+            )
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            return self._named_prompt(prompt_name, "prompt_name")
+        if self.default_prompt_name is not None:
+            return self.prompts.get(self.default_prompt_name)
+        return None
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` at the start of a prompted text: the prompt encoded alone,
+        without a trailing special token (as sentence-transformers counts them)."""
+        if prompt not in self._prompt_lengths:
+            encoding = self.tokenizer.encode([prompt])[0]
+            length = len(encoding.ids)
+            if length and encoding.special_tokens_mask[-1]:
+                length -= 1
+            self._prompt_lengths[prompt] = length
+        return self._prompt_lengths[prompt]
+
+    def _named_prompt(self, name: str, argument: str) -> str:
+        if name not in self.prompts:
+            known = ", ".join(repr(n) for n in self.prompts)
+            raise InputError(
+                f"{argument}={name!r}: no such prompt; this model knows {known}."
+                + did_you_mean(name, self.prompts)
+            )
+        return self.prompts[name]
+
+    def _check_truncate_dim(self, truncate_dim: Any) -> int | None:
+        if truncate_dim is None:
+            return None
+        width = self.model.width
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
+            raise InputError(f"truncate_dim={truncate_dim!r}: expected an integer 1 to {width}")
+        if not 1 <= truncate_dim <= width:
+            raise InputError(
+                f"truncate_dim={truncate_dim}: expected 1 to {width} (the model's width)"
+            )
+        return int(truncate_dim)
 
     def similarity(self, texts: Sequence[str]) -> np.ndarray:
         """Cosine similarity of every pair of texts."""
         vectors = self.embed(texts)
         vectors = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
         return vectors @ vectors.T
+
+
+def _embedding_settings(model: nn.Module) -> Mapping[str, Any]:
+    """The model config's ``[embedding]`` section (prompts, default prompt, truncate_dim)."""
+    config = getattr(model, "config", None)
+    section = config.get("embedding") if isinstance(config, Mapping) else None
+    return section if isinstance(section, Mapping) else {}
 
 
 def _progress(total: int, enabled: bool) -> Any:
