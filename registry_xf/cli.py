@@ -50,6 +50,7 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     from .loading.load import load
     from .pipelines.embedder import Embedder
+    from .pipelines.quantization import check_precision, hamming_similarity
 
     texts = list(args.texts)
     if args.file:
@@ -58,6 +59,8 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if not texts:
         raise RegistryXFError("nothing to embed: give texts or --file")
     out = _writable_out(args.out) if args.out else None  # checked before the slow part
+    check_precision(args.precision)
+    calibration = _read_calibration(args.calibration) if args.calibration else None
     model = load(
         args.model,
         device=args.device,
@@ -66,7 +69,15 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         revision=args.revision,
     )
     embedder = Embedder(model, batch_tokens=args.batch_tokens)
-    vectors = embedder.embed(texts, progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty())
+    vectors = embedder.embed(
+        texts,
+        prompt=args.prompt,
+        prompt_name=args.prompt_name,
+        truncate_dim=args.truncate_dim,
+        precision=args.precision,
+        calibration_embeddings=calibration,
+        progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty(),
+    )
     if out is not None:
         _save_atomically(out, vectors)
         print(f"wrote {len(texts)} embeddings of width {vectors.shape[1]} to {out}")
@@ -75,10 +86,14 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
         head = " ".join(f"{x:+.3f}" for x in vector[:4])
         print(f"[{i}] {_short(text, 50):50}  [{head} ...]  norm {np.linalg.norm(vector):.3f}")
-    if 1 < len(texts) <= 12:
-        unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
-        sims = unit @ unit.T
-        print("\ncosine similarity")
+    if 1 < len(texts) <= 12 and args.precision in ("float32", "binary", "ubinary"):
+        if args.precision == "float32":
+            unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+            sims, kind = unit @ unit.T, "cosine"
+        else:
+            width = args.truncate_dim or embedder.truncate_dim or embedder.model.width
+            sims, kind = hamming_similarity(vectors, vectors, width=width), "hamming"
+        print(f"\n{kind} similarity")
         print("      " + "".join(f"[{j}]".rjust(7) for j in range(len(texts))))
         for i, row in enumerate(sims):
             print(f"[{i}]".ljust(6) + "".join(f"{x:7.3f}" for x in row))
@@ -87,6 +102,22 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             i, j = np.unravel_index(np.argmax(masked), masked.shape)
             print(f"\nclosest pair: [{i}] and [{j}] ({sims[i, j]:.3f})")
     return 0
+
+
+def _read_calibration(name: str) -> Any:
+    """Float embeddings (n, width) from a .npy file, read without unpickling."""
+    import numpy as np
+
+    try:
+        data = np.load(name, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise RegistryXFError(f"--calibration {name}: not a readable .npy file ({e})") from None
+    if data.ndim != 2 or data.dtype.kind != "f":
+        raise RegistryXFError(
+            f"--calibration {name}: expected float embeddings (n, width), found {data.dtype} "
+            f"of shape {data.shape}"
+        )
+    return data
 
 
 def _read_text_file(name: str) -> str:
@@ -281,6 +312,17 @@ def make_parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     embed.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
     embed.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch")
+    embed.add_argument("--prompt-name", help="a prompt of the model's, such as query")
+    embed.add_argument("--prompt", help="a text put before every text (not with --prompt-name)")
+    embed.add_argument("--truncate-dim", type=int, help="keep the first N dimensions")
+    embed.add_argument(
+        "--precision",
+        default="float32",
+        help="float32 (default), int8, uint8, binary or ubinary (packed bits)",
+    )
+    embed.add_argument(
+        "--calibration", help="a .npy of float embeddings that sets the int8/uint8 ranges"
+    )
     embed.set_defaults(func=_cmd_embed)
 
     generate = sub.add_parser(

@@ -221,3 +221,54 @@ def test_unsupported_pooling_mode_is_named(tmp_path: Path) -> None:
     path = write_sentence_transformer(tmp_path / "lt", "lasttoken", True, False)
     with pytest.raises(UnsupportedModelError, match="1_Pooling.*'lasttoken'"):
         rx.load(str(path))
+
+
+def test_cli_embed_settings(pairs: dict, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from registry_xf.cli import main
+
+    ours, _ = pairs["mean-excluded"]
+    model = str(checkpoints["mean-excluded"])
+    texts = [t for t in TEXTS if t]
+    np.save(tmp_path / "calibration.npy", ours.embed(TEXTS[::-1], prompt="and "))
+    runs = [
+        (["--prompt-name", "query", "--truncate-dim", "12", "--precision", "binary"], {}),
+        (["--prompt", "dog is ", "--precision", "ubinary"], {}),
+        (["--truncate-dim", "20"], {}),
+        (
+            ["--precision", "int8", "--calibration", str(tmp_path / "calibration.npy")],
+            {"calibration_embeddings": np.load(tmp_path / "calibration.npy")},
+        ),
+    ]
+    for i, (flags, extra) in enumerate(runs):
+        out = tmp_path / f"run{i}.npy"
+        assert main(["embed", *texts, "--model", model, "--out", str(out), *flags]) == 0
+        settings = {
+            f[2:].replace("-", "_"): v for f, v in zip(flags[::2], flags[1::2], strict=True)
+        }
+        settings.pop("calibration", None)
+        if "truncate_dim" in settings:
+            settings["truncate_dim"] = int(settings["truncate_dim"])
+        expected = ours.embed(texts, **settings, **extra)
+        got = np.load(out, allow_pickle=False)
+        assert got.dtype == expected.dtype  # packed bits stay packed
+        if got.dtype == np.float32:
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+        else:
+            assert np.mean(got == expected) >= 0.99
+
+
+def test_cli_bad_settings(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from registry_xf.cli import main
+
+    model = str(checkpoints["mean-included"])
+    bad = {
+        ("--precision", "binery"): "Did you mean 'binary'",
+        ("--prompt-name", "passsage"): "no such prompt; this model knows 'query', 'document'",
+        ("--truncate-dim", "0"): "truncate_dim=0: expected 1 to 32",
+    }
+    for flags, message in bad.items():
+        assert main(["embed", "hello", "--model", model, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["embed", "the cat", "hello", "--model", model, "--precision", "ubinary"]) == 0
+    assert "hamming similarity" in capsys.readouterr().out
