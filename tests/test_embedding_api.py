@@ -272,3 +272,39 @@ def test_cli_bad_settings(checkpoints: dict[str, Path], capsys: pytest.CaptureFi
         assert message in err and "Traceback" not in err
     assert main(["embed", "the cat", "hello", "--model", model, "--precision", "ubinary"]) == 0
     assert "hamming similarity" in capsys.readouterr().out
+
+
+def _spacy_nlp(source: Path, **settings: object):  # type: ignore[no-untyped-def]
+    import spacy
+
+    nlp = spacy.blank("en")
+    model = {"@architectures": "registry_xf.TransformerModel.v1", "source": str(source)}
+    nlp.add_pipe("registry_xf_transformer", config={"model": {**model, **settings}})
+    nlp.initialize()
+    return nlp
+
+
+def test_spacy_doc_vector_settings(pairs: dict, checkpoints: dict[str, Path]) -> None:
+    ours, theirs = pairs["mean-excluded"]
+    texts = [t for t in TEXTS if t]
+    for settings in ({}, {"prompt_name": "query", "truncate_dim": 12}):
+        nlp = _spacy_nlp(checkpoints["mean-excluded"], **settings)
+        vectors = np.stack([doc.vector for doc in nlp.pipe(texts)])
+        expected = theirs.encode(
+            texts, **{"normalize_embeddings": True, **settings}
+        )  # short docs: one window each, so the doc vector is the sentence embedding
+        np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(vectors, ours.embed(texts, **settings), atol=1e-5, rtol=0)
+        assert nlp("the cat")[0].vector.shape == (32,)  # token vectors keep the full width
+
+
+def test_spacy_bad_settings(checkpoints: dict[str, Path]) -> None:
+    from registry_xf.errors import ConfigError
+
+    source = checkpoints["mean-included"]
+    with pytest.raises(ConfigError, match=r"model.prompt_name.*'qurey'.*Did you mean 'query'"):
+        _spacy_nlp(source, prompt_name="qurey")
+    with pytest.raises(ConfigError, match=r"model.truncate_dim.*expected 1 to 32"):
+        _spacy_nlp(source, truncate_dim=40)
+    with pytest.raises(Exception, match=r"model.truncate_dim.*at least 1"):
+        _spacy_nlp(source, truncate_dim=0)

@@ -35,6 +35,8 @@ def transformer_model_v1(
     trainable: bool = False,
     batch_tokens: int = 2048,
     pack: bool | None = None,
+    prompt_name: str | None = None,
+    truncate_dim: int | None = None,
 ) -> Model:
     """A registry_xf encoder for spaCy.
 
@@ -47,7 +49,10 @@ def transformer_model_v1(
     (default: the model's limit, and 3/4 of the window). ``all_layers`` keeps every
     layer's states. ``trainable`` fine-tunes the encoder with the pipeline (frozen
     otherwise). ``batch_tokens``: padded tokens per forward pass. ``pack``: prepacked CPU
-    weights (None: automatic; never when trainable).
+    weights (None: automatic; never when trainable). ``prompt_name``: one of the model's
+    prompts, put before every window's pieces (None: the model's default prompt, if any);
+    ``truncate_dim``: the sentence embedding (``doc.vector``) keeps its first dimensions,
+    renormalised where the model normalises; token vectors keep the full width.
     """
     if source is None and encoder is None:
         raise ConfigError(
@@ -63,7 +68,8 @@ def transformer_model_v1(
         raise ConfigError(
             [ConfigProblem("model.weights", "an encoder section needs weights and tokenizer")]
         )
-    for name, value in (("window", window), ("stride", stride), ("batch_tokens", batch_tokens)):
+    sizes = (("window", window), ("stride", stride), ("batch_tokens", batch_tokens))
+    for name, value in (*sizes, ("truncate_dim", truncate_dim)):
         if value is not None and value < 1:
             raise ConfigError(
                 [ConfigProblem(f"model.{name}", f"must be at least 1; found {value}")]
@@ -84,7 +90,10 @@ def transformer_model_v1(
         dtype=dtype,
         pack=False if trainable else pack,
     )
-    return transformer_model(spec, RunSettings(window, stride, all_layers, trainable, batch_tokens))
+    return transformer_model(
+        spec,
+        RunSettings(window, stride, all_layers, trainable, batch_tokens, prompt_name, truncate_dim),
+    )
 
 
 @spacy_registry.architectures("registry_xf.TransformerListener.v1")

@@ -12,7 +12,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,9 +24,10 @@ from thinc.api import Model, PyTorchShim, get_torch_default_device, torch2xp, xp
 from thinc.types import Ragged
 from torch import nn
 
-from ...errors import RegistryXFError
+from ...errors import ConfigError, ConfigProblem, InputError, RegistryXFError
 from ...loading.load import load, with_weights
 from ...types import to_dtype
+from ..embedder import Embedder
 from ..poolers import Pooler
 from .alignment import align_tokens
 from .outputs import DocTransformerOutput
@@ -51,6 +52,8 @@ def transformer_model(spec: EncoderSpec, settings: RunSettings) -> Model:
             "all_layers": settings.all_layers,
             "trainable": settings.trainable,
             "batch_tokens": settings.batch_tokens,
+            "prompt_name": settings.prompt_name,
+            "truncate_dim": settings.truncate_dim,
         },
     )
 
@@ -64,6 +67,8 @@ class RunSettings:
     all_layers: bool
     trainable: bool
     batch_tokens: int
+    prompt_name: str | None = None
+    truncate_dim: int | None = None
 
 
 @dataclass
@@ -125,7 +130,9 @@ def set_encoder(model: Model, module: nn.Module) -> None:
         deserialize_model=_deserialize,
     )
     model.shims[:] = [shim]
-    model.attrs["pieces"] = _Pieces.of(module)
+    model.attrs["pieces"] = _Pieces.of(
+        module, model.attrs.get("prompt_name"), model.attrs.get("truncate_dim")
+    )
 
 
 def in_worker_process() -> bool:
@@ -190,9 +197,14 @@ class _Pieces:
     suffix: list[int]
     limit: int  # content pieces one window can hold
     pooler: Pooler
+    prompt: list[int] = field(default_factory=list)  # after the prefix of every window
+    prompt_length: int = 0  # tokens the pooler leaves out where it excludes the prompt
+    truncate_dim: int | None = None  # of the sentence embedding
 
     @classmethod
-    def of(cls, module: nn.Module) -> _Pieces:
+    def of(
+        cls, module: nn.Module, prompt_name: str | None = None, truncate_dim: int | None = None
+    ) -> _Pieces:
         tokenizer = module.tokenizer
         raw = tokenizer.tokenizer
         with_specials = raw.encode("a", add_special_tokens=True).ids
@@ -208,7 +220,37 @@ class _Pieces:
         if tokenizer.max_length:
             positions = min(positions, tokenizer.max_length)
         pooler = getattr(module, "pooler", None) or Pooler("mean")
-        return cls(tokenizer, prefix, suffix, positions - len(prefix) - len(suffix), pooler)
+        settings = _embedding_settings(module, prompt_name, truncate_dim)
+        prompt_text = settings.resolve_prompt(None, prompt_name)
+        prompt = raw.encode(prompt_text, add_special_tokens=False).ids if prompt_text else []
+        limit = positions - len(prefix) - len(suffix) - len(prompt)
+        if limit < 1:
+            raise ConfigError(
+                [ConfigProblem("model.prompt_name", f"the prompt leaves no room: {limit} pieces")]
+            )
+        return cls(
+            tokenizer,
+            prefix,
+            suffix,
+            limit,
+            pooler,
+            prompt,
+            settings.prompt_length(prompt_text) if prompt_text else 0,
+            settings.truncate_dim,
+        )
+
+
+def _embedding_settings(
+    module: nn.Module, prompt_name: str | None, truncate_dim: int | None
+) -> Embedder:
+    """The model's prompts and Matryoshka width, checked, with the config path named."""
+    try:
+        settings = Embedder(module, truncate_dim=truncate_dim)
+        settings.resolve_prompt(None, prompt_name)
+    except InputError as e:
+        path = "model.truncate_dim" if str(e).startswith("truncate_dim") else "model.prompt_name"
+        raise ConfigError([ConfigProblem(path, str(e))]) from None
+    return settings
 
 
 @dataclass
@@ -260,7 +302,7 @@ def _forward(
     all_layers = model.attrs["all_layers"]
     prepared = _prepare(docs, pieces, size, stride)
     windows = [(d, start, end) for d, p in enumerate(prepared) for start, end in p.windows]
-    n_special = len(pieces.prefix) + len(pieces.suffix)
+    n_special = len(pieces.prefix) + len(pieces.prompt) + len(pieces.suffix)
     lengths = [end - start + n_special for _, start, end in windows]
     device = _device_of(module)
     pad = pieces.tokenizer.pad_id
@@ -273,10 +315,10 @@ def _forward(
             longest = lengths[batch[0]]
             ids = np.full((len(batch), longest), pad, dtype=np.int64)
             mask = np.zeros((len(batch), longest), dtype=np.int64)
-            first = len(pieces.prefix)
+            first = len(pieces.prefix) + len(pieces.prompt)
             for row, w in enumerate(batch):
                 d, start, end = windows[w]
-                ids[row, :first] = pieces.prefix
+                ids[row, :first] = pieces.prefix + pieces.prompt
                 ids[row, first : first + end - start] = prepared[d].ids[start:end]
                 ids[row, first + end - start : lengths[w]] = pieces.suffix
                 mask[row, : lengths[w]] = 1
@@ -284,7 +326,12 @@ def _forward(
             attention_mask = torch.from_numpy(mask).to(device)
             output = module(input_ids, attention_mask, output_hidden_states=all_layers)
             layers = output.hidden_states if all_layers else [output.last_hidden_state]
-            pooled = pieces.pooler(output.last_hidden_state, attention_mask).float()
+            pooled = pieces.pooler.pool(
+                output.last_hidden_state, attention_mask, pieces.prompt_length
+            )[:, : pieces.truncate_dim]
+            if pieces.pooler.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            pooled = pooled.float()
             for row, w in enumerate(batch):
                 _, start, end = windows[w]
                 states = [layer[row, first : first + end - start].float() for layer in layers]
