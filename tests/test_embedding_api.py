@@ -12,8 +12,9 @@ from tiny_tokenizer import write_tokenizer
 
 import registry_xf as rx
 from registry_xf.errors import InputError, RegistryXFError, UnsupportedModelError
+from registry_xf.pipelines import hamming_distance, hamming_similarity
+from registry_xf.pipelines import quantize_embeddings as rx_quantize
 from registry_xf.pipelines.embedder import Embedder
-from registry_xf.pipelines.quantization import hamming_distance, hamming_similarity, quantize
 
 TEXTS = ["the cat sat on the mat", "hello world", "a dog ran", "", "is the dog and the cat"]
 PROMPTS = {"query": "the cat: ", "passage": "dog is ", "search": "hello, "}
@@ -151,7 +152,7 @@ def test_quantize_equals_sentence_transformers_on_random_data() -> None:
         for precision in ("float32", "int8", "uint8", "binary", "ubinary"):
             for settings in ({}, {"calibration_embeddings": calibration}):
                 expected = quantize_embeddings(data, precision, **settings)
-                got = quantize(data, precision, **settings)
+                got = rx_quantize(data, precision, **settings)
                 assert got.dtype == expected.dtype
                 np.testing.assert_array_equal(got, expected)
 
@@ -162,17 +163,17 @@ def test_hamming_on_packed_embeddings() -> None:
     bits = data > 0
     expected = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     for precision in ("binary", "ubinary"):
-        packed = quantize(data, precision)
+        packed = rx_quantize(data, precision)
         np.testing.assert_array_equal(hamming_distance(packed, packed), expected)
         np.testing.assert_allclose(
             hamming_similarity(packed, packed, width=21), 1 - expected / 21, atol=1e-6
         )
-    mixed = hamming_distance(quantize(data, "binary"), quantize(data[:3], "ubinary"))
+    mixed = hamming_distance(rx_quantize(data, "binary"), rx_quantize(data[:3], "ubinary"))
     np.testing.assert_array_equal(mixed, expected[:, :3])
     with pytest.raises(InputError, match="packed binary"):
         hamming_distance(data, data)
     with pytest.raises(InputError, match="widths differ"):
-        hamming_distance(quantize(data, "binary"), quantize(data[:, :5], "binary"))
+        hamming_distance(rx_quantize(data, "binary"), rx_quantize(data[:, :5], "binary"))
 
 
 def test_save_and_load_keep_prompts(pairs: dict, tmp_path: Path) -> None:

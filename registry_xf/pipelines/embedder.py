@@ -15,7 +15,7 @@ from ..errors import InputError, RegistryXFError, did_you_mean
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .poolers import Pooler
-from .quantization import check_precision, quantize
+from .quantization import check_precision, quantize_embeddings
 
 # The prompt names that embed_query and embed_document try, in order (sentence-transformers'
 # encode_query / encode_document); "query" and "document" always exist, empty unless set.
@@ -146,7 +146,7 @@ class Embedder:
             bar.close()
         if precision == "float32" or not len(out):
             return out
-        return quantize(
+        return quantize_embeddings(
             out, precision, ranges=ranges, calibration_embeddings=calibration_embeddings
         )
 

@@ -40,7 +40,7 @@ def quantization_ranges(calibration_embeddings: np.ndarray) -> np.ndarray:
     return np.vstack((data.min(axis=0), data.max(axis=0)))
 
 
-def quantize(
+def quantize_embeddings(
     embeddings: np.ndarray,
     precision: str,
     *,
