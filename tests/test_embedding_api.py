@@ -309,3 +309,26 @@ def test_spacy_bad_settings(checkpoints: dict[str, Path]) -> None:
         _spacy_nlp(source, truncate_dim=40)
     with pytest.raises(Exception, match=r"model.truncate_dim.*at least 1"):
         _spacy_nlp(source, truncate_dim=0)
+
+
+def test_prompt_texts_survive_save_and_load(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    source = shutil.copytree(checkpoints["mean-included"], tmp_path / "odd")
+    settings_file = source / "config_sentence_transformers.json"
+    settings = json.loads(settings_file.read_text())
+    odd = 'Instruct: find {x} "q" \\ [a] #b; c\n= '
+    settings["prompts"].update({"odd": odd, "two words": "the "}, query=None)
+    settings["truncate_dim"] = 24
+    settings_file.write_text(json.dumps(settings))
+    loaded = Embedder(str(source))
+    assert loaded.prompts["odd"] == odd and loaded.prompts["query"] == ""
+    rx.save(loaded.model, tmp_path / "saved")
+    again = Embedder(str(tmp_path / "saved"))
+    assert again.prompts == loaded.prompts and again.truncate_dim == 24
+    assert again.embed(TEXTS, prompt_name="two words").shape == (len(TEXTS), 24)
+    settings["prompts"]["price"] = "costs $5: "
+    settings_file.write_text(json.dumps(settings))
+    with pytest.raises(UnsupportedModelError, match="prompt 'price' contains '\\$'"):
+        rx.load(str(source))

@@ -91,6 +91,17 @@ def _sentence_transformers_embedding(directory: Path) -> dict[str, Any] | None:
         isinstance(k, str) and isinstance(v, (str, type(None))) for k, v in prompts.items()
     ):
         raise CheckpointError(f"{path}: 'prompts' must map prompt names to texts")
+    for name, text in prompts.items():  # what a .cfg section cannot hold as it is
+        if not name.strip() or name != name.strip() or any(c in name for c in ".=:[]"):
+            raise UnsupportedModelError(
+                f"{path}: prompt name {name!r}: expected no '.', '=', ':', '[', ']' or "
+                "surrounding spaces (it becomes a config key)"
+            )
+        if text and "$" in text:  # a variable, or "$$" once written out and read back
+            raise UnsupportedModelError(
+                f"{path}: prompt {name!r} contains '$', which a registry_xf config does not "
+                "keep as it is; give it as embed(texts, prompt=...) instead"
+            )
     section: dict[str, Any] = {"prompts": {k: v or "" for k, v in prompts.items()}}
     for key in ("default_prompt_name", "truncate_dim"):
         if settings.get(key) is not None:
