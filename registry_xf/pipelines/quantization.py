@@ -62,6 +62,11 @@ def quantize_embeddings(
     if precision in ("binary", "ubinary"):
         packed = np.packbits(embeddings > 0, axis=-1)
         return packed if precision == "ubinary" else (packed - 128).astype(np.int8)
+    if ranges is None and calibration_embeddings is None and embeddings.shape[0] < 2:
+        raise InputError(
+            f"precision={precision!r} for {embeddings.shape[0]} embedding(s): give ranges or "
+            "calibration_embeddings (a range cannot be had from fewer than two embeddings)"
+        )
     if ranges is None:
         source = embeddings if calibration_embeddings is None else calibration_embeddings
         ranges = quantization_ranges(source)
