@@ -10,7 +10,10 @@ import catalogue
 import pytest
 import torch
 import torch.nn.functional as F
+from confection import Config
 from conftest import VOCAB, random_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import registry_xf as rx
@@ -532,3 +535,16 @@ def test_overridden_configs_are_fresh_copies() -> None:
     with pytest.raises(rx.ConfigError, match="Did you mean") as info:
         rx.read_config(text, {"hyper.n_layer": 1})
     assert [p.path for p in info.value.problems] == ["hyper.n_layer"]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.text(alphabet="$ab{} 5", max_size=12).filter(lambda t: "${" not in t))
+def test_dollars_survive_writing_and_reading(text: str) -> None:
+    """A value written out and read back is the same value: no doubled or lost dollars."""
+    from registry_xf.config.resolve import interpolate
+    from registry_xf.config.text import parse_config
+
+    config = Config({"section": {"value": text, "other": 1}})
+    again = parse_config(config.to_str(interpolate=False))
+    assert again["section"]["value"] == text
+    assert interpolate(again)["section"]["value"] == text

@@ -328,7 +328,15 @@ def test_prompt_texts_survive_save_and_load(checkpoints: dict[str, Path], tmp_pa
     again = Embedder(str(tmp_path / "saved"))
     assert again.prompts == loaded.prompts and again.truncate_dim == 24
     assert again.embed(TEXTS, prompt_name="two words").shape == (len(TEXTS), 24)
-    settings["prompts"]["price"] = "costs $5: "
+    settings["prompts"].update(price="costs $5 or $$: ", dollars="$$$")
     settings_file.write_text(json.dumps(settings))
-    with pytest.raises(UnsupportedModelError, match="prompt 'price' contains '\\$'"):
+    loaded = Embedder(str(source))
+    assert loaded.prompts["price"] == "costs $5 or $$: " and loaded.prompts["dollars"] == "$$$"
+    for round_trip in range(2):  # dollars neither double nor vanish, save after save
+        saved = rx.save(loaded.model, tmp_path / f"dollars{round_trip}")
+        loaded = Embedder(str(saved))
+        assert loaded.prompts["price"] == "costs $5 or $$: " and loaded.prompts["dollars"] == "$$$"
+    settings["prompts"]["template"] = "fill ${x}: "
+    settings_file.write_text(json.dumps(settings))
+    with pytest.raises(UnsupportedModelError, match="prompt 'template' contains '\\$\\{'"):
         rx.load(str(source))

@@ -21,6 +21,7 @@ from typing import Any
 from confection import Config
 
 from ..errors import ConfigError, ConfigProblem
+from .text import parse_config
 
 EXTENDS = "extends"
 _MAX_DEPTH = 8  # bases of bases; deeper is a loop or a mistake
@@ -55,7 +56,7 @@ def _expand(text: str, base_dir: Path | None, where: str | None, depth: int) -> 
     if f"[{EXTENDS}]" not in text:
         return text
     try:
-        config = Config().from_str(_with_parent_sections(text), interpolate=False)
+        config = parse_config(_with_parent_sections(text))
     except Exception as e:
         raise ConfigError([ConfigProblem("", f"cannot parse config: {e}")], source=where) from None
     extends = config.get(EXTENDS)
@@ -97,9 +98,7 @@ def _expand(text: str, base_dir: Path | None, where: str | None, depth: int) -> 
                 source=where,
             ) from None
         base_base_dir = path.parent
-    base = Config().from_str(
-        _expand(base_text, base_base_dir, base_where, depth + 1), interpolate=False
-    )
+    base = parse_config(_expand(base_text, base_base_dir, base_where, depth + 1))
     changes = {k: v for k, v in config.items() if k != EXTENDS}
     return Config(_laid_over(base, changes)).to_str(interpolate=False)
 

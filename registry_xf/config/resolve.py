@@ -21,6 +21,7 @@ from confection import Config
 from ..errors import ConfigError, ConfigProblem, RegistryNameError, close_names
 from .families import expand_extends
 from .schema import Schema, Unbuilt, has_unbuilt, schema_for
+from .text import parse_config
 
 
 def read_config(
@@ -82,7 +83,7 @@ def _with_overrides(text: str, base: Config, overrides: dict[str, Any]) -> Confi
     if problems:
         raise ConfigError(problems)
     try:
-        return Config().from_str(text, interpolate=False, overrides=overrides)
+        return parse_config(text, overrides)
     except Exception as e:
         raise ConfigError([ConfigProblem("", f"cannot apply overrides: {e}")]) from None
 
@@ -113,10 +114,12 @@ def _thawed(frozen: Any) -> Any:
 @functools.lru_cache(maxsize=32)
 def _parsed(text: str) -> Config:
     """A parsed config, shared: only read it (family configs are parsed once)."""
-    return Config().from_str(text, interpolate=False)
+    return parse_config(text)
 
 
 _VARIABLE = re.compile(r"\$\{([^}]+)\}")
+# A variable, or "$${": the escape of a literal "${" (see config/text.py), read left to right.
+_VARIABLE_OR_ESCAPE = re.compile(r"\$\$\{|\$\{([^}]+)\}")
 
 MAX_EXPANDED_SIZE = 1_000_000
 """Values (numbers, strings, list items, settings) and characters a config may hold once
@@ -202,11 +205,14 @@ def interpolate(config: Mapping[str, Any]) -> Config:
         if isinstance(node, list):
             spend(1, path)
             return [substitute(v, f"{path}.{i}") for i, v in enumerate(node)]
-        if isinstance(node, str) and "${" in node:
+        if isinstance(node, str) and "$" in node:
             whole = _VARIABLE.fullmatch(node)
             if whole:
                 return lookup(whole.group(1), path)
-            text = _VARIABLE.sub(lambda m: str(lookup(m.group(1), path)), node)
+            text = _VARIABLE_OR_ESCAPE.sub(
+                lambda m: m.group(0)[1:] if m.group(1) is None else str(lookup(m.group(1), path)),
+                node,
+            )
             spend(len(text), path)
             return text
         spend(len(node) if isinstance(node, str) else 1, path)

@@ -97,10 +97,10 @@ def _sentence_transformers_embedding(directory: Path) -> dict[str, Any] | None:
                 f"{path}: prompt name {name!r}: expected no '.', '=', ':', '[', ']' or "
                 "surrounding spaces (it becomes a config key)"
             )
-        if text and "$" in text:  # a variable, or "$$" once written out and read back
+        if text and "${" in text:  # confection writes such strings as variables, unquoted
             raise UnsupportedModelError(
-                f"{path}: prompt {name!r} contains '$', which a registry_xf config does not "
-                "keep as it is; give it as embed(texts, prompt=...) instead"
+                f"{path}: prompt {name!r} contains '${{', which a registry_xf config reads as a "
+                "variable; give it as embed(texts, prompt=...) instead"
             )
     section: dict[str, Any] = {"prompts": {k: v or "" for k, v in prompts.items()}}
     for key in ("default_prompt_name", "truncate_dim"):

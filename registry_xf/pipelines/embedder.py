@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config.resolve import interpolate
 from ..errors import InputError, RegistryXFError, did_you_mean
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
@@ -222,7 +223,9 @@ class Embedder:
 def _embedding_settings(model: nn.Module) -> Mapping[str, Any]:
     """The model config's ``[embedding]`` section (prompts, default prompt, truncate_dim)."""
     config = getattr(model, "config", None)
-    section = config.get("embedding") if isinstance(config, Mapping) else None
+    if not isinstance(config, Mapping) or "embedding" not in config:
+        return {}
+    section = interpolate(config).get("embedding")  # variables and escapes read as values
     return section if isinstance(section, Mapping) else {}
 
 
