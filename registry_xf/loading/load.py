@@ -32,6 +32,7 @@ def build(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    head: bool = True,
 ) -> nn.Module:
     """Build the ``[model]`` of any source (a config, or what ``load`` accepts) without
     its weights.
@@ -41,7 +42,11 @@ def build(
     also gets its ``record``.
     """
     found = config_from_source(
-        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+        source,
+        overrides=overrides,
+        revision=revision,
+        local_files_only=local_files_only,
+        head=head,
     )
     interpolated = interpolate(found.config)
     if "model" not in interpolated:
@@ -74,6 +79,7 @@ def load(
     revision: str | None = None,
     local_files_only: bool | None = None,
     verify: bool = False,
+    head: bool = True,
 ) -> Assembly:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
@@ -86,13 +92,19 @@ def load(
     them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
     ``local_files_only`` apply to Hub ids (see docs/sources.md). ``verify`` checks a saved
     directory's files against the sha256 its meta.json records.
+    An HF task checkpoint (``*ForSequenceClassification``...) loads with its head
+    (``EncoderWithHead``); ``head=False`` loads it as the bare encoder (docs/heads.md).
     With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
     bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
     """
     if isinstance(source, (str, Path)):
         clean_leftovers(source)  # of interrupted saves; may put back a model moved aside
     found = config_from_source(
-        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+        source,
+        overrides=overrides,
+        revision=revision,
+        local_files_only=local_files_only,
+        head=head,
     )
     if verify:
         verify_source(found)
