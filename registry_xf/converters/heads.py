@@ -148,17 +148,20 @@ def head_rules(
     sequence: tuple[str, str], mlm: tuple[str, str, str, str], token: str = "classifier"
 ) -> tuple[KeyRule, ...]:
     """Rules for the three heads: the sequence head's (dense, projection) modules, the
-    masked-LM head's (transform, norm, decoder, bias) and the token classifier."""
+    masked-LM head's (transform, norm, decoder, tied bias) and the token classifier.
+
+    A tied masked-LM head's bias is ``head.bias`` (HF stores the tied one apart from the
+    decoder, ``cls.predictions.bias``); an untied head's is the decoder's own."""
     dense, out_proj = sequence
-    transform, norm, decoder, bias = mlm
+    transform, norm, decoder, tied_bias = mlm
     return (
         rule("head.dense.{p}", f"{dense}.{{p}}"),
         rule("head.out_proj.{p}", f"{out_proj}.{{p}}"),
         rule("head.classifier.{p}", f"{token}.{{p}}"),
         rule("head.transform.{p}", f"{transform}.{{p}}"),
         rule("head.transform_norm.{p}", f"{norm}.{{p}}"),
-        rule("head.decoder.weight", f"{decoder}.weight"),
-        rule("head.decoder.bias", bias),
+        rule("head.decoder.{p}", f"{decoder}.{{p}}"),
+        rule("head.bias", tied_bias),
     )
 
 

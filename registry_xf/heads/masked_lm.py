@@ -16,7 +16,8 @@ class MaskedLMHead(nn.Module):
     ``embedding_width`` is the width the decoder reads: the hidden width for BERT and
     RoBERTa, the narrower embedding width for ALBERT and ELECTRA's generator. With
     ``tie_embeddings`` the decoder's weight is the token embeddings' (the assembly ties
-    them); its bias is always the head's own. The logits are what a SPLADE pooler reads.
+    them) and its bias is the head's ``bias``, as HF ties them. The logits are what a
+    SPLADE pooler reads.
     """
 
     task = "masked_lm"
@@ -39,6 +40,10 @@ class MaskedLMHead(nn.Module):
         self.activation = activation
         self.transform_norm = nn.LayerNorm(embedding_width, eps=layer_norm_eps)
         self.decoder = nn.Linear(embedding_width, vocab_size)
+        if tie_embeddings:
+            # HF ties the bias too: the decoder's is the head's own ``bias`` (one tensor,
+            # found under that name first), stored apart from the decoder in checkpoints.
+            self.bias = self.decoder.bias
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
