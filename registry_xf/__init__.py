@@ -37,7 +37,7 @@ from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
-from .pipelines import Embedder, Pooler
+from .pipelines import Classifier, Embedder, Pooler
 from .registry import registry
 from .tokenizers import HFTokenizer
 
@@ -48,6 +48,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Assembly",
     "CheckpointError",
+    "Classifier",
     "ConfigError",
     "Embedder",
     "Encoder",

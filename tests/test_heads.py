@@ -340,3 +340,88 @@ def test_heads_check_their_inputs(task_checkpoints: dict[tuple[str, str], Path])
     model = rx.load(task_checkpoints["bert", "sequence_classification"])
     with pytest.raises(rx.InputError, match="input_ids must be"):
         model(torch.zeros(3, dtype=torch.long))
+
+
+def test_classifier_scores_match_hf(task_checkpoints: dict[tuple[str, str], Path]) -> None:
+    path = task_checkpoints["electra", "sequence_classification"]
+    classifier = rx.Classifier(path, batch_tokens=16)
+    texts = ["the cat sat on the mat", "hello", "the dog ran and the cat sat"]
+    results = classifier.classify(texts, top_k=5)
+    ref = hf_model(path, "sequence_classification")
+    for text, labels in zip(texts, results, strict=True):
+        batch = classifier.tokenizer([text])
+        probs = torch.softmax(hf_logits(ref, batch.input_ids, batch.attention_mask)[0], -1)
+        assert len(labels) == 3  # top_k is capped at the number of labels
+        assert [r.score for r in labels] == sorted((r.score for r in labels), reverse=True)
+        for r in labels:
+            assert abs(r.score - float(probs[list(LABELS.values()).index(r.label)])) < 1e-5
+
+
+def test_tagger_labels_every_piece(task_checkpoints: dict[tuple[str, str], Path]) -> None:
+    path = task_checkpoints["distilbert", "token_classification"]
+    classifier = rx.Classifier(path)
+    text = "hello world, the cat sat"
+    (pieces,) = classifier.tag([text])
+    batch = classifier.tokenizer([text])
+    logits = hf_logits(
+        hf_model(path, "token_classification"), batch.input_ids, batch.attention_mask
+    )
+    best = torch.softmax(logits[0], -1).max(-1)
+    assert len(pieces) == batch.input_ids.shape[1] - 2  # [CLS] and [SEP] left out
+    for t, piece in enumerate(pieces, start=1):
+        assert piece.label == LABELS[int(best.indices[t])]
+        assert abs(piece.score - float(best.values[t])) < 1e-5
+        assert text[piece.start : piece.end].lower() == piece.piece.removeprefix("##")
+
+
+def test_classifier_refuses_what_it_cannot_do(
+    task_checkpoints: dict[tuple[str, str], Path],
+) -> None:
+    with pytest.raises(rx.RegistryXFError, match="this model has a masked_lm head"):
+        rx.Classifier(task_checkpoints["bert", "masked_lm"])
+    with pytest.raises(rx.RegistryXFError, match="Encoder, no head"):
+        rx.Classifier(rx.load(task_checkpoints["bert", "sequence_classification"], head=False))
+    tagger = rx.Classifier(task_checkpoints["bert", "token_classification"])
+    with pytest.raises(rx.RegistryXFError, match=r"classify\(\) needs a sequence_classification"):
+        tagger.classify(["hello"])
+    classifier = rx.Classifier(task_checkpoints["bert", "sequence_classification"])
+    with pytest.raises(rx.InputError, match="top_k must be a positive integer; got 0"):
+        classifier.classify(["hello"], top_k=0)
+    with pytest.raises(rx.InputError, match="texts must be strings"):
+        classifier.classify([b"hello"])  # type: ignore[list-item]
+
+
+def test_cli_classify(
+    task_checkpoints: dict[tuple[str, str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from registry_xf.cli import main
+
+    model = str(task_checkpoints["roberta", "sequence_classification"])
+    file = tmp_path / "texts.txt"
+    file.write_text("the dog ran\n\nhello world\n")
+    assert (
+        main(["classify", "the cat sat", "--file", str(file), "--model", model, "--top-k", "2"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["[0]", "[1]", "[2]"]
+    expected = rx.Classifier(model).classify(["the cat sat"], top_k=2)[0]
+    assert lines[0].split()[-4:] == [
+        expected[0].label,
+        f"{expected[0].score:.3f}",
+        expected[1].label,
+        f"{expected[1].score:.3f}",
+    ]
+
+    tagger = str(task_checkpoints["bert", "token_classification"])
+    assert main(["classify", "hello world", "--model", tagger]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[0] hello world" and len(out) == 3
+    assert out[1].split()[:2] == ["hello", "hello"] and out[1].split()[2] in LABELS.values()
+
+    assert main(["classify", "hi", "--model", str(task_checkpoints["bert", "masked_lm"])]) == 2
+    assert "masked_lm head" in capsys.readouterr().err
+    assert main(["classify", "--model", model]) == 2
+    assert "nothing to classify" in capsys.readouterr().err
