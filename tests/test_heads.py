@@ -79,32 +79,34 @@ def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, mask: torch.Te
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @pytest.mark.parametrize(("family", "task"), CASES)
 def test_logits_match_hf(
-    task_checkpoints: dict[tuple[str, str], Path], family: str, task: str, backend: str
+    task_checkpoints: dict[tuple[str, str], Path], family: str, task: str
 ) -> None:
     path = task_checkpoints[family, task]
-    ours = rx.load(path, overrides={"hyper.attention_backend": backend})
-    assert isinstance(ours, rx.EncoderWithHead) and ours.task == task
-    ref = hf_model(path, task, backend)
+    ref = hf_model(path, task, "eager")
     ids, mask = random_batch(1, pad_id=pad_id(family))
     with torch.no_grad():
-        out = ours(ids, mask, output_hidden_states=True)
         expected = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    assert_same_logits(out.logits, expected.logits, mask)
-    assert len(out.hidden_states) == len(expected.hidden_states)
-    assert_same_logits(out.last_hidden_state, expected.hidden_states[-1], mask)
+    for backend in ("sdpa", "eager"):
+        ours = rx.load(path, overrides={"hyper.attention_backend": backend})
+        assert isinstance(ours, rx.EncoderWithHead) and ours.task == task
+        with torch.no_grad():
+            out = ours(ids, mask, output_hidden_states=True)
+        assert_same_logits(out.logits, expected.logits, mask)
+        assert len(out.hidden_states) == len(expected.hidden_states)
+        assert_same_logits(out.last_hidden_state, expected.hidden_states[-1], mask)
     if task == "masked_lm":
         assert out.labels is None and out.logits.shape[-1] == tiny_hf_configs()[family]().vocab_size
     else:
         assert out.labels == ("NEG", "NEU", "POS") == ours.labels
-    # nothing in the checkpoint was left unread but the tied copies HF may keep
-    assert not ours.load_report.unexpected and not ours.load_report.missing
+    # the head's weights came from the checkpoint, not from an initialiser
+    assert {name.split(".")[0] for name in ours.load_report.loaded} == {"encoder", "head"}
+    assert not ours.load_report.initialised
 
 
 @pytest.mark.parametrize(("family", "task"), CASES)
-def test_hf_round_trip(
+def test_hf_round_trip_and_save(
     task_checkpoints: dict[tuple[str, str], Path], family: str, task: str, tmp_path: Path
 ) -> None:
     import transformers as tf
@@ -123,32 +125,26 @@ def test_hf_round_trip(
     expected = hf_logits(hf_model(path, task, "sdpa"), ids, mask)
     assert_same_logits(hf_logits(back.eval(), ids, mask), expected, mask)
     # HF → ours → HF → ours: the same weights, bit for bit
+    state = ours.state_dict()
     again = rx.load(exported).state_dict()
-    for name, tensor in ours.state_dict().items():
-        assert torch.equal(tensor, again[name]), name
-
-
-@pytest.mark.parametrize(("family", "task"), CASES)
-def test_save_load_bit_exact(
-    task_checkpoints: dict[tuple[str, str], Path], family: str, task: str, tmp_path: Path
-) -> None:
-    ours = rx.load(task_checkpoints[family, task])
-    back = rx.load(rx.save(ours, tmp_path / "saved"))
-    assert isinstance(back, rx.EncoderWithHead) and back.labels == ours.labels
-    state, again = ours.state_dict(), back.state_dict()
     assert state.keys() == again.keys()
     for name, tensor in state.items():
         assert torch.equal(tensor, again[name]), name
-    if task == "masked_lm":  # still tied after the round trip
-        assert back.head.decoder.weight is back.encoder.embeddings.word_embeddings.weight
-    ids, mask = random_batch(3, pad_id=pad_id(family))
+    # save → load: the same weights, labels and logits, bit for bit; still tied
+    saved = rx.load(rx.save(ours, tmp_path / "saved"))
+    assert isinstance(saved, rx.EncoderWithHead) and saved.labels == ours.labels
+    again = saved.state_dict()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, again[name]), name
+    if task == "masked_lm":
+        assert saved.head.decoder.weight is saved.encoder.embeddings.word_embeddings.weight
     with torch.no_grad():
-        assert torch.equal(ours(ids, mask).logits, back(ids, mask).logits)
-    # ...and exports to HF again after the reload
-    assert (rx.export_hf(back, tmp_path / "hf") / "model.safetensors").is_file()
+        assert torch.equal(ours(ids, mask).logits, saved(ids, mask).logits)
+    # ...and the reloaded model exports to HF as well
+    assert (rx.export_hf(saved, tmp_path / "hf") / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("family", ["bert", "albert", "electra"])
+@pytest.mark.parametrize("family", ["bert", "albert"])
 def test_untied_masked_lm(family: str, tmp_path: Path) -> None:
     path = write_task_checkpoint(tmp_path / "mlm", family, "masked_lm", tie_word_embeddings=False)
     ours = rx.load(path)
