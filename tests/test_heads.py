@@ -289,6 +289,7 @@ def write_config(path: Path, **changes: object) -> Path:
             r"num_labels 3 differs from the 2 labels",
         ),
         ({"problem_type": "ranking"}, r"problem_type 'ranking' is not one of"),
+        ({"id2label": {"0": "${x}", "1": "B"}, "num_labels": 2}, r"label names with '\$\{'"),
     ],
 )
 def test_bad_label_settings_name_the_file(

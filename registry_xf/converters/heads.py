@@ -133,7 +133,14 @@ def labels_from_hf(hf: dict[str, Any], where: str) -> list[str]:
         raise UnsupportedModelError(
             f"{where}: num_labels {n} differs from the {len(by_index)} labels of id2label"
         )
-    return [by_index[i] for i in range(len(by_index))]
+    labels = [by_index[i] for i in range(len(by_index))]
+    variables = [label for label in labels if "${" in label]
+    if variables:
+        raise UnsupportedModelError(
+            f"{where}: label names with '${{' cannot be carried in a config, which would read "
+            f"them as variables: {variables}"
+        )
+    return labels
 
 
 def labels_to_hf(labels: tuple[str, ...]) -> dict[str, Any]:
