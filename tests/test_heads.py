@@ -323,10 +323,24 @@ def test_a_missing_head_tensor_is_named(
 
     path = shutil.copytree(task_checkpoints["roberta", "sequence_classification"], tmp_path / "m")
     tensors = load_file(path / "model.safetensors")
-    del tensors["classifier.out_proj.weight"]
+    del tensors["classifier.dense.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(rx.LoadError, match=r"head\.out_proj\.weight.*classifier\.out_proj\.weight"):
+    with pytest.raises(rx.LoadError, match=r"head\.dense\.weight.*classifier\.dense\.weight"):
         rx.load(path)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_an_architecture_without_its_head_weights_loads_the_encoder(
+    checkpoints: dict[str, Path], family: str, tmp_path: Path
+) -> None:
+    """Bare encoders whose config.json names the *ForMaskedLM they came from (common among
+    sentence-transformers models) keep loading as encoders."""
+    import shutil
+
+    path = shutil.copytree(checkpoints[family], tmp_path / "m")
+    prefix = {"bert": "Bert", "xlm-roberta": "XLMRoberta"}[family]
+    write_config(path, architectures=[f"{prefix}ForMaskedLM"])
+    assert type(rx.load(path)) is rx.Encoder
 
 
 def test_tying_needs_matching_shapes(

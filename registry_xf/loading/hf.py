@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from .checkpoint import checkpoint_files, open_checkpoint
 from .materialise import parameter_slots
 from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
+
+logger = logging.getLogger(__name__)
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -179,6 +182,9 @@ def hf_config(
     )
     check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
     task = hf_task(hf, converter) if head else None
+    if task is not None and not _holds_head(directory, converter, task):
+        logger.info("%s: no %s head weights in the checkpoint; loading the encoder", where, task)
+        task = None
     if task is not None and converter.heads is not None:
         config["model"] = {
             "@architectures": WITH_HEAD,
@@ -211,6 +217,36 @@ def hf_config(
         return read_config(config, overrides)
     except ConfigError as e:
         raise ConfigError(e.problems, source=e.source or str(directory)) from None
+
+
+# One parameter of each head, whose presence says the checkpoint holds the head.
+_HEAD_MARKERS = {
+    "sequence_classification": "head.out_proj.weight",
+    "token_classification": "head.classifier.weight",
+    "masked_lm": "head.transform.weight",
+}
+
+
+def _holds_head(directory: Path, converter: HFConverter, task: str) -> bool:
+    """Whether the checkpoint stores ``task``'s head: many checkpoints of bare encoders
+    (sentence-transformers models among them) name a ``*ForMaskedLM`` architecture they
+    were fine-tuned from without keeping its head. Undecidable (no safetensors): True."""
+    keys = _checkpoint_keys(directory)
+    found = converter.hf_names(_HEAD_MARKERS[task])
+    if keys is None or found is None:
+        return True
+    return found[1][0] in set(converter.strip_prefix(keys).values())
+
+
+def _checkpoint_keys(directory: Path) -> list[str] | None:
+    """Tensor names of the directory's safetensors (headers only); None where it has none
+    or they cannot be read (loading the weights then reports what is wrong)."""
+    try:
+        checkpoint_files(directory)
+        with open_checkpoint(directory, "cpu") as ckpt:
+            return list(ckpt.keys())
+    except CheckpointError:
+        return None
 
 
 def converter_of(model: nn.Module) -> HFConverter:
