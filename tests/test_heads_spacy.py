@@ -146,3 +146,16 @@ def test_transformer_component_reads_task_checkpoints(tagger: Path) -> None:
     assert doc.tensor.shape == (len(doc), 32)
     encoder = rx.load(tagger, head=False)
     assert type(encoder) is rx.Encoder
+
+
+def test_from_bytes_refuses_names_outside_its_folder(tagger: Path, tmp_path: Path) -> None:
+    import srsly
+
+    nlp = spacy.blank("en")
+    pipe = nlp.add_pipe("registry_xf_token_classifier", config={"source": str(tagger)})
+    files = srsly.msgpack_loads(pipe.to_bytes())
+    assert "model/model.safetensors" in files
+    files["../escaped.txt"] = b"x"
+    with pytest.raises(rx.RegistryXFError, match=r"escaped\.txt"):
+        pipe.from_bytes(srsly.msgpack_dumps(files))
+    assert not (tmp_path.parent / "escaped.txt").exists()

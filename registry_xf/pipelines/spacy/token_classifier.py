@@ -11,12 +11,10 @@ no labels past it).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import srsly
 from spacy.language import Language
 from spacy.pipeline import Pipe
 from spacy.tokens import Doc, Span, Token
@@ -27,6 +25,7 @@ from ...errors import ConfigError, ConfigProblem
 from ...loading.load import load
 from ...loading.save import save
 from ..classifier import Classifier, TokenLabel
+from .component import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +144,9 @@ class TokenClassifier(Pipe):
     # --- serialization -----------------------------------------------------------
 
     def to_disk(self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()) -> None:
-        """Write the model (config, safetensors weights, tokenizer) into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save(self.classifier.model, path / MODEL_FOLDER, overwrite=True)
+        """Write the model (config, safetensors weights, tokenizer) into ``path/model``
+        (replaced as a whole, as ``registry_xf.save`` does)."""
+        save(self.classifier.model, Path(path) / MODEL_FOLDER, overwrite=True)
 
     def from_disk(
         self, path: str | Path, *, exclude: Iterable[str] = SimpleFrozenList()
@@ -157,25 +155,17 @@ class TokenClassifier(Pipe):
         self._set(Classifier(load(Path(path) / MODEL_FOLDER)))
         return self
 
+    # The same bytes as the transformer component's, read with the same checks of the
+    # untrusted names in them: its methods need only ``name``, ``to_disk``/``from_disk``.
     def to_bytes(self, *, exclude: Iterable[str] = SimpleFrozenList()) -> bytes:
-        with tempfile.TemporaryDirectory() as tmp:
-            self.to_disk(tmp)
-            files = {
-                str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
-            }
-        return srsly.msgpack_dumps(files)
+        """The files ``to_disk`` writes, as one msgpack map of ``/``-separated names."""
+        return Transformer.to_bytes(self, exclude=exclude)  # type: ignore[arg-type]
 
     def from_bytes(
         self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()
     ) -> TokenClassifier:
-        # The tokenizer reads its files lazily: they live as long as this component.
-        tmp = tempfile.TemporaryDirectory(prefix="registry_xf_spacy_")
-        for name, data in srsly.msgpack_loads(bytes_data).items():
-            target = Path(tmp.name) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        self.from_disk(tmp.name)
-        self._from_bytes_dir = tmp
+        """Read what ``to_bytes`` wrote; a name that leaves the folder is refused."""
+        Transformer.from_bytes(self, bytes_data, exclude=exclude)  # type: ignore[arg-type]
         return self
 
 
