@@ -440,3 +440,21 @@ def test_cli_classify(
     assert "masked_lm head" in capsys.readouterr().err
     assert main(["classify", "--model", model]) == 2
     assert "nothing to classify" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("task", "override", "path"),
+    [
+        ("sequence_classification", {"model.head.dropout": 1.5}, r"model\.head\.dropout"),
+        ("token_classification", {"model.head.width": 0}, r"model\.head\.width"),
+        ("masked_lm", {"model.head.layer_norm_eps": -1.0}, r"model\.head\.layer_norm_eps"),
+    ],
+)
+def test_head_settings_are_range_checked(
+    task_checkpoints: dict[tuple[str, str], Path],
+    task: str,
+    override: dict[str, object],
+    path: str,
+) -> None:
+    with pytest.raises(rx.ConfigError, match=path):
+        rx.load(task_checkpoints["bert", task], overrides=override)

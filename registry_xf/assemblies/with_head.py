@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..registry import registry
-from .base import Assembly
+from .base import Assembly, within_size_bound
 from .encoder import Encoder
 from .outputs import HeadOutput
 
@@ -86,4 +86,4 @@ class EncoderWithHead(Assembly):
 @registry.architectures.register("registry_xf.EncoderWithHead.v1")
 def encoder_with_head(encoder: Encoder, head: nn.Module) -> EncoderWithHead:
     """An encoder and a task head (``@heads``) on its hidden states."""
-    return EncoderWithHead(encoder, head)
+    return within_size_bound(EncoderWithHead(encoder, head))

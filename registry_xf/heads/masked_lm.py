@@ -7,6 +7,7 @@ from torch import nn
 
 from ..layers.activations import Activation
 from ..registry import registry
+from ..types import Eps, VocabSize, Width
 
 
 class MaskedLMHead(nn.Module):
@@ -54,11 +55,11 @@ class MaskedLMHead(nn.Module):
 
 @registry.heads.register("registry_xf.MaskedLMHead.v1")
 def masked_lm_head(
-    width: int,
-    vocab_size: int,
+    width: Width,
+    vocab_size: VocabSize,
     activation: Activation = "gelu",  # type: ignore[assignment]
-    embedding_width: int | None = None,
-    layer_norm_eps: float = 1e-12,
+    embedding_width: Width | None = None,
+    layer_norm_eps: Eps = 1e-12,
     tie_embeddings: bool = True,
 ) -> MaskedLMHead:
     """A masked-LM head: dense, activation, LayerNorm, projection to the vocabulary."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..layers.activations import Activation
 from ..registry import registry
+from ..types import Probability, Width
 from .labels import ProblemType, check_labels, scores
 
 
@@ -54,10 +55,10 @@ class SequenceClassificationHead(nn.Module):
 
 @registry.heads.register("registry_xf.SequenceClassificationHead.v1")
 def sequence_classification_head(
-    width: int,
+    width: Width,
     labels: list[str],
     activation: Activation = "tanh",  # type: ignore[assignment]
-    dropout: float = 0.1,
+    dropout: Probability = 0.1,
     dropout_before_dense: bool = False,
     problem_type: ProblemType | None = None,
 ) -> SequenceClassificationHead:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..registry import registry
+from ..types import Probability, Width
 from .labels import check_labels, scores
 
 
@@ -34,7 +35,7 @@ class TokenClassificationHead(nn.Module):
 
 @registry.heads.register("registry_xf.TokenClassificationHead.v1")
 def token_classification_head(
-    width: int, labels: list[str], dropout: float = 0.1
+    width: Width, labels: list[str], dropout: Probability = 0.1
 ) -> TokenClassificationHead:
     """A linear classifier applied to every token's hidden state."""
     return TokenClassificationHead(width, labels, dropout)
