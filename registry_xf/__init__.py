@@ -7,9 +7,17 @@ device and reads each weight once, straight onto the target device and dtype.
 import logging
 
 from . import converters as _converters  # noqa: F401  (importing registers them)
+from . import heads as _heads  # noqa: F401  (importing registers the heads)
 from . import layers as _layers  # noqa: F401  (importing registers the components)
 from .about import FORMAT_VERSION, __version__
-from .assemblies import Assembly, Encoder, ModelOutput, ModelRecord
+from .assemblies import (
+    Assembly,
+    Encoder,
+    EncoderWithHead,
+    HeadOutput,
+    ModelOutput,
+    ModelRecord,
+)
 from .config.resolve import fill, read_config, resolve, validate
 from .errors import (
     CheckpointError,
@@ -29,7 +37,7 @@ from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
-from .pipelines import Embedder, Pooler
+from .pipelines import Classifier, Embedder, Pooler
 from .registry import registry
 from .tokenizers import HFTokenizer
 
@@ -40,12 +48,15 @@ __all__ = [
     "FORMAT_VERSION",
     "Assembly",
     "CheckpointError",
+    "Classifier",
     "ConfigError",
     "Embedder",
     "Encoder",
+    "EncoderWithHead",
     "GenerationSettings",
     "Generator",
     "HFTokenizer",
+    "HeadOutput",
     "InputError",
     "LoadError",
     "ModelOutput",

@@ -184,6 +184,39 @@ def _save_atomically(out: Path, vectors: Any) -> None:
                 os.unlink(tmp)
 
 
+def _cmd_classify(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .loading.load import load
+    from .pipelines.classifier import Classifier
+
+    texts = list(args.texts)
+    if args.file:
+        lines = _read_text_file(args.file).splitlines()
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise RegistryXFError("nothing to classify: give texts or --file")
+    if args.top_k < 1:
+        raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
+    model = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+        revision=args.revision,
+    )
+    classifier = Classifier(model)
+    if classifier.task == "token_classification":
+        for i, (text, pieces) in enumerate(zip(texts, classifier.tag(texts), strict=True)):
+            print(f"[{i}] {text}")
+            for p in pieces:
+                print(f"    {text[p.start : p.end]:20} {p.piece:20} {p.label:12} {p.score:.3f}")
+        return 0
+    results = classifier.classify(texts, top_k=args.top_k)
+    for i, (text, labels) in enumerate(zip(texts, results, strict=True)):
+        scored = "  ".join(f"{r.label} {r.score:.3f}" for r in labels)
+        print(f"[{i}] {_short(text, 50):50}  {scored}")
+    return 0
+
+
 GENERATION_OPTIONS = (
     "max_new_tokens",
     "temperature",
@@ -364,6 +397,28 @@ def make_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(func=_cmd_generate)
 
+    classify = sub.add_parser(
+        "classify",
+        help="labels and scores of texts (or of their tokens) from a classification model",
+        description="Classify texts with a sequence classifier, or label each token with a "
+        "token classifier; config overrides may follow as --section.key VALUE.",
+    )
+    classify.add_argument("texts", nargs="*", help="texts to classify")
+    classify.add_argument("--file", help="a text file, one text per line")
+    classify.add_argument(
+        "--model",
+        required=True,
+        help="a Hub id (org/name[@revision]), a model directory, a package or a .cfg "
+        "(with a sequence or token classification head)",
+    )
+    classify.add_argument("--top-k", type=int, default=1, help="labels shown per text")
+    classify.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
+    classify.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    classify.add_argument(
+        "--dtype", default=None, help="auto (default), float32, float16, bfloat16"
+    )
+    classify.set_defaults(func=_cmd_classify)
+
     listing = sub.add_parser("list", help="registries and their registered names")
     listing.add_argument("registry", nargs="?", help="only this registry")
     listing.set_defaults(func=_cmd_list)
@@ -415,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        if overrides and args.command not in ("embed", "config", "generate"):
+        if overrides and args.command not in ("embed", "config", "generate", "classify"):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")
         return int(args.func(args, overrides))
     except RegistryXFError as e:

@@ -32,6 +32,7 @@ REGISTRY_NAMES = (
     "poolers",
     "logits_processors",
     "stopping_criteria",
+    "heads",
 )
 
 
@@ -129,6 +130,7 @@ class registry(confection.registry):
     poolers = _create("poolers")
     logits_processors = _create("logits_processors")
     stopping_criteria = _create("stopping_criteria")
+    heads = _create("heads")
 
     @classmethod
     def get_registry(cls, name: str) -> Registry:

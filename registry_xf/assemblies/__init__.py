@@ -3,7 +3,8 @@
 from .base import Assembly, ModelRecord
 from .decoder import CausalLM, CausalLMOutput, Decoder
 from .encoder import Encoder
-from .outputs import ModelOutput
+from .outputs import HeadOutput, ModelOutput
+from .with_head import EncoderWithHead
 
 __all__ = [
     "Assembly",
@@ -11,6 +12,8 @@ __all__ = [
     "CausalLMOutput",
     "Decoder",
     "Encoder",
+    "EncoderWithHead",
+    "HeadOutput",
     "ModelOutput",
     "ModelRecord",
 ]

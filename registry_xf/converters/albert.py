@@ -6,6 +6,7 @@ from ..errors import UnsupportedModelError
 from ..registry import registry
 from .base import HFConverter, Setting, rule
 from .bert_like import BERT_HEADS, BERT_SETTINGS, bert_embedding_rules, require_absolute_positions
+from .heads import ALBERT_HEAD_LAYOUT
 
 _GROUP = "encoder.albert_layer_groups.{i}.albert_layers.0"
 
@@ -53,5 +54,6 @@ def albert_converter() -> HFConverter:
         ignored=(*BERT_HEADS, r"predictions\.", r"sop_classifier\."),
         checks=_checks,
         layer_index_setting="n_groups",
+        heads=ALBERT_HEAD_LAYOUT,
         extra_to_hf=lambda hyper: {"inner_group_num": 1},
     )

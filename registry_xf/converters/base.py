@@ -143,6 +143,9 @@ class HFConverter:
     checks: Callable[[dict[str, Any]], None] | None = None
     # The [hyper] setting that counts the "{i}" of weight names (ALBERT: its layer groups).
     layer_index_setting: str = "n_layers"
+    # The family's task heads (``*ForSequenceClassification``...) for ``EncoderWithHead``:
+    # a converters.heads.HeadLayout (typed loosely: that module builds on this one).
+    heads: Any = None
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -195,7 +198,10 @@ class HFConverter:
     def hf_names(
         self, ours: str, hyper: Mapping[str, Any] | None = None
     ) -> tuple[KeyRule, list[str]] | None:
-        for r in self.rules:
+        if self.heads is not None and ours.startswith("encoder."):
+            ours = ours.removeprefix("encoder.")  # an EncoderWithHead's encoder
+        rules = self.heads.rules if self.heads is not None and ours.startswith("head.") else ()
+        for r in (*rules, *self.rules):
             names = r.match(ours, hyper)
             if names is not None:
                 return r, names

@@ -3,6 +3,7 @@
 from ..registry import registry
 from .base import HFConverter
 from .bert_like import BERT_HEADS, BERT_RULES, BERT_SETTINGS, require_absolute_positions
+from .heads import BERT_HEAD_LAYOUT
 
 
 @registry.converters.register("registry_xf.HFBert.v1")
@@ -18,4 +19,5 @@ def bert_converter() -> HFConverter:
         checkpoint_prefixes=("bert.",),
         ignored=BERT_HEADS,
         checks=require_absolute_positions,
+        heads=BERT_HEAD_LAYOUT,
     )

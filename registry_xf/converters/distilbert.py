@@ -2,6 +2,7 @@
 
 from ..registry import registry
 from .base import HFConverter, Setting, attention_rules, rule
+from .heads import DISTILBERT_HEAD_LAYOUT
 
 _LAYER = "transformer.layer.{i}"
 
@@ -42,6 +43,7 @@ def distilbert_converter() -> HFConverter:
             rule("layers.{i}.feed_forward_norm.{p}", f"{_LAYER}.output_layer_norm.{{p}}"),
         ),
         checkpoint_prefixes=("distilbert.",),
+        heads=DISTILBERT_HEAD_LAYOUT,
         ignored=(
             r"vocab_transform\.",
             r"vocab_layer_norm\.",

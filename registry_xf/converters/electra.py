@@ -5,6 +5,7 @@ from typing import Any
 from ..registry import registry
 from .base import HFConverter, Setting, rule
 from .bert_like import BERT_HEADS, BERT_RULES, BERT_SETTINGS, require_absolute_positions
+from .heads import ELECTRA_HEAD_LAYOUT
 
 
 def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -26,4 +27,5 @@ def electra_converter() -> HFConverter:
         ignored=(*BERT_HEADS, r"discriminator_predictions\.", r"generator_"),
         extra_from_hf=_from_hf,
         checks=require_absolute_positions,
+        heads=ELECTRA_HEAD_LAYOUT,
     )

@@ -5,6 +5,7 @@ from typing import Any
 from ..registry import registry
 from .base import HFConverter
 from .bert_like import BERT_HEADS, BERT_RULES, BERT_SETTINGS, require_absolute_positions
+from .heads import roberta_head_layout
 
 
 def _padding_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +29,7 @@ def _roberta_like(name: str, family: str, model_type: str, architecture: str) ->
         extra_from_hf=_padding_from_hf,
         extra_to_hf=_padding_to_hf,
         checks=require_absolute_positions,
+        heads=roberta_head_layout(),
     )
 
 

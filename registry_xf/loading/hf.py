@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from confection import Config
 from safetensors.torch import save_file
 from torch import nn
 
+from ..assemblies.with_head import EncoderWithHead
 from ..config.families import family_config_text
 from ..config.resolve import interpolate, read_config
 from ..converters.base import HFConverter, converter_for_model_type, template_regex
+from ..converters.heads import HF_SUFFIX, TASKS, labels_to_hf
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -28,6 +31,8 @@ from .checkpoint import checkpoint_files, open_checkpoint
 from .materialise import parameter_slots
 from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
+
+logger = logging.getLogger(__name__)
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -136,8 +141,31 @@ def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
     return None
 
 
-def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """``config_from_hf`` without writing out the defaults (what loading needs)."""
+WITH_HEAD = "registry_xf.EncoderWithHead.v1"
+
+
+def hf_task(hf: Mapping[str, Any], converter: HFConverter) -> str | None:
+    """The head task of an HF task model (from ``architectures``) that ``converter``'s family
+    has a head for; None for a bare model or a task without one here (its head is skipped)."""
+    architectures = hf.get("architectures") or []
+    if converter.heads is None or not isinstance(architectures, list):
+        return None
+    for architecture in architectures:
+        for suffix, task in TASKS.items():
+            if isinstance(architecture, str) and architecture.endswith(suffix):
+                return task
+    return None
+
+
+def hf_config(
+    directory: Path, overrides: Mapping[str, Any] | None = None, *, head: bool = True
+) -> Config:
+    """``config_from_hf`` without writing out the defaults (what loading needs).
+
+    A task checkpoint (``*ForSequenceClassification``, ``*ForTokenClassification``,
+    ``*ForMaskedLM``) becomes an ``EncoderWithHead``; with ``head=False`` it is the bare
+    encoder, and the head's tensors are skipped.
+    """
     if directory.is_file() and directory.name == "config.json":
         directory = directory.parent
     hf = read_hf_config(directory)
@@ -153,6 +181,16 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
         family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
     )
     check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
+    task = hf_task(hf, converter) if head else None
+    if task is not None and not _holds_head(directory, converter, task):
+        logger.info("%s: no %s head weights in the checkpoint; loading the encoder", where, task)
+        task = None
+    if task is not None and converter.heads is not None:
+        config["model"] = {
+            "@architectures": WITH_HEAD,
+            "encoder": config["model"],
+            "head": converter.heads.head_section(task, hf, str(where)),
+        }
     config["weights"] = {
         "@loaders": "registry_xf.Safetensors.v1",
         "path": str(directory),
@@ -179,6 +217,36 @@ def hf_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Co
         return read_config(config, overrides)
     except ConfigError as e:
         raise ConfigError(e.problems, source=e.source or str(directory)) from None
+
+
+# One parameter of each head, whose presence says the checkpoint holds the head.
+_HEAD_MARKERS = {
+    "sequence_classification": "head.out_proj.weight",
+    "token_classification": "head.classifier.weight",
+    "masked_lm": "head.transform.weight",
+}
+
+
+def _holds_head(directory: Path, converter: HFConverter, task: str) -> bool:
+    """Whether the checkpoint stores ``task``'s head: many checkpoints of bare encoders
+    (sentence-transformers models among them) name a ``*ForMaskedLM`` architecture they
+    were fine-tuned from without keeping its head. Undecidable (no safetensors): True."""
+    keys = _checkpoint_keys(directory)
+    found = converter.hf_names(_HEAD_MARKERS[task])
+    if keys is None or found is None:
+        return True
+    return found[1][0] in set(converter.strip_prefix(keys).values())
+
+
+def _checkpoint_keys(directory: Path) -> list[str] | None:
+    """Tensor names of the directory's safetensors (headers only); None where it has none
+    or they cannot be read (loading the weights then reports what is wrong)."""
+    try:
+        checkpoint_files(directory)
+        with open_checkpoint(directory, "cpu") as ckpt:
+            return list(ckpt.keys())
+    except CheckpointError:
+        return None
 
 
 def converter_of(model: nn.Module) -> HFConverter:
@@ -209,11 +277,15 @@ def export_hf(
 ) -> Path:
     """Write ``model`` as an HF directory (config.json, model.safetensors, tokenizer).
 
-    The result loads in HF transformers with the family's ``*Model`` class.
+    The result loads in HF transformers with the family's ``*Model`` class, or for a model
+    with a head, its ``*For<Task>`` class (labels, problem type and tying included).
     """
     conv = registry.converters.get(converter)() if converter else converter_of(model)
     hyper = dict(interpolate(model.config)["hyper"])
     hf_config = conv.hyper_to_hf(hyper)
+    head = getattr(model, "head", None) if isinstance(model, EncoderWithHead) else None
+    if head is not None:
+        hf_config.update(_head_to_hf(head, conv))
     tensors = {}
     for ours, places in parameter_slots(model).items():
         found = conv.hf_names(ours, hyper)
@@ -227,6 +299,8 @@ def export_hf(
         sizes = getattr(owner, "split", None) or [tensor.shape[rule.dim] // len(names)] * len(names)
         parts = rule.split(tensor.detach(), sizes, hyper)
         for name, part in zip(names, parts, strict=True):
+            if head is not None and conv.heads is not None:
+                name = conv.heads.export_name(ours, name)
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     target = Path(path)
@@ -455,3 +529,22 @@ class _WeightFacts:
                 )
             )
         return found
+
+
+def _head_to_hf(head: nn.Module, converter: HFConverter) -> dict[str, Any]:
+    """config.json entries of an HF task model with ``head``."""
+    task = getattr(head, "task", None)
+    if task not in HF_SUFFIX or converter.heads is None:
+        raise RegistryXFError(
+            f"{converter.name} cannot export a {type(head).__name__} head: HF task models "
+            f"exist for {', '.join(HF_SUFFIX)} heads, of the families whose converter has heads"
+        )
+    base = converter.hf_architecture.removesuffix("Model")
+    out: dict[str, Any] = {"architectures": [base + HF_SUFFIX[task]]}
+    if task == "masked_lm":
+        out["tie_word_embeddings"] = bool(head.tie_embeddings)
+        return out
+    out.update(labels_to_hf(head.labels))
+    if head.problem_type is not None:
+        out["problem_type"] = head.problem_type
+    return out

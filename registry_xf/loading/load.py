@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from confection import Config
 from torch import nn
 
 from ..assemblies.base import Assembly, ModelRecord
+from ..assemblies.with_head import EncoderWithHead
 from ..config.resolve import interpolate, resolve
 from ..errors import ConfigError, ConfigProblem
 from ..layers.packed_linear import pack_linear_weights, should_pack
@@ -32,6 +34,7 @@ def build(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    head: bool = True,
 ) -> nn.Module:
     """Build the ``[model]`` of any source (a config, or what ``load`` accepts) without
     its weights.
@@ -41,7 +44,11 @@ def build(
     also gets its ``record``.
     """
     found = config_from_source(
-        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+        source,
+        overrides=overrides,
+        revision=revision,
+        local_files_only=local_files_only,
+        head=head,
     )
     interpolated = interpolate(found.config)
     if "model" not in interpolated:
@@ -58,6 +65,8 @@ def build(
     model = resolved["model"]
     if isinstance(model, Assembly):  # a bare module (a layer built alone) carries no record
         model.record = ModelRecord(config=found.config, origin=found.origin)
+    if not head:
+        model = without_head(model)
     target = to_device(device)
     if target.type != "meta":
         materialise_random(model, target, to_dtype(dtype) if dtype else torch.float32)
@@ -74,6 +83,7 @@ def load(
     revision: str | None = None,
     local_files_only: bool | None = None,
     verify: bool = False,
+    head: bool = True,
 ) -> Assembly:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
@@ -86,13 +96,20 @@ def load(
     them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
     ``local_files_only`` apply to Hub ids (see docs/sources.md). ``verify`` checks a saved
     directory's files against the sha256 its meta.json records.
+    An HF task checkpoint (``*ForSequenceClassification``...) loads with its head
+    (``EncoderWithHead``); ``head=False`` loads it as the bare encoder, its head's tensors
+    skipped (a saved model with a head: its encoder). See docs/heads.md.
     With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
     bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
     """
     if isinstance(source, (str, Path)):
         clean_leftovers(source)  # of interrupted saves; may put back a model moved aside
     found = config_from_source(
-        source, overrides=overrides, revision=revision, local_files_only=local_files_only
+        source,
+        overrides=overrides,
+        revision=revision,
+        local_files_only=local_files_only,
+        head=head,
     )
     if verify:
         verify_source(found)
@@ -126,6 +143,8 @@ def load(
         origin=found.origin,
     )
     logger.info("%s", report)
+    if not head:
+        model = without_head(model)
     if pack or (pack is None and should_pack(model)):
         pack_linear_weights(model)
     return model.eval()
@@ -149,6 +168,21 @@ def with_weights(
     model.record = replace(model.record, tokenizer=tokenizer, pooler=pooler, load_report=report)
     logger.info("%s", report)
     return model
+
+
+def without_head(model: Any) -> Any:
+    """The encoder of a model with a task head (with the record, its config's ``[model]``
+    now the encoder's), for a source whose config itself has the head (a saved model);
+    any other model unchanged."""
+    if not isinstance(model, EncoderWithHead):
+        return model
+    encoder = model.encoder
+    config = model.record.config
+    if config is not None:
+        config = Config(config)
+        config["model"] = config["model"]["encoder"]
+    encoder.record = replace(model.record, config=config)
+    return encoder
 
 
 def _assembly(model: Any, found: SourceConfig) -> Assembly:

@@ -87,8 +87,12 @@ def config_from_source(
     overrides: Mapping[str, Any] | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    head: bool = True,
 ) -> SourceConfig:
     """The config of any source, with dotted ``overrides`` applied.
+
+    ``head=False`` reads an HF task checkpoint as its bare encoder (its head's tensors are
+    skipped); other sources keep their config (``load`` then drops the head).
 
     ``revision`` (a branch, tag or commit) and ``local_files_only`` only apply to Hub ids;
     ``org/name@revision`` is the same as ``revision="revision"``.
@@ -99,7 +103,7 @@ def config_from_source(
     located, origin = locate_source(source, revision=revision, local_files_only=local_files_only)
     if located.kind == "hf":
         directory = located.path.resolve()
-        return SourceConfig(hf_config(directory, overrides), directory, origin)
+        return SourceConfig(hf_config(directory, overrides, head=head), directory, origin)
     if located.kind == "saved":
         config = read_config(located.path / SAVED_CONFIG, overrides)
         return SourceConfig(config, located.path, origin, _read_meta(located.path))

@@ -57,7 +57,9 @@ class Embedder:
         max_batch_size: int = 256,
     ):
         self.model = (
-            model if isinstance(model, nn.Module) else load(model, device=device, dtype=dtype)
+            model
+            if isinstance(model, nn.Module)
+            else load(model, device=device, dtype=dtype, head=False)  # a task head is unused
         )
         self.tokenizer = getattr(self.model, "tokenizer", None)
         if self.tokenizer is None:

@@ -109,6 +109,7 @@ def encoder_of(model: Model) -> nn.Module:
                 dtype=spec.dtype,
                 overrides=spec.overrides,
                 pack=spec.pack,
+                head=False,  # the pipeline wants hidden states: a task head is skipped
             )
         set_encoder(model, module)
     return model.shims[0]._model

@@ -1,0 +1,68 @@
+"""One label distribution per sequence, read from its first token ([CLS] or <s>)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.activations import Activation
+from ..registry import registry
+from ..types import Probability, Width
+from .labels import ProblemType, check_labels, scores
+
+
+class SequenceClassificationHead(nn.Module):
+    """``out_proj(dropout(activation(dense(dropout?(h[:, 0])))))``.
+
+    One shape covers each family's head, which differ in the activation and where dropout
+    sits: BERT and ALBERT pool with tanh (HF's pooler), RoBERTa also with tanh but with
+    dropout before ``dense`` too, ELECTRA with GELU, DistilBERT with ReLU. ``problem_type``
+    (HF's) says how logits become scores: softmax, sigmoid per label, or raw (regression).
+    """
+
+    task = "sequence_classification"
+
+    def __init__(
+        self,
+        width: int,
+        labels: list[str],
+        activation: nn.Module,
+        dropout: float = 0.1,
+        dropout_before_dense: bool = False,
+        problem_type: ProblemType | None = None,
+    ):
+        super().__init__()
+        self.labels = check_labels(labels)
+        self.problem_type = problem_type
+        self.dense = nn.Linear(width, width)
+        self.activation = activation
+        self.input_dropout = nn.Dropout(dropout) if dropout_before_dense else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(width, len(self.labels))
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (batch, n_labels) from hidden states (batch, seq, width)."""
+        x = self.input_dropout(hidden[:, 0])
+        x = self.dropout(self.activation(self.dense(x)))
+        return self.out_proj(x)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities (or values, for regression) as ``problem_type`` says."""
+        return scores(logits, self.problem_type)
+
+
+@registry.heads.register("registry_xf.SequenceClassificationHead.v1")
+def sequence_classification_head(
+    width: Width,
+    labels: list[str],
+    activation: Activation = "tanh",  # type: ignore[assignment]
+    dropout: Probability = 0.1,
+    dropout_before_dense: bool = False,
+    problem_type: ProblemType | None = None,
+) -> SequenceClassificationHead:
+    """A classifier over the first token: dense, activation, dropout, projection to labels."""
+    return SequenceClassificationHead(
+        width, labels, activation, dropout, dropout_before_dense, problem_type
+    )
