@@ -67,6 +67,7 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         dtype=args.dtype,
         overrides=overrides,
         revision=args.revision,
+        head=False,  # a task checkpoint's encoder: its head is not needed for embeddings
     )
     embedder = Embedder(model, batch_tokens=args.batch_tokens)
     vectors = embedder.embed(
