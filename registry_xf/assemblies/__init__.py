@@ -3,6 +3,7 @@
 from .base import Assembly, ModelRecord
 from .decoder import CausalLM, CausalLMOutput, Decoder
 from .encoder import Encoder
+from .encoder_decoder import EncoderDecoder, Seq2SeqLM, Seq2SeqOutput
 from .outputs import ModelOutput
 
 __all__ = [
@@ -11,6 +12,9 @@ __all__ = [
     "CausalLMOutput",
     "Decoder",
     "Encoder",
+    "EncoderDecoder",
     "ModelOutput",
     "ModelRecord",
+    "Seq2SeqLM",
+    "Seq2SeqOutput",
 ]
