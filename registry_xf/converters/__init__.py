@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (registration)
     phi3,
     qwen2,
     roberta,
+    t5,
 )
 from .base import HFConverter, KeyRule, converter_for_model_type, supported_model_types
 

@@ -84,6 +84,16 @@ HF_KEY_KINDS: dict[str, str] = {
     "rotary_emb_base": "rope base",
     "rotary_pct": "fraction",
     "partial_rotary_factor": "fraction",
+    # T5's names
+    "d_model": "width",
+    "d_kv": "head width",
+    "d_ff": "width",
+    "num_layers": "layers",
+    "num_decoder_layers": "layers",
+    "num_heads": "heads",
+    "relative_attention_num_buckets": "positions",
+    "relative_attention_max_distance": "positions",
+    "dropout_rate": "probability",
 }
 # Inside rope_scaling / rope_parameters: HF's names for ours.
 _ROPE_KEYS = {"original_max_position_embeddings": "original_max_positions"}
