@@ -293,3 +293,50 @@ def test_encoder_decoder_needs_cross_attention() -> None:
     )
     with pytest.raises(ConfigError, match=r"decoder\.layers\.layer\.cross_attention"):
         registry.architectures.get("registry_xf.EncoderDecoder.v1")(model.encoder, plain)
+
+
+def test_t5_encoder_model_loads_as_an_encoder(tmp_path: Path) -> None:
+    import transformers as tf
+    from tiny_tokenizer import write_tokenizer
+
+    from registry_xf.assemblies import Encoder
+    from registry_xf.pipelines.embedder import Embedder
+
+    torch.manual_seed(3)
+    hf = tf.T5EncoderModel(tiny_t5(feed_forward_proj="gated-gelu"))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name:
+                p.normal_(1.0, 0.3)
+    hf.save_pretrained(tmp_path / "enc")
+    write_tokenizer(tmp_path / "enc")
+    ours = rx.load(tmp_path / "enc")
+    assert type(ours) is Encoder
+    ids, mask = padded(3, 10, seed=11)
+    with torch.no_grad():
+        expected = hf.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_close_where(ours(ids, mask).last_hidden_state, expected, mask)
+    vectors = Embedder(ours).embed(["the cat sat", "hello world and the dog ran"])
+    assert vectors.shape == (2, 32)
+    # export writes a T5EncoderModel that HF reads back unchanged
+    back = tf.T5EncoderModel.from_pretrained(rx.export_hf(ours, tmp_path / "exported"))
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+
+
+def test_encoder_of_a_whole_checkpoint(checkpoints: dict[str, Path]) -> None:
+    import transformers as tf
+
+    from registry_xf.assemblies import Encoder
+
+    path = checkpoints["flan"]
+    ours = rx.load(
+        path, overrides={"weights.converter": {"@converters": "registry_xf.HFT5Encoder.v1"}}
+    )
+    assert type(ours) is Encoder
+    assert any("decoder." in key for key in ours.load_report.skipped)
+    hf = tf.T5EncoderModel.from_pretrained(path).eval()
+    ids, mask = padded(3, 10, seed=12)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_close_where(ours(ids, mask).last_hidden_state, expected, mask)

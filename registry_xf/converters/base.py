@@ -143,6 +143,8 @@ class HFConverter:
     checks: Callable[[dict[str, Any]], None] | None = None
     # The [hyper] setting that counts the "{i}" of weight names (ALBERT: its layer groups).
     layer_index_setting: str = "n_layers"
+    # HF ``architectures`` read by a converter of their own (T5EncoderModel: the encoder).
+    architectures: Mapping[str, str] = field(default_factory=dict)
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +193,17 @@ class HFConverter:
         if self.extra_to_hf is not None:
             out.update(self.extra_to_hf(hyper))
         return out
+
+    def for_architectures(self, architectures: Any) -> HFConverter:
+        """The converter for a config.json's ``architectures``: this one, or the one
+        ``self.architectures`` names for them (the encoder alone of an encoder-decoder)."""
+        if isinstance(architectures, list):
+            for name in architectures:
+                if isinstance(name, str) and name in self.architectures:
+                    from ..registry import registry
+
+                    return registry.converters.get(self.architectures[name])()
+        return self
 
     def hf_names(
         self, ours: str, hyper: Mapping[str, Any] | None = None

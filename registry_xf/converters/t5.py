@@ -96,19 +96,20 @@ def _attention(ours: str, hf: str) -> list[KeyRule]:
 
 
 def _stack_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
+    """One stack's weights; ``ours`` is the prefix of our stack's names ("" or "encoder.")."""
     block = f"{hf}.block.{{i}}"
-    layer = f"{ours}.layers.{{i}}"
+    layer = f"{ours}layers.{{i}}"
     ff = 2 if decoder else 1
     rules = [
         rule(
-            f"{ours}.attention_bias.weight",
+            f"{ours}attention_bias.weight",
             f"{hf}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
         ),
         *_attention(f"{layer}.attention", f"{block}.layer.0.SelfAttention"),
         rule(f"{layer}.attention_norm.{{p}}", f"{block}.layer.0.layer_norm.{{p}}"),
         *_feed_forward_rules(f"{layer}.feed_forward", f"{block}.layer.{ff}.DenseReluDense"),
         rule(f"{layer}.feed_forward_norm.{{p}}", f"{block}.layer.{ff}.layer_norm.{{p}}"),
-        rule(f"{ours}.final_norm.{{p}}", f"{hf}.final_layer_norm.{{p}}"),
+        rule(f"{ours}final_norm.{{p}}", f"{hf}.final_layer_norm.{{p}}"),
     ]
     if decoder:
         rules += [
@@ -118,10 +119,16 @@ def _stack_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
     return rules
 
 
+def _encoder_rules(ours: str) -> list[KeyRule]:
+    return [
+        rule(f"{ours}embeddings.word_embeddings.weight", "shared.weight"),
+        *_stack_rules(ours, "encoder", decoder=False),
+    ]
+
+
 T5_RULES = (
-    rule("encoder.embeddings.word_embeddings.weight", "shared.weight"),
-    *_stack_rules("encoder", "encoder", decoder=False),
-    *_stack_rules("decoder", "decoder", decoder=True),
+    *_encoder_rules("encoder."),
+    *_stack_rules("decoder.", "decoder", decoder=True),
     rule("lm_head.{p}", "lm_head.{p}"),
 )
 
@@ -144,7 +151,38 @@ def t5_converter() -> HFConverter:
         hf_architecture="T5ForConditionalGeneration",
         settings=T5_SETTINGS,
         rules=T5_RULES,
+        architectures={"T5EncoderModel": "registry_xf.HFT5Encoder.v1"},
         ignored=T5_IGNORED,
         extra_from_hf=_t5_from_hf,
         extra_to_hf=_t5_to_hf,
     )
+
+
+@registry.converters.register("registry_xf.HFT5Encoder.v1")
+def t5_encoder_converter() -> HFConverter:
+    """The encoder of HF ``t5`` checkpoints (``T5EncoderModel``, or the encoder of a whole
+    model) ↔ configs/t5_encoder.cfg: an Encoder, for embeddings (mean pooling)."""
+    return HFConverter(
+        name="registry_xf.HFT5Encoder.v1",
+        family="t5_encoder",
+        model_types=("t5",),
+        hf_architecture="T5EncoderModel",
+        settings=T5_SETTINGS,
+        rules=tuple(_encoder_rules("")),
+        ignored=(*T5_IGNORED, r"decoder\..*"),
+        extra_from_hf=_t5_encoder_from_hf,
+        extra_to_hf=_t5_encoder_to_hf,
+    )
+
+
+def _t5_encoder_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    found = _t5_from_hf(hf)
+    return {k: v for k, v in found.items() if k in ("n_heads", "activation", "gated")}
+
+
+def _t5_encoder_to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
+    whole = {"n_decoder_layers": hyper["n_layers"], "tie_embeddings": True, "scale_output": True}
+    found = _t5_to_hf({**hyper, **whole})
+    for key in ("num_decoder_layers", "tie_word_embeddings", "scale_decoder_outputs"):
+        found.pop(key)
+    return {**found, "is_encoder_decoder": False}
