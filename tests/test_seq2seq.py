@@ -340,3 +340,79 @@ def test_encoder_of_a_whole_checkpoint(checkpoints: dict[str, Path]) -> None:
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         assert_close_where(ours(ids, mask).last_hidden_state, expected, mask)
+
+
+def source_batch() -> list[list[int]]:
+    """Three prompts of different lengths, each ending in T5's end-of-sequence id."""
+    g = torch.Generator().manual_seed(13)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() + [1] for n in (9, 4, 6)]
+
+
+def hf_greedy(hf: Any, prompts: list[list[int]], n_new: int, eos: int | None) -> list[list[int]]:
+    """HF ``generate``'s new tokens per prompt (right-padded batch), cut after an eos."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)], mask[row, : len(p)] = torch.tensor(p), 1
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=0,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    found = []
+    for row in out[:, 1:].tolist():  # after the decoder start token
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        found.append(row)
+    return found
+
+
+@pytest.mark.parametrize("variant", ("t5", "flan"))
+def test_greedy_generation_equals_hf(checkpoints: dict[str, Path], variant: str) -> None:
+    from registry_xf.generation import Generator
+
+    hf = hf_model(checkpoints[variant])
+    generator = Generator(rx.load(checkpoints[variant]))
+    prompts = source_batch()
+    # without an end-of-sequence id: all 32 tokens of every prompt
+    got = generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
+    assert [len(x) for x in got] == [32, 32, 32]
+    assert got == hf_greedy(hf, prompts, 32, eos=None)
+    assert generator.default_eos_token_ids() == [1]  # config.json's eos_token_id
+    if variant == "t5":
+        # a token the second row generates early as end-of-sequence: that row stops there,
+        # is fed padding while the others go on, and the others are unchanged
+        eos = got[1][4]
+        expected = hf_greedy(hf, prompts, 32, eos=eos)
+        assert len(expected[1]) <= 5
+        assert generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[eos]) == expected
+
+
+def test_sampling_with_an_encoder_decoder(checkpoints: dict[str, Path]) -> None:
+    from registry_xf.generation import Generator
+
+    generator = Generator(rx.load(checkpoints["flan"]))
+    prompts = source_batch()
+    sampled = generator.generate_ids(
+        prompts, max_new_tokens=12, temperature=1.5, top_p=0.9, repetition_penalty=1.3, seed=7
+    )
+    again = generator.generate_ids(
+        prompts, max_new_tokens=12, temperature=1.5, top_p=0.9, repetition_penalty=1.3, seed=7
+    )
+    assert sampled == again
+    assert all(0 <= t < VOCAB for row in sampled for t in row)
+    # sampling from the single most likely token is greedy decoding
+    top1 = generator.generate_ids(prompts, max_new_tokens=12, temperature=1.0, top_k=1, seed=1)
+    assert top1 == generator.generate_ids(prompts, max_new_tokens=12)
+    # a different seed samples something else (a random model spreads its probability)
+    other = generator.generate_ids(
+        prompts, max_new_tokens=12, temperature=1.5, top_p=0.9, repetition_penalty=1.3, seed=8
+    )
+    assert other != sampled

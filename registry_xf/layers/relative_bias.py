@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import HeadCount, PositionCount
 
@@ -68,4 +69,31 @@ def relative_position_bias(
     bidirectional: bool = True,
 ) -> nn.Module:
     """T5's relative position bias: bidirectional for an encoder, causal for a decoder."""
+    # half the buckets (of each direction) are exact, the other half logarithmic up to
+    # max_distance: both halves need at least one bucket, and max_distance must lie
+    # beyond the exact ones (the logarithm's base)
+    least = 4 if bidirectional else 2
+    exact = n_buckets // (4 if bidirectional else 2)
+    problems = []
+    if n_buckets < least:
+        problems.append(
+            ConfigProblem(
+                "n_buckets",
+                f"at least {least} buckets are needed "
+                f"({'bidirectional' if bidirectional else 'causal'})",
+                n_buckets,
+                True,
+            )
+        )
+    elif max_distance <= exact:
+        problems.append(
+            ConfigProblem(
+                "max_distance",
+                f"must exceed the {exact} exact buckets that n_buckets={n_buckets} gives",
+                max_distance,
+                True,
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
     return RelativePositionBias(n_heads, n_buckets, max_distance, bidirectional)
