@@ -416,3 +416,18 @@ def test_sampling_with_an_encoder_decoder(checkpoints: dict[str, Path]) -> None:
         prompts, max_new_tokens=12, temperature=1.5, top_p=0.9, repetition_penalty=1.3, seed=8
     )
     assert other != sampled
+
+
+def test_built_with_random_weights_keeps_its_ties() -> None:
+    from registry_xf.config.families import family_config_text
+
+    sizes = {"vocab_size": 99, "hidden_width": 32, "n_layers": 1, "n_decoder_layers": 1}
+    model = rx.build(
+        family_config_text("t5"),
+        overrides={f"hyper.{k}": v for k, v in sizes.items()},
+        device="cpu",
+    )
+    table = model.encoder.embeddings.word_embeddings.weight
+    assert table.device.type == "cpu"
+    assert model.decoder.embeddings.word_embeddings.weight is table
+    assert model.lm_head.weight is table
