@@ -131,6 +131,21 @@ class EncoderDecoder(Assembly):
         )
 
 
+class LogitsBias(nn.Module):
+    """A bias added to every position's logits, (1, vocab): BART's and Marian's
+    ``final_logits_bias``."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, vocab_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.weight
+
+
 class Seq2SeqLM(EncoderDecoder):
     """An encoder-decoder with an output projection to vocabulary logits.
 
@@ -146,6 +161,7 @@ class Seq2SeqLM(EncoderDecoder):
         tie_embeddings: bool = False,
         bias: bool = False,
         scale_output: bool = False,
+        logits_bias: bool = False,
     ):
         super().__init__(encoder, decoder, share_embeddings)
         vocab, width = decoder.embeddings.word_embeddings.weight.shape
@@ -156,11 +172,13 @@ class Seq2SeqLM(EncoderDecoder):
             self.lm_head.weight = decoder.embeddings.word_embeddings.weight
         self.tie_embeddings = tie_embeddings
         self.output_scale = decoder.width**-0.5 if scale_output else None
+        self.logits_bias = LogitsBias(vocab) if logits_bias else None
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         if self.output_scale is not None:
             states = states * self.output_scale
-        return self.lm_head(states)
+        logits = self.lm_head(states)
+        return self.logits_bias(logits) if self.logits_bias is not None else logits
 
     def forward(  # type: ignore[override]
         self,
@@ -230,10 +248,14 @@ def seq2seq_lm(
     tie_embeddings: bool = False,
     bias: bool = False,
     scale_output: bool = False,
+    logits_bias: bool = False,
 ) -> Seq2SeqLM:
     """An encoder-decoder with a language-model head (tied to the token embeddings, or its
-    own); ``scale_output`` scales the decoder's states by width^-0.5 (T5's tied head)."""
+    own); ``scale_output`` scales the decoder's states by width^-0.5 (T5's tied head);
+    ``logits_bias`` adds a learned bias to the logits (BART's ``final_logits_bias``)."""
     _check_parts(encoder, decoder)
     return within_size_bound(
-        Seq2SeqLM(encoder, decoder, share_embeddings, tie_embeddings, bias, scale_output)
+        Seq2SeqLM(
+            encoder, decoder, share_embeddings, tie_embeddings, bias, scale_output, logits_bias
+        )
     )

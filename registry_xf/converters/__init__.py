@@ -5,6 +5,7 @@ Importing this package registers every family's converter.
 
 from . import (  # noqa: F401  (registration)
     albert,
+    bart,
     bert,
     distilbert,
     electra,

@@ -23,13 +23,17 @@ def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch
 
 class LearnedPositions(nn.Module):
     """A learned embedding per position (BERT). With ``padding_idx``, positions are counted
-    from ``padding_idx + 1`` over non-padding tokens, as RoBERTa does."""
+    from ``padding_idx + 1`` over non-padding tokens, as RoBERTa does. ``offset`` rows come
+    before the first position's (BART's table starts at row 2)."""
 
-    def __init__(self, max_positions: int, width: int, padding_idx: int | None = None):
+    def __init__(
+        self, max_positions: int, width: int, padding_idx: int | None = None, offset: int = 0
+    ):
         super().__init__()
         self.max_positions = max_positions
         self.padding_idx = padding_idx
-        self.weight = nn.Parameter(torch.empty(max_positions, width))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.empty(max_positions + offset, width))
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
@@ -48,6 +52,8 @@ class LearnedPositions(nn.Module):
     ) -> torch.Tensor:
         if positions is None:
             positions = self.positions_for(input_ids)
+        if self.offset:
+            positions = positions + self.offset
         return nn.functional.embedding(positions, self.weight)
 
 
@@ -199,9 +205,13 @@ class ALiBi(nn.Module):
 
 @registry.layers.register("registry_xf.LearnedPositions.v1")
 def learned_positions(
-    max_positions: PositionCount, width: Width, padding_idx: PositionIndex | None = None
+    max_positions: PositionCount,
+    width: Width,
+    padding_idx: PositionIndex | None = None,
+    offset: PositionIndex = 0,
 ) -> nn.Module:
-    """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions."""
+    """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions;
+    ``offset`` rows precede the first position's (BART: 2)."""
     if padding_idx is not None and padding_idx >= max_positions - 1:
         # positions count from padding_idx + 1: none would be left for the tokens
         raise ConfigError(
@@ -214,7 +224,7 @@ def learned_positions(
                 )
             ]
         )
-    return LearnedPositions(max_positions, width, padding_idx)
+    return LearnedPositions(max_positions, width, padding_idx, offset)
 
 
 @registry.layers.register("registry_xf.SinusoidalPositions.v1")
