@@ -433,30 +433,51 @@ def test_built_with_random_weights_keeps_its_ties() -> None:
     assert model.lm_head.weight is table
 
 
-# --- BART ---------------------------------------------------------------------------------
+# --- BART and Marian ----------------------------------------------------------------------
 
-BART_VARIANTS = ("bart", "bart_scaled")
+BART_VARIANTS = ("bart", "bart_scaled", "marian")
+# (model class, decoder start id, padding id, end-of-sequence id) of each family
+BART_LIKE = {
+    "bart": ("BartForConditionalGeneration", 2, 1, 2),
+    "marian": ("MarianMTModel", VOCAB - 1, VOCAB - 1, 0),
+}
 
 
-def write_bart(path: Path, scaled: bool, seed: int = 0) -> Path:
+def family_of(variant: str) -> str:
+    return "marian" if variant == "marian" else "bart"
+
+
+def write_bart_like(path: Path, variant: str, seed: int = 0) -> Path:
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tf.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        max_position_embeddings=64,
-        scale_embedding=scaled,
-        dropout=0.0,
-        forced_eos_token_id=None,
-    )
-    model = tf.BartForConditionalGeneration(config)
+    sizes: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 37,
+        "decoder_ffn_dim": 37,
+        "max_position_embeddings": 64,
+        "dropout": 0.0,
+        "forced_eos_token_id": None,
+    }
+    if variant == "marian":
+        _, start, pad, eos = BART_LIKE["marian"]
+        config = tf.MarianConfig(
+            **sizes,
+            scale_embedding=True,
+            activation_function="swish",
+            decoder_start_token_id=start,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        model = tf.MarianMTModel(config)
+    else:
+        config = tf.BartConfig(**sizes, scale_embedding=variant == "bart_scaled")
+        model = tf.BartForConditionalGeneration(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_norm" in name or "layernorm" in name:
@@ -469,24 +490,24 @@ def write_bart(path: Path, scaled: bool, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def bart_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bart")
-    return {
-        v: write_bart(root / v, scaled=v == "bart_scaled", seed=i)
-        for i, v in enumerate(BART_VARIANTS)
-    }
+    return {v: write_bart_like(root / v, v, seed=i) for i, v in enumerate(BART_VARIANTS)}
 
 
-def hf_bart(path: Path) -> Any:
+def hf_bart_like(path: Path, variant: str) -> Any:
     import transformers as tf
 
-    return tf.BartForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    model_class = getattr(tf, BART_LIKE[family_of(variant)][0])
+    return model_class.from_pretrained(path, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", BART_VARIANTS)
-def test_bart_parity_with_hf(bart_checkpoints: dict[str, Path], variant: str, backend: str) -> None:
-    hf = hf_bart(bart_checkpoints[variant])
+def test_bart_like_parity_with_hf(
+    bart_checkpoints: dict[str, Path], variant: str, backend: str
+) -> None:
+    hf = hf_bart_like(bart_checkpoints[variant], variant)
     ours = rx.load(bart_checkpoints[variant], overrides={"hyper.attention_backend": backend})
-    assert (ours.encoder.embeddings.scale is not None) == (variant == "bart_scaled")
+    assert (ours.encoder.embeddings.scale is not None) == (variant != "bart")
     ids, mask = padded(3, 11, seed=14)
     target, target_mask = padded(3, 8, seed=15)
     with torch.no_grad():
@@ -503,37 +524,40 @@ def test_bart_parity_with_hf(bart_checkpoints: dict[str, Path], variant: str, ba
     assert_close_where(got.logits, expected.logits, target_mask)
 
 
-def test_bart_round_trip_and_greedy_generation(
-    bart_checkpoints: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("variant", ("bart_scaled", "marian"))
+def test_bart_like_round_trip_and_greedy_generation(
+    bart_checkpoints: dict[str, Path], variant: str, tmp_path: Path
 ) -> None:
     import transformers as tf
 
     from registry_xf.generation import Generator
 
-    path = bart_checkpoints["bart_scaled"]
+    path = bart_checkpoints[variant]
+    model_class, start, pad, eos = BART_LIKE[family_of(variant)]
     ours = rx.load(path)
     exported = rx.export_hf(ours, tmp_path / "exported")
-    back, info = tf.BartForConditionalGeneration.from_pretrained(
+    back, info = getattr(tf, model_class).from_pretrained(
         exported, output_loading_info=True, attn_implementation="eager"
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     back_state = back.state_dict()
-    for name, tensor in hf_bart(path).state_dict().items():
+    for name, tensor in hf_bart_like(path, variant).state_dict().items():
         assert torch.equal(tensor, back_state[name]), name
     twice = rx.load(exported)
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, twice.state_dict()[name]), name
-    # greedy generation: decoder start 2 and padding 1 from the checkpoint
-    prompts = [p[:-1] + [2] for p in source_batch()]
+    # greedy generation: decoder start and padding from the checkpoint
+    prompts = [p[:-1] + [eos] for p in source_batch()]
     generator = Generator(ours)
+    assert generator.default_eos_token_ids() == [eos]
     got = generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
     width = max(len(p) for p in prompts)
-    ids = torch.ones(len(prompts), width, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, : len(p)], mask[row, : len(p)] = torch.tensor(p), 1
     with torch.no_grad():
-        out = hf_bart(path).generate(
+        out = hf_bart_like(path, variant).generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=32,
@@ -542,5 +566,17 @@ def test_bart_round_trip_and_greedy_generation(
             num_beams=1,
             eos_token_id=None,
         )
-    assert out[:, 0].tolist() == [2, 2, 2]
+    assert out[:, 0].tolist() == [start] * 3
     assert got == out[:, 1:].tolist()
+
+
+def test_sinusoidal_halves_layout() -> None:
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    from registry_xf.layers.positions import SinusoidalPositions
+
+    for width in (8, 9, 32):
+        theirs = MarianSinusoidalPositionalEmbedding(40, width)
+        expected = theirs.create_weight()
+        ours = SinusoidalPositions(40, width, layout="halves")
+        torch.testing.assert_close(ours.table, expected, atol=1e-6, rtol=0)

@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (registration)
     gpt2,
     gpt_neox,
     llama,
+    marian,
     mistral,
     phi3,
     qwen2,

@@ -48,11 +48,10 @@ def _bart_to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _stack_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
+def bart_layer_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
+    """The layers of one stack (BART's and Marian's names)."""
     layer, block = f"{ours}.layers.{{i}}", f"{hf}.layers.{{i}}"
     rules = [
-        rule(f"{ours}.embeddings.positions.weight", f"{hf}.embed_positions.weight"),
-        rule(f"{ours}.embeddings.norm.{{p}}", f"{hf}.layernorm_embedding.{{p}}"),
         *attention_rules(
             f"{layer}.attention",
             f"{block}.self_attn.q_proj",
@@ -77,6 +76,14 @@ def _stack_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
             rule(f"{layer}.cross_attention_norm.{{p}}", f"{block}.encoder_attn_layer_norm.{{p}}"),
         ]
     return rules
+
+
+def _stack_rules(ours: str, hf: str, decoder: bool) -> list[KeyRule]:
+    return [
+        rule(f"{ours}.embeddings.positions.weight", f"{hf}.embed_positions.weight"),
+        rule(f"{ours}.embeddings.norm.{{p}}", f"{hf}.layernorm_embedding.{{p}}"),
+        *bart_layer_rules(ours, hf, decoder),
+    ]
 
 
 BART_RULES = (

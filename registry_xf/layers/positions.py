@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import Fraction, HeadCount, HeadWidth, PositionCount, PositionIndex, RopeBase, Width
 from .rope_scaling import RopeScaling, check_scaling, scaled_inv_freq
+
+SinusoidalLayout = Literal["interleaved", "halves"]
 
 
 def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -58,13 +60,18 @@ class LearnedPositions(nn.Module):
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed sine/cosine position embeddings (computed on the target device, never stored)."""
+    """Fixed sine/cosine position embeddings (computed on the target device, never stored).
 
-    def __init__(self, max_positions: int, width: int):
+    ``layout="interleaved"`` alternates sines and cosines; ``"halves"`` puts the sines in
+    the first half of the vector and the cosines in the second (Marian's layout).
+    """
+
+    def __init__(self, max_positions: int, width: int, layout: SinusoidalLayout = "interleaved"):
         super().__init__()
         self.max_positions = max_positions
         self.usable_positions = max_positions
         self.width = width
+        self.layout = layout
         self.register_buffer("table", torch.empty(max_positions, width), persistent=False)
         if self.table.device.type != "meta":
             self.init_buffers(self.table.device)
@@ -76,8 +83,13 @@ class SinusoidalPositions(nn.Module):
             * (-math.log(10000.0) / self.width)
         )
         table = torch.zeros(self.max_positions, self.width, device=device)
-        table[:, 0::2] = torch.sin(pos * div)
-        table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
+        if self.layout == "halves":
+            sines = (self.width + 1) // 2
+            table[:, :sines] = torch.sin(pos * div)
+            table[:, sines:] = torch.cos(pos * div)[:, : self.width // 2]
+        else:
+            table[:, 0::2] = torch.sin(pos * div)
+            table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
         self.table = table
 
     def forward(
@@ -228,9 +240,12 @@ def learned_positions(
 
 
 @registry.layers.register("registry_xf.SinusoidalPositions.v1")
-def sinusoidal_positions(max_positions: PositionCount, width: Width) -> nn.Module:
-    """Fixed sinusoidal positions (Transformer, 2017)."""
-    return SinusoidalPositions(max_positions, width)
+def sinusoidal_positions(
+    max_positions: PositionCount, width: Width, layout: SinusoidalLayout = "interleaved"
+) -> nn.Module:
+    """Fixed sinusoidal positions (Transformer, 2017); ``layout="halves"``: sines, then
+    cosines (Marian)."""
+    return SinusoidalPositions(max_positions, width, layout)
 
 
 @registry.layers.register("registry_xf.RotaryEmbeddings.v1")
