@@ -467,6 +467,8 @@ def valid_arguments() -> dict[tuple[str, str], Any]:
         },
         ("layers", "registry_xf.RotaryEmbeddings.v1"): lambda: {"head_width": 8},
         ("layers", "registry_xf.ALiBi.v1"): lambda: {"n_heads": 4},
+        ("layers", "registry_xf.CrossAttention.v1"): lambda: {"width": 32, "n_heads": 4},
+        ("layers", "registry_xf.RelativePositionBias.v1"): lambda: {"n_heads": 4},
         ("layers", "registry_xf.TransformerEmbeddings.v1"): lambda: {"vocab_size": 99, "width": 32},
         ("layers", "registry_xf.TransformerLayer.v1"): lambda: {
             "attention": get("registry_xf.SelfAttention.v1")(width=32, n_heads=4),

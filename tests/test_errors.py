@@ -344,14 +344,14 @@ def test_constructor_errors_name_the_component(checkpoints: dict[str, Path]) -> 
 
 
 def test_unsupported_model_type(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    directory = copy_checkpoint(checkpoints["bert"], tmp_path / "t5")
+    directory = copy_checkpoint(checkpoints["bert"], tmp_path / "mamba")
     config_json = directory / "config.json"
     hf = json.loads(config_json.read_text())
-    config_json.write_text(json.dumps({**hf, "model_type": "t5"}))
+    config_json.write_text(json.dumps({**hf, "model_type": "mamba"}))
     with pytest.raises(rx.UnsupportedModelError) as info:
         rx.load(directory)
     message = str(info.value)
-    assert str(config_json.resolve()) in message and "'t5'" in message
+    assert str(config_json.resolve()) in message and "'mamba'" in message
     for supported in ("albert", "bert", "distilbert", "electra", "roberta", "xlm-roberta"):
         assert supported in message.split("Supported model types:")[1]
 

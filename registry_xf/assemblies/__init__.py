@@ -3,6 +3,7 @@
 from .base import Assembly, ModelRecord
 from .decoder import CausalLM, CausalLMOutput, Decoder
 from .encoder import Encoder
+from .encoder_decoder import EncoderDecoder, Seq2SeqLM, Seq2SeqOutput
 from .outputs import HeadOutput, ModelOutput
 from .with_head import EncoderWithHead
 
@@ -12,8 +13,11 @@ __all__ = [
     "CausalLMOutput",
     "Decoder",
     "Encoder",
+    "EncoderDecoder",
     "EncoderWithHead",
     "HeadOutput",
     "ModelOutput",
     "ModelRecord",
+    "Seq2SeqLM",
+    "Seq2SeqOutput",
 ]

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layers.attention_mask import AttentionMask
+from ..layers.cross_attention import EncoderMemory
 from ..layers.kv_cache import KVCache
 from ..registry import registry
 from ..types import PositionCount
@@ -48,12 +49,14 @@ class Decoder(Assembly):
         layers: nn.Module,
         final_norm: nn.Module | None = None,
         max_positions: int | None = None,
+        attention_bias: nn.Module | None = None,
     ):
         super().__init__()
         self.embeddings = embeddings
         self.layers = layers
         self.final_norm = final_norm
         self.max_positions = max_positions
+        self.attention_bias = attention_bias
 
     @property
     def width(self) -> int:
@@ -147,11 +150,13 @@ class Decoder(Assembly):
         cache: KVCache | None = None,
         *,
         output_hidden_states: bool = False,
+        memory: EncoderMemory | None = None,
     ) -> ModelOutput:
         """Decode ``input_ids`` (batch, new tokens).
 
         ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
-        new). ``positions`` default to counting the real tokens.
+        new). ``positions`` default to counting the real tokens. ``memory`` is the
+        encoder's output, for layers that cross-attend (an encoder-decoder's decoder).
         """
         layers = self.layers.applied()
         self.check_inputs(input_ids, attention_mask, positions, cache, len(layers))
@@ -184,11 +189,14 @@ class Decoder(Assembly):
             )
         self.embeddings.check(input_ids, None, positions)
         mask = AttentionMask(key_mask, causal=True)
+        if self.attention_bias is not None:
+            mask.bias = self.attention_bias(n_new, n_past + n_new)
+        extra = {"memory": memory} if memory is not None else {}
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
         for i, layer in enumerate(layers):
             layer_cache = cache.layer(i, n_past) if cache is not None else None
-            h = layer(h, mask, positions, layer_cache)
+            h = layer(h, mask, positions, layer_cache, **extra)
             if output_hidden_states:
                 states.append(h)
         if cache is not None:
@@ -257,9 +265,11 @@ def decoder(
     layers: nn.Module,
     final_norm: nn.Module | None = None,
     max_positions: PositionCount | None = None,
+    attention_bias: nn.Module | None = None,
 ) -> Decoder:
-    """A causal decoder; ``max_positions`` bounds the positions it accepts."""
-    return within_size_bound(Decoder(embeddings, layers, final_norm, max_positions))
+    """A causal decoder; ``max_positions`` bounds the positions it accepts;
+    ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
+    return within_size_bound(Decoder(embeddings, layers, final_norm, max_positions, attention_bias))
 
 
 @registry.architectures.register("registry_xf.CausalLM.v1")

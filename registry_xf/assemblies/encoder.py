@@ -16,16 +16,22 @@ from .outputs import ModelOutput
 class Encoder(Assembly):
     """A bidirectional transformer encoder (BERT, RoBERTa, ALBERT, ...).
 
-    Families differ only in the components their config gives it.
+    Families differ only in the components their config gives it. ``attention_bias``
+    (T5's relative position bias) is computed once per pass and shared by the layers.
     """
 
     def __init__(
-        self, embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None
+        self,
+        embeddings: nn.Module,
+        layers: nn.Module,
+        final_norm: nn.Module | None = None,
+        attention_bias: nn.Module | None = None,
     ):
         super().__init__()
         self.embeddings = embeddings
         self.layers = layers
         self.final_norm = final_norm
+        self.attention_bias = attention_bias
 
     def forward(
         self,
@@ -40,6 +46,8 @@ class Encoder(Assembly):
         self.check_inputs(input_ids, attention_mask, token_type_ids, positions)
         self.embeddings.check(input_ids, token_type_ids, positions)
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
+        if self.attention_bias is not None:
+            mask.bias = self.attention_bias(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
         for layer in self.layers.applied():
@@ -88,7 +96,11 @@ class Encoder(Assembly):
 
 @registry.architectures.register("registry_xf.Encoder.v1")
 def encoder(
-    embeddings: nn.Module, layers: nn.Module, final_norm: nn.Module | None = None
+    embeddings: nn.Module,
+    layers: nn.Module,
+    final_norm: nn.Module | None = None,
+    attention_bias: nn.Module | None = None,
 ) -> Encoder:
-    """A transformer encoder from embeddings, a layer stack and an optional final norm."""
-    return within_size_bound(Encoder(embeddings, layers, final_norm))
+    """A transformer encoder from embeddings, a layer stack and an optional final norm;
+    ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
+    return within_size_bound(Encoder(embeddings, layers, final_norm, attention_bias))

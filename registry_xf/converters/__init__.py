@@ -5,6 +5,7 @@ Importing this package registers every family's converter.
 
 from . import (  # noqa: F401  (registration)
     albert,
+    bart,
     bert,
     distilbert,
     electra,
@@ -13,10 +14,12 @@ from . import (  # noqa: F401  (registration)
     gpt2,
     gpt_neox,
     llama,
+    marian,
     mistral,
     phi3,
     qwen2,
     roberta,
+    t5,
 )
 from .base import HFConverter, KeyRule, converter_for_model_type, supported_model_types
 

@@ -146,6 +146,8 @@ class HFConverter:
     # The family's task heads (``*ForSequenceClassification``...) for ``EncoderWithHead``:
     # a converters.heads.HeadLayout (typed loosely: that module builds on this one).
     heads: Any = None
+    # HF ``architectures`` read by a converter of their own (T5EncoderModel: the encoder).
+    architectures: Mapping[str, str] = field(default_factory=dict)
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +196,17 @@ class HFConverter:
         if self.extra_to_hf is not None:
             out.update(self.extra_to_hf(hyper))
         return out
+
+    def for_architectures(self, architectures: Any) -> HFConverter:
+        """The converter for a config.json's ``architectures``: this one, or the one
+        ``self.architectures`` names for them (the encoder alone of an encoder-decoder)."""
+        if isinstance(architectures, list):
+            for name in architectures:
+                if isinstance(name, str) and name in self.architectures:
+                    from ..registry import registry
+
+                    return registry.converters.get(self.architectures[name])()
+        return self
 
     def hf_names(
         self, ours: str, hyper: Mapping[str, Any] | None = None

@@ -84,6 +84,23 @@ HF_KEY_KINDS: dict[str, str] = {
     "rotary_emb_base": "rope base",
     "rotary_pct": "fraction",
     "partial_rotary_factor": "fraction",
+    # T5's names
+    "d_model": "width",
+    "d_kv": "head width",
+    "d_ff": "width",
+    "num_layers": "layers",
+    "num_decoder_layers": "layers",
+    "num_heads": "heads",
+    "relative_attention_num_buckets": "positions",
+    "relative_attention_max_distance": "positions",
+    "dropout_rate": "probability",
+    # BART's names
+    "encoder_layers": "layers",
+    "decoder_layers": "layers",
+    "encoder_attention_heads": "heads",
+    "decoder_attention_heads": "heads",
+    "encoder_ffn_dim": "width",
+    "decoder_ffn_dim": "width",
 }
 # Inside rope_scaling / rope_parameters: HF's names for ours.
 _ROPE_KEYS = {"original_max_position_embeddings": "original_max_positions"}

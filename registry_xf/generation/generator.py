@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError, RegistryXFError
 from ..registry import registry
 from .processors import LogitsProcessor
+from .seq2seq import is_encoder_decoder, seq2seq_steps
 from .settings import GenerationSettings, SettingsError
 from .stopping import GenerationState, StoppingCriterion, StopStrings
 
@@ -281,6 +282,19 @@ class Generator:
         model, forward = self.model, self._forward
         processors = self.logits_processors(s)
         criteria = self.stopping_criteria(s)
+        if is_encoder_decoder(model):  # the source encoded once, then the decoder's loop
+            decode = self.decode if self.tokenizer is not None else None
+            steps = seq2seq_steps(
+                model,
+                prompts,
+                s,
+                processors=processors,
+                criteria=criteria,
+                pad_id=self.pad_id,
+                decode=decode,
+            )
+            yield from (GenerationStep(*step) for step in steps)
+            return
         device = model.device
         pad = self.pad_id
         batch, width = len(prompts), max(len(p) for p in prompts)

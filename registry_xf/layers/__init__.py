@@ -3,23 +3,28 @@
 from .activations import Activation
 from .attention import SelfAttention
 from .attention_mask import AttentionMask
+from .cross_attention import CrossAttention, EncoderMemory
 from .embeddings import TransformerEmbeddings
 from .feedforward import FeedForward
 from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
 from .norms import LayerNorm, RMSNorm
 from .positions import ALiBi, LearnedPositions, RotaryEmbeddings, SinusoidalPositions
+from .relative_bias import RelativePositionBias
 from .transformer_layer import TransformerLayer
 
 __all__ = [
     "ALiBi",
     "Activation",
     "AttentionMask",
+    "CrossAttention",
+    "EncoderMemory",
     "FeedForward",
     "LayerNorm",
     "LayerStack",
     "LearnedPositions",
     "PatternLayerStack",
     "RMSNorm",
+    "RelativePositionBias",
     "RotaryEmbeddings",
     "SelfAttention",
     "SharedLayerStack",

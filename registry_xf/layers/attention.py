@@ -133,11 +133,16 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         n_q, n_k = q.shape[2], k.shape[2]
         allowed, dead, is_causal = mask.for_attention(n_q, n_k, q.device, self.window)
-        if is_causal and (self.alibi is not None or self.backend == "eager"):
+        if is_causal and (
+            self.alibi is not None or mask.bias is not None or self.backend == "eager"
+        ):
             allowed, is_causal = mask.bool_mask(n_q, n_k, q.device, self.window), False
         bias = None
         if self.alibi is not None:
             bias = self.alibi(n_q, n_k)
+        if mask.bias is not None:
+            bias = mask.bias if bias is None else bias + mask.bias
+        if bias is not None:
             if allowed is not None:
                 bias = bias.masked_fill(~allowed, float("-inf"))
             bias = bias.to(q.dtype)

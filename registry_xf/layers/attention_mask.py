@@ -25,6 +25,8 @@ class AttentionMask:
 
     key_mask: torch.Tensor | None
     causal: bool = False
+    # scores added before softmax, (1 or batch, heads, queries, keys): T5's position bias
+    bias: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:

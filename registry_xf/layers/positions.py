@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import Fraction, HeadCount, HeadWidth, PositionCount, PositionIndex, RopeBase, Width
 from .rope_scaling import RopeScaling, check_scaling, scaled_inv_freq
+
+SinusoidalLayout = Literal["interleaved", "halves"]
 
 
 def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -23,13 +25,17 @@ def padding_offset_positions(input_ids: torch.Tensor, padding_idx: int) -> torch
 
 class LearnedPositions(nn.Module):
     """A learned embedding per position (BERT). With ``padding_idx``, positions are counted
-    from ``padding_idx + 1`` over non-padding tokens, as RoBERTa does."""
+    from ``padding_idx + 1`` over non-padding tokens, as RoBERTa does. ``offset`` rows come
+    before the first position's (BART's table starts at row 2)."""
 
-    def __init__(self, max_positions: int, width: int, padding_idx: int | None = None):
+    def __init__(
+        self, max_positions: int, width: int, padding_idx: int | None = None, offset: int = 0
+    ):
         super().__init__()
         self.max_positions = max_positions
         self.padding_idx = padding_idx
-        self.weight = nn.Parameter(torch.empty(max_positions, width))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.empty(max_positions + offset, width))
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
@@ -48,17 +54,24 @@ class LearnedPositions(nn.Module):
     ) -> torch.Tensor:
         if positions is None:
             positions = self.positions_for(input_ids)
+        if self.offset:
+            positions = positions + self.offset
         return nn.functional.embedding(positions, self.weight)
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed sine/cosine position embeddings (computed on the target device, never stored)."""
+    """Fixed sine/cosine position embeddings (computed on the target device, never stored).
 
-    def __init__(self, max_positions: int, width: int):
+    ``layout="interleaved"`` alternates sines and cosines; ``"halves"`` puts the sines in
+    the first half of the vector and the cosines in the second (Marian's layout).
+    """
+
+    def __init__(self, max_positions: int, width: int, layout: SinusoidalLayout = "interleaved"):
         super().__init__()
         self.max_positions = max_positions
         self.usable_positions = max_positions
         self.width = width
+        self.layout = layout
         self.register_buffer("table", torch.empty(max_positions, width), persistent=False)
         if self.table.device.type != "meta":
             self.init_buffers(self.table.device)
@@ -70,8 +83,13 @@ class SinusoidalPositions(nn.Module):
             * (-math.log(10000.0) / self.width)
         )
         table = torch.zeros(self.max_positions, self.width, device=device)
-        table[:, 0::2] = torch.sin(pos * div)
-        table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
+        if self.layout == "halves":
+            sines = (self.width + 1) // 2
+            table[:, :sines] = torch.sin(pos * div)
+            table[:, sines:] = torch.cos(pos * div)[:, : self.width // 2]
+        else:
+            table[:, 0::2] = torch.sin(pos * div)
+            table[:, 1::2] = torch.cos(pos * div)[:, : self.width // 2]
         self.table = table
 
     def forward(
@@ -199,9 +217,13 @@ class ALiBi(nn.Module):
 
 @registry.layers.register("registry_xf.LearnedPositions.v1")
 def learned_positions(
-    max_positions: PositionCount, width: Width, padding_idx: PositionIndex | None = None
+    max_positions: PositionCount,
+    width: Width,
+    padding_idx: PositionIndex | None = None,
+    offset: PositionIndex = 0,
 ) -> nn.Module:
-    """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions."""
+    """Learned absolute positions; ``padding_idx`` gives RoBERTa's padding-offset positions;
+    ``offset`` rows precede the first position's (BART: 2)."""
     if padding_idx is not None and padding_idx >= max_positions - 1:
         # positions count from padding_idx + 1: none would be left for the tokens
         raise ConfigError(
@@ -214,13 +236,16 @@ def learned_positions(
                 )
             ]
         )
-    return LearnedPositions(max_positions, width, padding_idx)
+    return LearnedPositions(max_positions, width, padding_idx, offset)
 
 
 @registry.layers.register("registry_xf.SinusoidalPositions.v1")
-def sinusoidal_positions(max_positions: PositionCount, width: Width) -> nn.Module:
-    """Fixed sinusoidal positions (Transformer, 2017)."""
-    return SinusoidalPositions(max_positions, width)
+def sinusoidal_positions(
+    max_positions: PositionCount, width: Width, layout: SinusoidalLayout = "interleaved"
+) -> nn.Module:
+    """Fixed sinusoidal positions (Transformer, 2017); ``layout="halves"``: sines, then
+    cosines (Marian)."""
+    return SinusoidalPositions(max_positions, width, layout)
 
 
 @registry.layers.register("registry_xf.RotaryEmbeddings.v1")

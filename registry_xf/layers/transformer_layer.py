@@ -7,10 +7,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ConfigProblem
+from ..errors import ConfigError, ConfigProblem, InputError
 from ..registry import registry
 from ..types import Probability
 from .attention_mask import AttentionMask
+from .cross_attention import EncoderMemory
 from .kv_cache import LayerCache
 
 Residual = Literal["pre", "post", "parallel"]
@@ -23,6 +24,10 @@ class TransformerLayer(nn.Module):
     ``"pre"`` (GPT-2, Llama) norms each branch's input; ``"parallel"`` (GPT-NeoX, Falcon)
     adds attention and feed-forward of the same input, with the feed-forward norm
     optional (shared with attention when absent).
+
+    A decoder layer of an encoder-decoder adds ``cross_attention`` (to the encoder's
+    states, passed as ``memory``) between attention and feed-forward, with its own
+    ``cross_attention_norm`` placed as ``residual`` says ("pre" or "post").
     """
 
     def __init__(
@@ -34,8 +39,12 @@ class TransformerLayer(nn.Module):
         feed_forward_norm: nn.Module | None = None,
         residual: Residual = "post",
         dropout: float = 0.0,
+        cross_attention: nn.Module | None = None,
+        cross_attention_norm: nn.Module | None = None,
     ):
         super().__init__()
+        if cross_attention is not None and (residual == "parallel" or cross_attention_norm is None):
+            raise ValueError("cross_attention needs cross_attention_norm and residual pre/post")
         if residual in ("pre", "post") and (attention_norm is None or feed_forward_norm is None):
             raise ValueError(f"residual='{residual}' needs attention_norm and feed_forward_norm")
         if residual == "parallel" and attention_norm is None:
@@ -46,6 +55,8 @@ class TransformerLayer(nn.Module):
         self.feed_forward_norm = feed_forward_norm
         self.residual = residual
         self.dropout = nn.Dropout(dropout)
+        self.cross_attention = cross_attention
+        self.cross_attention_norm = cross_attention_norm
 
     def forward(
         self,
@@ -53,17 +64,30 @@ class TransformerLayer(nn.Module):
         mask: AttentionMask,
         positions: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        memory: EncoderMemory | None = None,
     ) -> torch.Tensor:
         if self.residual == "post":
             x = self.attention_norm(x + self.dropout(self.attention(x, mask, positions, cache)))
+            if self.cross_attention is not None:
+                cross = self.cross_attention(x, self._memory(memory))
+                x = self.cross_attention_norm(x + self.dropout(cross))
             return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))
         if self.residual == "pre":
             x = x + self.dropout(self.attention(self.attention_norm(x), mask, positions, cache))
+            if self.cross_attention is not None:
+                h = self.cross_attention_norm(x)
+                x = x + self.dropout(self.cross_attention(h, self._memory(memory)))
             return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
         h = self.attention_norm(x)
         h_ff = self.feed_forward_norm(x) if self.feed_forward_norm is not None else h
         attn = self.attention(h, mask, positions, cache)
         return x + self.dropout(attn) + self.dropout(self.feed_forward(h_ff))
+
+    @staticmethod
+    def _memory(memory: EncoderMemory | None) -> EncoderMemory:
+        if memory is None:
+            raise InputError("this decoder layer cross-attends: it needs the encoder's memory")
+        return memory
 
 
 @registry.layers.register("registry_xf.TransformerLayer.v1")
@@ -74,14 +98,32 @@ def transformer_layer(
     feed_forward_norm: nn.Module | None = None,
     residual: Residual = "post",
     dropout: Probability = 0.0,
+    cross_attention: nn.Module | None = None,
+    cross_attention_norm: nn.Module | None = None,
 ) -> nn.Module:
-    """A transformer layer; ``residual`` is "pre", "post" or "parallel"."""
+    """A transformer layer; ``residual`` is "pre", "post" or "parallel". A decoder layer
+    of an encoder-decoder has ``cross_attention`` and ``cross_attention_norm`` ("pre" or
+    "post" only)."""
     parts = {
         "attention": attention,
         "feed_forward": feed_forward,
         "attention_norm": attention_norm,
         "feed_forward_norm": feed_forward_norm,
+        "cross_attention": cross_attention,
+        "cross_attention_norm": cross_attention_norm,
     }
+    if cross_attention is not None and (residual == "parallel" or cross_attention_norm is None):
+        found = "residual='parallel'" if residual == "parallel" else "no cross_attention_norm"
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "cross_attention",
+                    "needs a cross_attention_norm and residual 'pre' or 'post'",
+                    found,
+                    True,
+                )
+            ]
+        )
     widths = {name: hidden_width(part) for name, part in parts.items() if part is not None}
     known = {name: w for name, w in widths.items() if w is not None}
     if len(set(known.values())) > 1:
@@ -102,6 +144,8 @@ def transformer_layer(
         feed_forward_norm=feed_forward_norm,
         residual=residual,
         dropout=dropout,
+        cross_attention=cross_attention,
+        cross_attention_norm=cross_attention_norm,
     )
 
 

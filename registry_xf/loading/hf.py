@@ -141,6 +141,31 @@ def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
     return None
 
 
+def _requested_converter(overrides: Mapping[str, Any] | None) -> HFConverter | None:
+    """The converter an override of ``weights.converter`` names: it also picks the family
+    config (the encoder alone of a T5 checkpoint: ``registry_xf.HFT5Encoder.v1``)."""
+    value = (overrides or {}).get("weights.converter.@converters")
+    section = (overrides or {}).get("weights.converter")
+    if value is None and isinstance(section, Mapping):
+        value = section.get("@converters")
+    return registry.converters.get(value)() if isinstance(value, str) else None
+
+
+def _decoder_start(directory: Path, hf: Mapping[str, Any]) -> dict[str, int]:
+    """An encoder-decoder's ``decoder_start_token_id`` and ``pad_token_id``, from
+    generation_config.json, else config.json (T5: both the padding id, 0)."""
+    path = directory / "generation_config.json"
+    generation: Any = json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
+    found: dict[str, int] = {}
+    for key in ("decoder_start_token_id", "pad_token_id"):
+        for source in (generation, hf):
+            value = source.get(key) if isinstance(source, Mapping) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                found[key] = value
+                break
+    return found
+
+
 WITH_HEAD = "registry_xf.EncoderWithHead.v1"
 
 
@@ -171,6 +196,8 @@ def hf_config(
     hf = read_hf_config(directory)
     where = directory / "config.json"
     converter = converter_for_model_type(hf.get("model_type"), where=str(where))
+    converter = converter.for_architectures(hf.get("architectures"))
+    converter = _requested_converter(overrides) or converter
     try:
         hyper = converter.hyper_from_hf(hf)
     except UnsupportedModelError as e:  # name the file, not just "config.json"
@@ -207,10 +234,13 @@ def hf_config(
     embedding = _sentence_transformers_embedding(directory)
     if embedding is not None:
         config["embedding"] = embedding
-    causal = config["model"].get("@architectures") == "registry_xf.CausalLM.v1"
-    eos = _eos_token_ids(directory, hf) if causal else None
+    architecture = config["model"].get("@architectures")
+    generates = architecture in ("registry_xf.CausalLM.v1", "registry_xf.Seq2SeqLM.v1")
+    eos = _eos_token_ids(directory, hf) if generates else None
     if eos is not None:
         config["generation"] = {"eos_token_ids": eos}
+    if architecture == "registry_xf.Seq2SeqLM.v1":
+        config["generation"] = {**config.get("generation", {}), **_decoder_start(directory, hf)}
     if not overrides:
         return config
     try:

@@ -158,7 +158,11 @@ def initialise(module: nn.Module, names: list[str]) -> None:
 
 def materialise_random(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Give a meta model freshly initialised weights (for training from scratch)."""
+    slots = parameter_slots(model)
     model.to_empty(device=device)
+    for places in slots.values():  # to_empty gives each place its own tensor: tie again
+        if len(places) > 1:
+            assign(places, current(places))
     for module in model.modules():
         initialise(module, list(module._parameters))
     model.to(dtype=dtype)

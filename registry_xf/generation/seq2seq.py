@@ -1,0 +1,102 @@
+"""The decoding loop of an encoder-decoder (T5): the source is encoded once, then the
+decoder runs one token per step from its start token.
+
+The decoder's self-attention keeps its keys and values in the static ``KVCache``; the
+cross-attention's keys and values of the encoded source are computed at the first step
+and kept in the ``EncoderMemory`` for every later one. Logits processors and stopping
+criteria see the decoder's ids (start token, then the new tokens), as HF's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .processors import LogitsProcessor
+from .settings import GenerationSettings
+from .stopping import GenerationState, StoppingCriterion
+
+# (tokens, active, finished) of one step; the Generator wraps it in a GenerationStep
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` encodes a source and decodes from memory (a Seq2SeqLM)."""
+    return callable(getattr(model, "encode", None)) and hasattr(model, "encoder")
+
+
+def decoder_ids(model: Any, fallback_pad: int) -> tuple[int, int]:
+    """(decoder start id, padding id) from the model's ``[generation]`` config (what the
+    checkpoint's config files say); the padding id defaults to ``fallback_pad`` and the
+    start id to the padding id, as in T5."""
+    config = getattr(model, "config", None)
+    generation = config.get("generation") if isinstance(config, Mapping) else None
+    generation = generation if isinstance(generation, Mapping) else {}
+    pad = generation.get("pad_token_id", fallback_pad)
+    return int(generation.get("decoder_start_token_id", pad)), int(pad)
+
+
+def seq2seq_steps(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    s: GenerationSettings,
+    *,
+    processors: Sequence[LogitsProcessor],
+    criteria: Sequence[StoppingCriterion],
+    pad_id: int,
+    decode: Callable[[Sequence[int]], str] | None,
+) -> Iterator[Step]:
+    """Encode the right-padded sources once, then decode one token per step.
+
+    A sequence that is done keeps being fed padding (its results are dropped) until every
+    sequence is done, as in the causal loop.
+    """
+    start, pad = decoder_ids(model, pad_id)
+    device = model.device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    source = torch.full((batch, width), pad, dtype=torch.long)
+    source_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        source[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        source_mask[row, : len(prompt)] = 1
+    source, source_mask = source.to(device), source_mask.to(device)
+    total = 1 + s.max_new_tokens
+    ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
+    ids[:, 0] = start
+    mask = torch.ones((batch, total), dtype=torch.long, device=device)
+    rng = None
+    if s.sampling and s.seed is not None:
+        rng = torch.Generator(device=device).manual_seed(s.seed)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = model.new_cache(batch, total)
+    with torch.inference_mode():
+        memory, _ = model.encode(source, source_mask)
+        out = model(decoder_input_ids=ids[:, :1], memory=memory, cache=cache, last_only=True)
+    logits = out.logits[:, -1]
+    for step in range(s.max_new_tokens):
+        length = 1 + step
+        scores = logits.float()
+        for processor in processors:
+            scores = processor(ids[:, :length], scores, mask[:, :length])
+        if s.sampling:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
+        else:
+            token = scores.argmax(-1)
+        active = ~finished
+        token = torch.where(active, token, torch.full_like(token, pad))
+        ids[:, length] = token
+        state = GenerationState(ids[:, : length + 1], 1, finished, decode)
+        done = torch.zeros_like(finished)
+        for criterion in criteria:
+            done |= criterion(state).to(device=device, dtype=torch.bool)
+        finished = finished | done
+        yield token, active, finished
+        if bool(finished.all()):
+            return
+        with torch.inference_mode():
+            out = model(
+                decoder_input_ids=token[:, None], memory=memory, cache=cache, last_only=True
+            )
+        logits = out.logits[:, -1]
