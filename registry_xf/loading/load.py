@@ -14,9 +14,10 @@ from torch import nn
 
 from ..config.resolve import interpolate, read_config, resolve
 from ..errors import ConfigError, ConfigProblem
-from ..layers.packed_linear import pack_linear_weights, should_pack
+from ..layers.packed_linear import pack_for_cpu
 from ..types import CONFIG_DIR, to_device, to_dtype
 from .hf import hf_config
+from .load_settings import load_setting
 from .materialise import materialise_random, on_meta
 from .sources import DEFAULT_MODEL, META_FILE, SAVED_CONFIG, locate
 
@@ -81,7 +82,9 @@ def load(
     of an installed model package. ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as
     stored). ``overrides`` are dotted config paths (``{"hyper.attention_backend": "eager"}``).
     ``pack`` keeps CPU linear weights also in oneDNN's blocked layout for faster inference
-    (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB.
+    (a second copy of them); None packs float32/bfloat16 CPU models of up to 1 GiB, or as
+    the config's ``[load] pack`` says. A model too big to pack keeps fused projections
+    that its files store apart as separate views of the files (``report.layout``).
     """
     base: Path | None = None
     meta: dict[str, Any] = {}
@@ -123,9 +126,17 @@ def load(
     model = resolved["model"]
     target = to_device(device or "cpu")
     target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
+    pack = load_setting(interpolated, "pack", pack, where)
     report = resolved["weights"].load_into(
-        model, device=target, dtype=target_dtype, hyper=interpolated.get("hyper", {})
+        model,
+        device=target,
+        dtype=target_dtype,
+        hyper=interpolated.get("hyper", {}),
+        copy_to_fuse=pack,
     )
+    if report.layout:  # the config describes the layout the model has
+        config = Config(config)
+        config["hyper"] = {**config["hyper"], **report.layout}
     _attach(
         model,
         config=config,
@@ -134,7 +145,6 @@ def load(
         load_report=report,
         hf_converter=meta.get("hf_converter"),
     )
+    report.packing = pack_for_cpu(model, pack)
     logger.info("%s", report)
-    if pack or (pack is None and should_pack(model)):
-        pack_linear_weights(model)
     return model.eval()
