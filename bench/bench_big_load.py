@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--ours",
         default="{}",
-        help='extra keyword arguments of registry_xf.load, as JSON (e.g. \'{"pack": true}\')',
+        help="extra keyword arguments of registry_xf.load, as JSON (e.g. '{\"pack\": true}')",
     )
     parser.add_argument("--only-ours", action="store_true", help="leave out HF's side")
     parser.add_argument("--json", type=Path, help="write every run's numbers to this file")

@@ -197,8 +197,6 @@ def pack_for_cpu(model: nn.Module, pack: bool | None = None) -> str:
             return f"not packed: {reason}"
     count = pack_linear_weights(model)
     if not count:
-        return "not packed: " + (
-            packing_unavailable() or "no float32/bfloat16 CPU linear layers"
-        )
+        return "not packed: " + (packing_unavailable() or "no float32/bfloat16 CPU linear layers")
     how = "automatic" if pack is None else "pack=true"
     return f"{count} linear layers packed ({how}; each on its first inference call)"

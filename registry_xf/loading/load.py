@@ -132,7 +132,7 @@ def load(
         device=target,
         dtype=target_dtype,
         hyper=interpolated.get("hyper", {}),
-        copy_to_fuse=pack,
+        copy_to_fuse=True if pack else None,  # packing copies anyway
     )
     if report.layout:  # the config describes the layout the model has
         config = Config(config)
