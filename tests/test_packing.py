@@ -161,3 +161,17 @@ def test_a_single_row_reads_the_plain_weight(dtype: torch.dtype) -> None:
         expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
         torch.testing.assert_close(layer(x).float(), expected, atol=atol, rtol=0)
         assert _packed_copy(layer.weight) is not None
+
+
+def test_weights_loaded_under_inference_mode_are_packed(checkpoints: dict[str, Path]) -> None:
+    """Tensors made under ``torch.inference_mode`` keep no version counter; packing copes."""
+    plain = rx.load(checkpoints["bert"], pack=False)
+    ids, mask = random_batch()
+    with torch.inference_mode():
+        model = rx.load(checkpoints["bert"], pack=True)
+        torch.testing.assert_close(
+            model(ids, mask).last_hidden_state,
+            plain(ids, mask).last_hidden_state,
+            atol=1e-5,
+            rtol=0,
+        )

@@ -73,7 +73,9 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     if copy is None:
         copy = _PackedCopy()
         weight.__dict__[_COPY] = copy
-    stamp = (weight.data_ptr(), weight._version)
+    # Inference tensors (made under torch.inference_mode) keep no version counter: only
+    # their replacement is noticed, not a change in place.
+    stamp = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
     if copy.stamp != stamp:
         try:
             copy.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)

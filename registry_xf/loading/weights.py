@@ -92,14 +92,15 @@ class SafetensorsWeights:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         hyper: Mapping[str, Any] | None = None,
-        copy_to_fuse: bool | None = None,
+        copy_to_fuse: bool | None = True,
     ) -> LoadReport:
         """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
 
         ``dtype`` None keeps each tensor's stored dtype; otherwise floating tensors are cast.
         ``hyper`` (the config's ``[hyper]`` values) is what converters' reorderings need.
         ``copy_to_fuse`` False gives fused projections whose parts the files store apart
-        separate ones instead (views of the files; see ``layout``); None decides by size.
+        separate ones instead (views of the files; see ``layout``); None decides by the
+        model's size, as ``load`` asks.
         The report's ``layout`` names the ``[hyper]`` values that changed.
         """
         device = torch.device(device)
