@@ -317,14 +317,16 @@ class Checkpoint:
     def loaded_bytes(self, dtype: torch.dtype | None = None) -> int:
         """The bytes all tensors take once loaded (floating ones cast to ``dtype``)."""
         total = 0
-        for name, (_, file) in self._handles.items():
-            entry = self._raw_file(file).header[name]
-            stored = _STORED_DTYPES.get(entry.get("dtype"))
-            numel = math.prod(entry.get("shape") or ())
-            if dtype is not None and (stored is None or stored.is_floating_point):
-                total += numel * dtype.itemsize
-            else:
-                total += numel * (stored.itemsize if stored is not None else 4)
+        for file in self.files:
+            for name, entry in self._raw_file(file).header.items():
+                if name == "__metadata__":
+                    continue
+                stored = _STORED_DTYPES.get(entry.get("dtype"))
+                numel = math.prod(entry.get("shape") or ())
+                if dtype is not None and (stored is None or stored.is_floating_point):
+                    total += numel * dtype.itemsize
+                else:
+                    total += numel * (stored.itemsize if stored is not None else 4)
         return total
 
     def _concatenation(

@@ -45,10 +45,10 @@ FUSED_LAYOUTS = (
 )
 
 
-def copy_to_fuse_automatically(device: torch.device, model_bytes: int) -> bool:
+def copy_to_fuse_automatically(device: torch.device, model_bytes: Callable[[], int]) -> bool:
     """Whether fusing by copy pays: off the CPU (where joining is a fast device copy and
     fewer kernel calls matter), and for CPU models small enough to be packed."""
-    return device.type != "cpu" or model_bytes <= AUTO_PACK_LIMIT_BYTES
+    return device.type != "cpu" or model_bytes() <= AUTO_PACK_LIMIT_BYTES
 
 
 def separate_where_fusing_copies(
@@ -60,15 +60,16 @@ def separate_where_fusing_copies(
     of them (``copies`` is asked with our parameter names), and the ``[hyper]`` setting
     allows it. Returns the ``[hyper]`` values that now describe the model."""
     hyper = hyper or {}
+    layouts = [layout for layout in FUSED_LAYOUTS if hyper.get(layout.hyper) == layout.fused]
+    if not layouts:  # fixed in the family's config, or already separate
+        return {}
+    found: dict[FusedLayout, list[tuple[str, nn.Module]]] = {layout: [] for layout in layouts}
+    for prefix, module in model.named_modules():
+        for layout in layouts:
+            if isinstance(module, layout.kind) and module.fused:
+                found[layout].append((prefix, module))
     changed: dict[str, Any] = {}
-    for layout in FUSED_LAYOUTS:
-        if hyper.get(layout.hyper) != layout.fused:
-            continue  # fixed in the family's config, or already separate
-        modules = [
-            (prefix, module)
-            for prefix, module in model.named_modules()
-            if isinstance(module, layout.kind) and module.fused
-        ]
+    for layout, modules in found.items():
         if not any(
             copies(f"{prefix}.{layout.projection}.{p}" if prefix else f"{layout.projection}.{p}")
             for prefix, module in modules

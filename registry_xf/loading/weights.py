@@ -175,22 +175,19 @@ class SafetensorsWeights:
         hyper: Mapping[str, Any] | None,
         copy_to_fuse: bool | None,
     ) -> dict[str, Any]:
+        if copy_to_fuse is None and self.converter is not None:
+            copy_to_fuse = copy_to_fuse_automatically(ckpt.device, lambda: ckpt.loaded_bytes(dtype))
         if copy_to_fuse or self.converter is None:
             return {}
         stripped = self.converter.strip_prefix(ckpt.keys())
         by_name = {v: k for k, v in stripped.items()}
 
         def copies(ours: str) -> bool:
-            nonlocal copy_to_fuse
             rule, names = self._names(ours, hyper)
             files = [by_name[n] for n in names if n in by_name]
             if len(files) != len(names) or not _read_in_place(rule, files):
                 return False
-            if ckpt.joins_in_place(files, dtype):
-                return False
-            if copy_to_fuse is None:
-                copy_to_fuse = copy_to_fuse_automatically(ckpt.device, ckpt.loaded_bytes(dtype))
-            return not copy_to_fuse
+            return not ckpt.joins_in_place(files, dtype)
 
         return separate_where_fusing_copies(model, hyper, copies)
 
