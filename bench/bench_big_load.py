@@ -202,6 +202,8 @@ def main() -> None:
             f"{'met' if median_ratio <= TARGETS['load'] else 'NOT met'})"
         )
         print(f"ours/HF with the imports: per pair {spread(total_ratios)}")
+        values = {side: {round(r["value"], 3) for r in runs[side]} for side in sides}
+        print(f"sum of the first 8 logits of the last position: {values}")
         print(
             f"our peak beyond baseline: {peak:.3f}x the files (target <= {TARGETS['peak']}x: "
             f"{'met' if peak <= TARGETS['peak'] else 'NOT met'})"
