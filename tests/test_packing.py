@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import pickle
+import weakref
 from pathlib import Path
 
 import pytest
@@ -72,12 +74,16 @@ def test_packed_model_pickles(checkpoints: dict[str, Path]) -> None:
         assert torch.equal(model(ids, mask).last_hidden_state, again(ids, mask).last_hidden_state)
 
 
+def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy kept on ``weight``, if one was made."""
+    copy = weight.__dict__.get(packed_linear._COPY)
+    return None if copy is None else copy.tensor
+
+
 def test_packed_copies_live_as_long_as_their_weights() -> None:
     """One packed copy per weight (tied weights share it), freed with the model."""
     from registry_xf.layers.packed_linear import pack_linear_weights
 
-    gc.collect()
-    before = len(packed_linear._PACKED)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 16)
     )
@@ -85,16 +91,44 @@ def test_packed_copies_live_as_long_as_their_weights() -> None:
     model.append(torch.nn.Linear(16, 8))
     model[3].weight = model[1].weight  # tied
     assert pack_linear_weights(model) == 4
+    assert all(_packed_copy(m.weight) is None for m in model)  # made on first use
     with torch.no_grad():
         model(torch.randn(2, 16))
-    assert len(packed_linear._PACKED) == before + 3
-    del model
+    copies = [_packed_copy(m.weight) for m in model]
+    assert all(c is not None for c in copies)
+    assert len({id(c) for c in copies}) == 3 and copies[1] is copies[3]
+    alive = [weakref.ref(c) for c in copies]
+    del model, copies
     gc.collect()
-    assert len(packed_linear._PACKED) == before
+    assert all(ref() is None for ref in alive)
+
+
+def test_packed_copies_are_not_pickled() -> None:
+    """A pickled or deep-copied packed layer carries no packed copy; it makes its own."""
+    from registry_xf.layers.packed_linear import pack_linear_weights
+
+    layer = torch.nn.Linear(16, 8)
+    pack_linear_weights(layer)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        assert _packed_copy(layer.weight) is not None
+        for again in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+            assert _packed_copy(again.weight) is None
+            assert torch.equal(again(x), expected)
+            assert _packed_copy(again.weight) is not None
+
+
+def test_the_operator_is_registered_explicitly_once() -> None:
+    """Importing the module defines nothing in torch; registering twice is harmless."""
+    first = packed_linear.register_packed_linear()
+    assert packed_linear.register_packed_linear() is first
+    assert hasattr(torch.ops.registry_xf, "packed_linear")
 
 
 def test_the_packed_operator_is_a_linear_layer() -> None:
     """``registry_xf::packed_linear``, what compiled graphs call, computes F.linear."""
+    packed_linear.register_packed_linear()
     torch.manual_seed(0)
     x, weight, bias = torch.randn(3, 4, 16), torch.randn(24, 16), torch.randn(24)
     expected = torch.nn.functional.linear(x, weight, bias)
@@ -114,8 +148,6 @@ def test_a_single_row_reads_the_plain_weight(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 40).to(dtype)
     assert pack_linear_weights(layer) == 1
-    gc.collect()
-    before = len(packed_linear._PACKED)
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     with torch.no_grad():
         for shape in [(1, 1, 48), (48,)]:
@@ -124,8 +156,22 @@ def test_a_single_row_reads_the_plain_weight(dtype: torch.dtype) -> None:
                 x.float(), layer.weight.float(), layer.bias.float()
             )
             torch.testing.assert_close(layer(x).float(), expected, atol=atol, rtol=0)
-        assert len(packed_linear._PACKED) == before
+        assert _packed_copy(layer.weight) is None
         x = torch.randn(3, 2, 48, dtype=dtype)
         expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
         torch.testing.assert_close(layer(x).float(), expected, atol=atol, rtol=0)
-        assert len(packed_linear._PACKED) == before + 1
+        assert _packed_copy(layer.weight) is not None
+
+
+def test_weights_loaded_under_inference_mode_are_packed(checkpoints: dict[str, Path]) -> None:
+    """Tensors made under ``torch.inference_mode`` keep no version counter; packing copes."""
+    plain = rx.load(checkpoints["bert"], pack=False)
+    ids, mask = random_batch()
+    with torch.inference_mode():
+        model = rx.load(checkpoints["bert"], pack=True)
+        torch.testing.assert_close(
+            model(ids, mask).last_hidden_state,
+            plain(ids, mask).last_hidden_state,
+            atol=1e-5,
+            rtol=0,
+        )

@@ -13,6 +13,7 @@ from ..registry import registry
 from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probability, Width
 from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
+from .linear_rows import split_rows
 from .positions import ALiBi, RotaryEmbeddings
 
 Backend = Literal["sdpa", "eager"]
@@ -68,6 +69,17 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         self.alibi = alibi
         self.window = window
+
+    def separate_projections(self) -> None:
+        """Switch a fused layout to separate ``q_proj``, ``k_proj`` and ``v_proj``, whose
+        weights are row blocks (views) of the fused matrix: the same results, no copy.
+        The loader does this where fusing would copy a big checkpoint's matrices."""
+        if not self.fused:
+            return
+        q, k, v = split_rows(self.qkv_proj, self.split)
+        del self.qkv_proj
+        self.q_proj, self.k_proj, self.v_proj = q, k, v
+        self.fused = False
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, seq, head_width)."""

@@ -8,6 +8,7 @@ from torch import nn
 from ..registry import registry
 from ..types import Probability, Width
 from .activations import Activation
+from .linear_rows import split_rows
 
 
 class FeedForward(nn.Module):
@@ -41,6 +42,16 @@ class FeedForward(nn.Module):
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
         self.split = (intermediate_width, intermediate_width)
+
+    def separate_projections(self) -> None:
+        """Switch a fused layout to separate ``gate_proj`` and ``up_proj``, whose weights
+        are row blocks (views) of the fused matrix: the same results, no copy."""
+        if not self.fused:
+            return
+        gate, up = split_rows(self.gate_up_proj, self.split)
+        del self.gate_up_proj
+        self.up_proj, self.gate_proj = up, gate
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -11,54 +11,79 @@ reads that layout faster than the blocked one.
 Under ``torch.compile`` the packed multiply is the custom operator
 ``registry_xf::packed_linear``, which the compiler calls as an opaque kernel: the
 compiled graph fuses everything around the linear layers and keeps their packed weights.
+The operator is defined by ``register_packed_linear`` (idempotent), which packing calls;
+importing this module changes nothing in torch.
+
+Packing is a step of its own: ``pack_for_cpu`` (which ``registry_xf.load`` runs, and
+whose outcome the load report names) swaps the class of the linear layers it packs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Packing keeps a second copy of each weight: automatic packing stops at this size.
 AUTO_PACK_LIMIT_BYTES = 1 << 30
+_COPY = "_registry_xf_packed"  # the weight's attribute holding its packed copy
 
-# weight -> (the weight's (data pointer, version) when packed, packed copy). Keyed by the
-# tensor's identity and held weakly: a copy lives as long as its weight, and is rebuilt
-# when the weight is replaced or changed in place.
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_unavailable_reason: str | None = None  # set when this oneDNN build refused to pack
+
+class _PackedCopy:
+    """A weight's packed copy and the (data pointer, version) of the weight it was made
+    from. Kept on the weight itself, so it lives and dies with it; never pickled or
+    deep-copied (an unpickled one is empty and made again on first use)."""
+
+    __slots__ = ("stamp", "tensor")
+
+    def __init__(self) -> None:
+        self.stamp: tuple[int, int] | None = None
+        self.tensor: torch.Tensor | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_PackedCopy, ())
+
+
+@functools.cache
+def packing_unavailable() -> str | None:
+    """Why this torch cannot pack linear weights (None when it can); asked once."""
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN (mkldnn) is not available in this torch build"
+    if not (
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        return "this torch build lacks oneDNN's linear weight packing operators"
+    return None
 
 
 def _packing_available() -> bool:
-    return bool(
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return packing_unavailable() is None
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The packed copy of ``weight`` (made on first use), or None where packing failed."""
-    global _unavailable_reason
-    if _unavailable_reason is not None:
-        return None
-    stamp = (weight.data_ptr(), weight._version)
-    entry = _PACKED.get(weight)
-    if entry is None or entry[0] != stamp:
+    copy = weight.__dict__.get(_COPY)
+    if copy is None:
+        copy = _PackedCopy()
+        weight.__dict__[_COPY] = copy
+    # Inference tensors (made under torch.inference_mode) keep no version counter: only
+    # their replacement is noticed, not a change in place.
+    stamp = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+    if copy.stamp != stamp:
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-        except RuntimeError as e:
-            _unavailable_reason = str(e)
-            logger.info("weight packing unavailable (%s); using plain linear layers", e)
-            return None
-        entry = _PACKED[weight] = (stamp, packed)
-    return entry[1]
+            copy.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+        except RuntimeError as e:  # this weight (dtype, shape) cannot be packed here
+            logger.info("weight packing failed (%s); this layer stays plain", e)
+            copy.tensor = None
+        copy.stamp = stamp
+    return copy.tensor
 
 
 def _packed_linear(
@@ -83,22 +108,30 @@ def _packed_linear_shape(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# Defined with the plain operator library, not ``torch.library.custom_op``, whose wrapper
-# adds about 20 µs a call: a tenth of a small linear layer's time in a decoding step.
-_LIBRARY = torch.library.Library("registry_xf", "DEF")
-_LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("packed_linear", _packed_linear, "CPU")
-torch.library.register_fake("registry_xf::packed_linear", _packed_linear_shape, lib=_LIBRARY)
+@functools.cache
+def register_packed_linear() -> torch.library.Library:
+    """Define the operator ``registry_xf::packed_linear`` (once; later calls return the
+    same library). Defined with the plain operator library, not
+    ``torch.library.custom_op``, whose wrapper adds about 20 µs a call: a tenth of a small
+    linear layer's time in a decoding step."""
+    library = torch.library.Library("registry_xf", "FRAGMENT")
+    library.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    library.impl("packed_linear", _packed_linear, "CPU")
+    torch.library.register_fake("registry_xf::packed_linear", _packed_linear_shape, lib=library)
+    return library
 
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` that multiplies with a prepacked copy of its weight when it can."""
 
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: compilable too
+        super().__setstate__(state)
+        register_packed_linear()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
             torch.is_grad_enabled()
-            or _unavailable_reason is not None
             or x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
@@ -119,6 +152,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     """
     if not _packing_available():
         return 0
+    register_packed_linear()
     packed = 0
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -131,9 +165,40 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 def should_pack(model: nn.Module) -> bool:
     """Automatic choice: pack CPU float32/bfloat16 models up to ``AUTO_PACK_LIMIT_BYTES``."""
+    return _why_not_packed(model) is None
+
+
+def _why_not_packed(model: nn.Module) -> str | None:
     params = list(model.parameters())
-    if not params or not _packing_available():
-        return False
-    if any(p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES for p in params):
-        return False
-    return sum(p.numel() * p.element_size() for p in params) <= AUTO_PACK_LIMIT_BYTES
+    if not params:
+        return "no parameters"
+    unavailable = packing_unavailable()
+    if unavailable is not None:
+        return unavailable
+    if any(p.device.type != "cpu" for p in params):
+        return "not on the CPU"
+    if any(p.dtype not in PACKABLE_DTYPES for p in params):
+        return "weights neither float32 nor bfloat16"
+    size = sum(p.numel() * p.element_size() for p in params)
+    if size > AUTO_PACK_LIMIT_BYTES:
+        return (
+            f"{size / 2**30:.2f} GiB of weights, over the automatic limit of "
+            f"{AUTO_PACK_LIMIT_BYTES / 2**30:.0f} GiB (packing keeps a second copy)"
+        )
+    return None
+
+
+def pack_for_cpu(model: nn.Module, pack: bool | None = None) -> str:
+    """The packing step: pack ``model``'s CPU linear weights when ``pack`` says so (None:
+    automatically, see ``should_pack``). Returns what was done, or why not, in words."""
+    if pack is False:
+        return "off (pack=false)"
+    if pack is None:
+        reason = _why_not_packed(model)
+        if reason is not None:
+            return f"not packed: {reason}"
+    count = pack_linear_weights(model)
+    if not count:
+        return "not packed: " + (packing_unavailable() or "no float32/bfloat16 CPU linear layers")
+    how = "automatic" if pack is None else "pack=true"
+    return f"{count} linear layers packed ({how}; each on its first inference call)"

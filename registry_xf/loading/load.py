@@ -16,10 +16,11 @@ from ..assemblies.base import Assembly, ModelRecord
 from ..assemblies.with_head import EncoderWithHead
 from ..config.resolve import interpolate, resolve
 from ..errors import ConfigError, ConfigProblem
-from ..layers.packed_linear import pack_linear_weights, should_pack
+from ..layers.packed_linear import pack_for_cpu
 from ..types import to_device, to_dtype
 from .atomic import clean_leftovers
 from .integrity import verify_source
+from .load_settings import load_setting
 from .materialise import materialise_random, on_meta
 from .sources import DEFAULT_MODEL, ModelSource, SourceConfig, config_from_source
 
@@ -93,7 +94,9 @@ def load(
     ``device`` defaults to CPU; ``dtype`` to ``"auto"`` (as stored). ``overrides`` are
     dotted config paths (``{"hyper.attention_backend": "eager"}``). ``pack`` keeps CPU
     linear weights also in oneDNN's blocked layout for faster inference (a second copy of
-    them); None packs float32/bfloat16 CPU models of up to 1 GiB. ``revision`` and
+    them); None packs float32/bfloat16 CPU models of up to 1 GiB, or as the config's
+    ``[load] pack`` says. A model too big to pack keeps fused projections that its files
+    store apart as separate views of the files (``report.layout``). ``revision`` and
     ``local_files_only`` apply to Hub ids (see docs/sources.md). ``verify`` checks a saved
     directory's files against the sha256 its meta.json records.
     An HF task checkpoint (``*ForSequenceClassification``...) loads with its head
@@ -131,22 +134,30 @@ def load(
     model = _assembly(resolved["model"], found)
     target = to_device(device or "cpu")
     target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
+    pack = load_setting(interpolated, "pack", pack, found.where)
     report = resolved["weights"].load_into(
-        model, device=target, dtype=target_dtype, hyper=interpolated.get("hyper", {})
+        model,
+        device=target,
+        dtype=target_dtype,
+        hyper=interpolated.get("hyper", {}),
+        copy_to_fuse=True if pack else None,  # packing copies anyway
     )
+    config = found.config
+    if report.layout:  # the config describes the layout the model has
+        config = Config(config)
+        config["hyper"] = {**config["hyper"], **report.layout}
     model.record = ModelRecord(
-        config=found.config,
+        config=config,
         tokenizer=resolved.get("tokenizer"),
         pooler=resolved.get("pooling"),
         load_report=report,
         converter=found.meta.get("hf_converter"),
         origin=found.origin,
     )
-    logger.info("%s", report)
     if not head:
         model = without_head(model)
-    if pack or (pack is None and should_pack(model)):
-        pack_linear_weights(model)
+    report.packing = pack_for_cpu(model, pack)
+    logger.info("%s", report)
     return model.eval()
 
 

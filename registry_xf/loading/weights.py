@@ -23,7 +23,8 @@ from ..converters.base import HFConverter, KeyRule
 from ..errors import LoadError
 from ..registry import registry
 from ..types import PathLike, dtype_name
-from .checkpoint import FLOAT_DTYPES, TensorEntry, open_checkpoint
+from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorEntry, open_checkpoint
+from .layout import copy_to_fuse_automatically, separate_where_fusing_copies
 from .materialise import assign, current, init_buffers, initialise, parameter_slots
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class LoadReport:
     initialised: list[str] = field(default_factory=list)
     wrong_dtype: list[str] = field(default_factory=list)
     cast: list[str] = field(default_factory=list)
+    # [hyper] values the loader changed: separate projections where fusing would copy
+    layout: dict[str, Any] = field(default_factory=dict)
+    # what the CPU packing step did (see ``layers.packed_linear.pack_for_cpu``)
+    packing: str = "not run"
 
     @property
     def ok(self) -> bool:
@@ -52,6 +57,10 @@ class LoadReport:
     def __str__(self) -> str:
         where = ", ".join(str(f) for f in self.files)
         lines = [f"load report for {where}: {len(self.loaded)} tensors loaded"]
+        if self.layout:
+            settings = ", ".join(f"hyper.{k} = {v!r}" for k, v in self.layout.items())
+            lines.append(f"  layout: {settings} (views of the files; fusing would copy them)")
+        lines.append(f"  packing for the CPU: {self.packing}")
         for title, items, hint in (
             ("missing (the model needs them, the checkpoint lacks them)", self.missing, ""),
             (
@@ -95,6 +104,7 @@ class SafetensorsWeights:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         hyper: Mapping[str, Any] | None = None,
+        copy_to_fuse: bool | None = True,
     ) -> LoadReport:
         """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
 
@@ -109,13 +119,18 @@ class SafetensorsWeights:
         read, each part of a fused matrix on its own (its rows against the config's split,
         its dtype against the others'); integer, boolean, complex and 8-bit float tensors in
         floating-point places are errors.
+        ``copy_to_fuse`` False gives fused projections whose parts the files store apart
+        separate ones instead (views of the files; see ``layout``); None decides by the
+        model's size, as ``load`` asks. The report's ``layout`` names the ``[hyper]``
+        values that changed.
         """
         device = torch.device(device)
-        slots = parameter_slots(model)
         allow_unexpected = [re.compile(p) for p in self.allow_unexpected]
         allow_missing = [re.compile(p) for p in self.allow_missing]
         with open_checkpoint(self.path, device) as ckpt:
-            report = LoadReport(files=ckpt.files)
+            layout = self._choose_layout(model, ckpt, dtype, hyper, copy_to_fuse)
+            slots = parameter_slots(model)
+            report = LoadReport(files=ckpt.files, layout=layout)
             file_keys = ckpt.keys()
             stripped = (
                 self.converter.strip_prefix(file_keys)
@@ -176,6 +191,30 @@ class SafetensorsWeights:
         if report.skipped:
             logger.info("skipped %d checkpoint tensors: %s", len(report.skipped), report.skipped)
         return report
+
+    def _choose_layout(
+        self,
+        model: nn.Module,
+        ckpt: Checkpoint,
+        dtype: torch.dtype | None,
+        hyper: Mapping[str, Any] | None,
+        copy_to_fuse: bool | None,
+    ) -> dict[str, Any]:
+        if copy_to_fuse is None and self.converter is not None:
+            copy_to_fuse = copy_to_fuse_automatically(ckpt.device, lambda: ckpt.loaded_bytes(dtype))
+        if copy_to_fuse or self.converter is None:
+            return {}
+        stripped = self.converter.strip_prefix(ckpt.keys())
+        by_name = {v: k for k, v in stripped.items()}
+
+        def copies(ours: str) -> bool:
+            rule, names = self._names(ours, hyper)
+            files = [by_name[n] for n in names if n in by_name]
+            if len(files) != len(names) or not _read_in_place(rule, files):
+                return False
+            return not ckpt.joins_in_place(files, dtype)
+
+        return separate_where_fusing_copies(model, hyper, copies)
 
     def _names(
         self, ours: str, hyper: Mapping[str, Any] | None
