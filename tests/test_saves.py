@@ -153,7 +153,9 @@ def test_kill_9_during_saves_leaves_old_or_new_model(
     worker: Worker, two_models: dict[str, Path], tmp_path: Path
 ) -> None:
     counts = kill_saves(worker, two_models, tmp_path, FUZZ_CASES, seed=11, exchange=True)
-    assert counts["killed, old kept"] > 0 and counts["finished"] > 0, counts
+    # (a finished save is checked by kill_saves' last save: how many of the killed ones
+    # finished first depends on how busy the machine is)
+    assert counts["killed, old kept"] > 0, counts
     assert counts["leftovers"] > 0, counts  # kills did land while a save was under way
 
 
@@ -163,7 +165,7 @@ def test_kill_9_during_fallback_saves_is_repaired_by_load(
     """Without RENAME_EXCHANGE, a kill between the two renames leaves the path empty for a
     moment; the next load puts the old model back."""
     counts = kill_saves(worker, two_models, tmp_path, 20, seed=12, exchange=False)
-    assert counts["killed, old kept"] > 0 and counts["finished"] > 0, counts
+    assert counts["killed, old kept"] > 0, counts
 
 
 def test_load_puts_back_a_model_moved_aside(two_models: dict[str, Path], tmp_path: Path) -> None:
