@@ -60,7 +60,8 @@ class LoadReport:
         if self.layout:
             settings = ", ".join(f"hyper.{k} = {v!r}" for k, v in self.layout.items())
             lines.append(f"  layout: {settings} (views of the files; fusing would copy them)")
-        lines.append(f"  packing for the CPU: {self.packing}")
+        if self.ok:  # a failed load never reaches the packing step
+            lines.append(f"  packing for the CPU: {self.packing}")
         for title, items, hint in (
             ("missing (the model needs them, the checkpoint lacks them)", self.missing, ""),
             (
