@@ -27,7 +27,7 @@ from ..errors import (
 from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
-from .checkpoint import checkpoint_files, open_checkpoint
+from .checkpoint import checkpoint_files, open_checkpoint, stored_shapes
 from .materialise import parameter_slots
 from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
@@ -368,18 +368,16 @@ def check_config_against_weights(
     ``hyper`` holds the ``[hyper]`` values config.json gives (the family's defaults for
     the rest). A directory without weights passes: loading reports what is missing.
     """
-    try:
-        checkpoint_files(directory)
-    except CheckpointError:
+    stored = stored_shapes(directory)
+    if stored is None:  # no weights, or headers that loading will report on
         return
-    with open_checkpoint(directory, "cpu") as ckpt:
-        stripped = converter.strip_prefix(ckpt.keys())
-        shapes = {name: key for key, name in stripped.items()}
-        facts = _WeightFacts(converter, hyper, shapes, ckpt.shape)
-        problems = [
-            ConfigProblem(_key_text(converter, hf, hyper, name), message, hyper.get(name), True)
-            for name, message in facts.disagreements()
-        ]
+    stripped = converter.strip_prefix(list(stored))
+    names = {name: key for key, name in stripped.items()}
+    facts = _WeightFacts(converter, hyper, names, stored.__getitem__)
+    problems = [
+        ConfigProblem(_key_text(converter, hf, hyper, name), message, hyper.get(name), True)
+        for name, message in facts.disagreements()
+    ]
     if problems:
         raise ConfigError(problems, source=str(directory / "config.json"))
 
