@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError, RegistryXFError
 from ..registry import registry
-from .processors import LogitsProcessor
+from .processors import LogitsProcessor, next_tokens
 from .seq2seq import is_encoder_decoder, seq2seq_steps
 from .settings import GenerationSettings, SettingsError
 from .stopping import GenerationState, StoppingCriterion, StopStrings
@@ -316,15 +316,17 @@ class Generator:
         logits = out.logits[:, -1]
         for step in range(s.max_new_tokens):
             length = width + step
-            scores = logits.float()
-            for processor in processors:
-                scores = processor(ids[:, :length], scores, mask[:, :length])
-            if s.sampling:
-                token = torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
-            else:
-                token = scores.argmax(-1)
             active = ~finished
-            token = torch.where(active, token, torch.full_like(token, pad))
+            token = next_tokens(
+                logits,
+                ids[:, :length],
+                mask[:, :length],
+                processors,
+                s.sampling,
+                rng,
+                finished,
+                pad,
+            )
             ids[:, length] = token
             mask[:, length] = 1
             state = GenerationState(ids[:, : length + 1], width, finished, decode)

@@ -10,6 +10,7 @@ HF transformers' processors of the same names.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Protocol
 
 import torch
@@ -166,6 +167,28 @@ class RepetitionPenalty:
 
     def __repr__(self) -> str:
         return f"RepetitionPenalty({self.penalty})"
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    processors: Sequence[LogitsProcessor],
+    sampling: bool,
+    rng: torch.Generator | None,
+    finished: torch.Tensor,
+    pad: int,
+) -> torch.Tensor:
+    """One step's tokens: the processors applied to the last position's logits, then a
+    sample or the most likely token; sequences already finished get ``pad``."""
+    scores = logits.float()
+    for processor in processors:
+        scores = processor(ids, scores, mask)
+    if sampling:
+        token = torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
+    else:
+        token = scores.argmax(-1)
+    return torch.where(~finished, token, torch.full_like(token, pad))
 
 
 @registry.logits_processors.register("registry_xf.Temperature.v1")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .processors import LogitsProcessor
+from .processors import LogitsProcessor, next_tokens
 from .settings import GenerationSettings
 from .stopping import GenerationState, StoppingCriterion
 
@@ -77,15 +77,10 @@ def seq2seq_steps(
     logits = out.logits[:, -1]
     for step in range(s.max_new_tokens):
         length = 1 + step
-        scores = logits.float()
-        for processor in processors:
-            scores = processor(ids[:, :length], scores, mask[:, :length])
-        if s.sampling:
-            token = torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
-        else:
-            token = scores.argmax(-1)
         active = ~finished
-        token = torch.where(active, token, torch.full_like(token, pad))
+        token = next_tokens(
+            logits, ids[:, :length], mask[:, :length], processors, s.sampling, rng, finished, pad
+        )
         ids[:, length] = token
         state = GenerationState(ids[:, : length + 1], 1, finished, decode)
         done = torch.zeros_like(finished)
