@@ -37,7 +37,7 @@ from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
-from .pipelines import Classifier, Embedder, Pooler
+from .pipelines import Classifier, CrossEncoder, Embedder, Pooler, RankedDocument
 from .registry import registry
 from .tokenizers import HFTokenizer
 
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "Classifier",
     "ConfigError",
+    "CrossEncoder",
     "Embedder",
     "Encoder",
     "EncoderWithHead",
@@ -62,6 +63,7 @@ __all__ = [
     "ModelOutput",
     "ModelRecord",
     "Pooler",
+    "RankedDocument",
     "RegistryNameError",
     "RegistryXFError",
     "SaveError",

@@ -123,6 +123,16 @@ def _max_length(directory: Path) -> int | None:
     return None
 
 
+def _cross_encoder_activation(hf: Mapping[str, Any]) -> str | None:
+    """The activation sentence-transformers' CrossEncoder saved in config.json (a dotted
+    path such as "torch.nn.modules.activation.Sigmoid"; the key before v4 too), if any."""
+    settings = hf.get("sentence_transformers")
+    if isinstance(settings, Mapping) and isinstance(settings.get("activation_fn"), str):
+        return str(settings["activation_fn"])
+    legacy = hf.get("sbert_ce_default_activation_function")
+    return legacy if isinstance(legacy, str) else None
+
+
 def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
     """The end-of-sequence ids generation_config.json (else config.json) records, if any."""
     generation: Any = {}
@@ -207,6 +217,9 @@ def hf_config(
     embedding = _sentence_transformers_embedding(directory)
     if embedding is not None:
         config["embedding"] = embedding
+    activation = _cross_encoder_activation(hf)
+    if activation is not None and task == "sequence_classification":
+        config["cross_encoder"] = {"activation_fn": activation}
     causal = config["model"].get("@architectures") == "registry_xf.CausalLM.v1"
     eos = _eos_token_ids(directory, hf) if causal else None
     if eos is not None:
