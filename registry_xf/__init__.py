@@ -37,7 +37,15 @@ from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
-from .pipelines import Classifier, CrossEncoder, Embedder, Pooler, RankedDocument
+from .pipelines import (
+    Classifier,
+    CrossEncoder,
+    Embedder,
+    Pooler,
+    RankedDocument,
+    SparseEncoder,
+    SpladePooler,
+)
 from .registry import registry
 from .tokenizers import HFTokenizer
 
@@ -68,6 +76,8 @@ __all__ = [
     "RegistryXFError",
     "SaveError",
     "SettingsError",
+    "SparseEncoder",
+    "SpladePooler",
     "UnsafePathError",
     "UnsupportedModelError",
     "__version__",

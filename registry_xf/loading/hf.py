@@ -62,6 +62,12 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
         return None
     folder = safe_join(directory, pooling.get("path"), where=str(modules_file))
     settings = json.loads((folder / "config.json").read_text(encoding="utf8"))
+    if pooling.get("type", "").endswith("SpladePooling"):  # a sparse encoder's
+        return {
+            "@poolers": "registry_xf.SpladePooler.v1",
+            "strategy": settings.get("pooling_strategy", "max"),
+            "activation": settings.get("activation_function", "relu"),
+        }
     mode = settings.get("pooling_mode")  # sentence-transformers >= 6; older: one flag per mode
     if settings.get("pooling_mode_cls_token") or mode == "cls":
         name = "registry_xf.CLSPooler.v1"

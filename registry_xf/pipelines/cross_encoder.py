@@ -15,6 +15,7 @@ from ..assemblies.with_head import EncoderWithHead
 from ..config.resolve import interpolate
 from ..errors import CheckpointError, InputError, RegistryXFError
 from ..loading.load import load
+from .batching import length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -138,22 +139,6 @@ class CrossEncoder:
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
             logits = self.model(**inputs.model_inputs()).logits
             yield batch, self.activation(logits.float()).cpu()
-
-
-def length_batches(lengths: Sequence[int], budget: int, max_batch_size: int) -> Iterator[list[int]]:
-    """Indices grouped by similar length, longest first, each group padded to at most
-    ``budget`` tokens and ``max_batch_size`` rows (a lone overlong row still gets a batch)."""
-    order = np.argsort(np.asarray(lengths), kind="stable")[::-1]
-    batch: list[int] = []
-    for index in order:
-        if batch and (
-            (len(batch) + 1) * lengths[batch[0]] > budget or len(batch) >= max_batch_size
-        ):
-            yield batch
-            batch = []
-        batch.append(int(index))
-    if batch:
-        yield batch
 
 
 def _check_positive(name: str, value: Any) -> None:
