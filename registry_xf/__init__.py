@@ -37,7 +37,15 @@ from .loading.hub import fetch
 from .loading.load import build, load
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
-from .pipelines import Classifier, Embedder, Pooler
+from .pipelines import (
+    Classifier,
+    CrossEncoder,
+    Embedder,
+    Pooler,
+    RankedDocument,
+    SparseEncoder,
+    SpladePooler,
+)
 from .registry import registry
 from .tokenizers import HFTokenizer
 
@@ -50,6 +58,7 @@ __all__ = [
     "CheckpointError",
     "Classifier",
     "ConfigError",
+    "CrossEncoder",
     "Embedder",
     "Encoder",
     "EncoderWithHead",
@@ -62,10 +71,13 @@ __all__ = [
     "ModelOutput",
     "ModelRecord",
     "Pooler",
+    "RankedDocument",
     "RegistryNameError",
     "RegistryXFError",
     "SaveError",
     "SettingsError",
+    "SparseEncoder",
+    "SpladePooler",
     "UnsafePathError",
     "UnsupportedModelError",
     "__version__",

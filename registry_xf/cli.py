@@ -218,6 +218,30 @@ def _cmd_classify(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_rerank(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .loading.load import load
+    from .pipelines.cross_encoder import CrossEncoder
+
+    documents = list(args.documents)
+    if args.file:
+        lines = _read_text_file(args.file).splitlines()
+        documents += [line for line in lines if line.strip()]
+    if not documents:
+        raise RegistryXFError("no documents to rerank: give documents after QUERY or --file")
+    if args.top_k is not None and args.top_k < 1:
+        raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
+    model = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+        revision=args.revision,
+    )
+    for ranked in CrossEncoder(model).rank(args.query, documents, top_k=args.top_k):
+        print(f"[{ranked.index}] {ranked.score:.4f} {ranked.document}")
+    return 0
+
+
 GENERATION_OPTIONS = (
     "max_new_tokens",
     "temperature",
@@ -420,6 +444,28 @@ def make_parser() -> argparse.ArgumentParser:
     )
     classify.set_defaults(func=_cmd_classify)
 
+    default_reranker = "cross-encoder/ms-marco-MiniLM-L6-v2"  # a common BERT reranker
+    rerank = sub.add_parser(
+        "rerank",
+        help="documents ordered by a cross-encoder's relevance score for a query",
+        description="Score each document against QUERY with a cross-encoder (a one-label "
+        "sequence classifier) and print them best first as [INDEX] SCORE DOCUMENT; config "
+        "overrides may follow as --section.key VALUE.",
+    )
+    rerank.add_argument("query", help="the query")
+    rerank.add_argument("documents", nargs="*", help="documents to rank")
+    rerank.add_argument("--file", help="a text file of documents, one a line (after DOCUMENTs)")
+    rerank.add_argument("--top-k", type=int, default=None, help="show only the K best")
+    rerank.add_argument(
+        "--model",
+        default=default_reranker,
+        help=f"a Hub id, a model directory, a package or a .cfg (default: {default_reranker})",
+    )
+    rerank.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
+    rerank.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    rerank.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    rerank.set_defaults(func=_cmd_rerank)
+
     listing = sub.add_parser("list", help="registries and their registered names")
     listing.add_argument("registry", nargs="?", help="only this registry")
     listing.set_defaults(func=_cmd_list)
@@ -471,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        if overrides and args.command not in ("embed", "config", "generate", "classify"):
+        if overrides and args.command not in ("embed", "config", "generate", "classify", "rerank"):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")
         return int(args.func(args, overrides))
     except RegistryXFError as e:

@@ -62,6 +62,12 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
         return None
     folder = safe_join(directory, pooling.get("path"), where=str(modules_file))
     settings = json.loads((folder / "config.json").read_text(encoding="utf8"))
+    if pooling.get("type", "").endswith("SpladePooling"):  # a sparse encoder's
+        return {
+            "@poolers": "registry_xf.SpladePooler.v1",
+            "strategy": settings.get("pooling_strategy", "max"),
+            "activation": settings.get("activation_function", "relu"),
+        }
     mode = settings.get("pooling_mode")  # sentence-transformers >= 6; older: one flag per mode
     if settings.get("pooling_mode_cls_token") or mode == "cls":
         name = "registry_xf.CLSPooler.v1"
@@ -121,6 +127,16 @@ def _max_length(directory: Path) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def _cross_encoder_activation(hf: Mapping[str, Any]) -> str | None:
+    """The activation sentence-transformers' CrossEncoder saved in config.json (a dotted
+    path such as "torch.nn.modules.activation.Sigmoid"; the key before v4 too), if any."""
+    settings = hf.get("sentence_transformers")
+    if isinstance(settings, Mapping) and isinstance(settings.get("activation_fn"), str):
+        return str(settings["activation_fn"])
+    legacy = hf.get("sbert_ce_default_activation_function")
+    return legacy if isinstance(legacy, str) else None
 
 
 def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
@@ -234,6 +250,9 @@ def hf_config(
     embedding = _sentence_transformers_embedding(directory)
     if embedding is not None:
         config["embedding"] = embedding
+    activation = _cross_encoder_activation(hf)
+    if activation is not None and task == "sequence_classification":
+        config["cross_encoder"] = {"activation_fn": activation}
     architecture = config["model"].get("@architectures")
     generates = architecture in ("registry_xf.CausalLM.v1", "registry_xf.Seq2SeqLM.v1")
     eos = _eos_token_ids(directory, hf) if generates else None

@@ -17,6 +17,7 @@ from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .poolers import Pooler
 from .quantization import check_precision, quantize_embeddings
+from .splade_pooler import SpladePooler
 
 # The prompt names that embed_query and embed_document try, in order (sentence-transformers'
 # encode_query / encode_document); "query" and "document" always exist, empty unless set.
@@ -65,6 +66,11 @@ class Embedder:
         if self.tokenizer is None:
             raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")
         pooler = pooler or getattr(self.model, "pooler", None) or Pooler("mean")
+        if isinstance(pooler, SpladePooler):  # it reads masked-LM logits, not hidden states
+            raise RegistryXFError(
+                "this model pools with SpladePooler: it makes sparse vectors; "
+                "use registry_xf.SparseEncoder"
+            )
         if normalize is not None:
             pooler = Pooler(pooler.mode, normalize, pooler.include_prompt)
         self.pooler = pooler

@@ -176,6 +176,25 @@ class HFTokenizer:
         tokenizer = self.truncating(limit) if truncate else self.tokenizer
         return tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
+    def encode_pairs(
+        self, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None
+    ) -> list[Encoding]:
+        """Unpadded encodings of (first, second) text pairs, one sequence each (BERT:
+        ``[CLS] a [SEP] b [SEP]`` with token types 0 then 1), truncated to ``max_length``
+        (default: the tokenizer's) by cutting the longer text first, as HF tokenizers do."""
+        texts = _without_lone_surrogates([text for pair in pairs for text in pair])
+        limit = max_length or self.max_length
+        truncate = bool(limit) and limit < _NO_LIMIT
+        processor = self.tokenizer.post_processor
+        specials = int(processor.num_special_tokens_to_add(True)) if processor else 0
+        if truncate and limit <= specials + 1:
+            raise InputError(
+                f"max_length {limit} leaves no room for a pair of texts beside the tokenizer's "
+                f"{specials} special tokens"
+            )
+        tokenizer = self.truncating(limit) if truncate else self.tokenizer
+        return tokenizer.encode_batch(list(zip(texts[::2], texts[1::2], strict=True)))
+
     def pad(self, encodings: Sequence[Encoding]) -> Batch:
         """Right-pad encodings into one batch."""
         n = len(encodings)
