@@ -45,6 +45,17 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, overrides
 
 
+def _given_texts(given: Sequence[str], file: str | None, nothing: str) -> list[str]:
+    """The texts on the command line, then the non-blank lines of ``--file``; ``nothing``
+    is the error when there are none."""
+    texts = list(given)
+    if file:
+        texts += [line for line in _read_text_file(file).splitlines() if line.strip()]
+    if not texts:
+        raise RegistryXFError(nothing)
+    return texts
+
+
 def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import numpy as np
 
@@ -52,12 +63,7 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .pipelines.embedder import Embedder
     from .pipelines.quantization import check_precision, hamming_similarity
 
-    texts = list(args.texts)
-    if args.file:
-        lines = _read_text_file(args.file).splitlines()
-        texts += [line for line in lines if line.strip()]
-    if not texts:
-        raise RegistryXFError("nothing to embed: give texts or --file")
+    texts = _given_texts(args.texts, args.file, "nothing to embed: give texts or --file")
     out = _writable_out(args.out) if args.out else None  # checked before the slow part
     check_precision(args.precision)
     calibration = _read_calibration(args.calibration) if args.calibration else None
@@ -189,12 +195,7 @@ def _cmd_classify(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .loading.load import load
     from .pipelines.classifier import Classifier
 
-    texts = list(args.texts)
-    if args.file:
-        lines = _read_text_file(args.file).splitlines()
-        texts += [line for line in lines if line.strip()]
-    if not texts:
-        raise RegistryXFError("nothing to classify: give texts or --file")
+    texts = _given_texts(args.texts, args.file, "nothing to classify: give texts or --file")
     if args.top_k < 1:
         raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
     model = load(
@@ -222,12 +223,9 @@ def _cmd_rerank(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .loading.load import load
     from .pipelines.cross_encoder import CrossEncoder
 
-    documents = list(args.documents)
-    if args.file:
-        lines = _read_text_file(args.file).splitlines()
-        documents += [line for line in lines if line.strip()]
-    if not documents:
-        raise RegistryXFError("no documents to rerank: give documents after QUERY or --file")
+    documents = _given_texts(
+        args.documents, args.file, "no documents to rerank: give documents after QUERY or --file"
+    )
     if args.top_k is not None and args.top_k < 1:
         raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
     model = load(

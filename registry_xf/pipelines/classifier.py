@@ -11,8 +11,10 @@ import torch
 from ..assemblies.with_head import EncoderWithHead
 from ..errors import InputError, RegistryXFError
 from ..loading.load import load
+from .batching import length_batches
 
 CLASSIFYING_TASKS = ("sequence_classification", "token_classification")
+MAX_BATCH_ROWS = 256  # rows of one batch, however short (as the Embedder's default)
 
 
 @dataclass(frozen=True)
@@ -127,21 +129,9 @@ class Classifier:
             raise InputError("texts must be strings")
         encodings = self.tokenizer.encode(list(texts))
         device = self.model.device
-        for batch in _length_batches([len(e.ids) for e in encodings], self.batch_tokens):
+        lengths = [len(e.ids) for e in encodings]
+        for batch in length_batches(lengths, self.batch_tokens, MAX_BATCH_ROWS):
             chosen = [encodings[i] for i in batch]
             inputs = self.tokenizer.pad(chosen).to(device)
             logits = self.model(**inputs.model_inputs()).logits
             yield batch, chosen, self.model.head.scores(logits.float()).cpu()
-
-
-def _length_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
-    """Indices grouped by similar length, each group padded to at most ``budget`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batch: list[int] = []
-    for index in order:
-        if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
-            yield batch
-            batch = []
-        batch.append(index)
-    if batch:
-        yield batch

@@ -15,6 +15,7 @@ from ..config.resolve import interpolate
 from ..errors import InputError, RegistryXFError, did_you_mean
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
+from .batching import length_batches
 from .poolers import Pooler
 from .quantization import check_precision, quantize_embeddings
 from .splade_pooler import SpladePooler
@@ -90,18 +91,7 @@ class Embedder:
 
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices of texts grouped by similar length under the token budget."""
-        order = np.argsort(np.asarray(lengths), kind="stable")[::-1]
-        batch: list[int] = []
-        for index in order:
-            longest = lengths[batch[0]] if batch else lengths[index]
-            if batch and (
-                (len(batch) + 1) * longest > self.batch_tokens or len(batch) >= self.max_batch_size
-            ):
-                yield batch
-                batch = []
-            batch.append(int(index))
-        if batch:
-            yield batch
+        return length_batches(lengths, self.batch_tokens, self.max_batch_size)
 
     @torch.inference_mode()
     def embed(
