@@ -10,8 +10,8 @@ import torch
 
 from ..assemblies.with_head import EncoderWithHead
 from ..errors import InputError, RegistryXFError
-from ..loading.load import load
 from .batching import length_batches
+from .task_model import model_with_head
 
 CLASSIFYING_TASKS = ("sequence_classification", "token_classification")
 MAX_BATCH_ROWS = 256  # rows of one batch, however short (as the Embedder's default)
@@ -52,17 +52,14 @@ class Classifier:
         dtype: torch.dtype | str | None = None,
         batch_tokens: int = 2048,
     ):
-        loaded = load(model, device=device, dtype=dtype) if isinstance(model, str | Path) else model
-        task = getattr(loaded, "task", None)
-        if not isinstance(loaded, EncoderWithHead) or task not in CLASSIFYING_TASKS:
-            found = f"a {task} head" if task else f"{type(loaded).__name__}, no head"
-            raise RegistryXFError(
-                f"classifying needs a model with a sequence or token classification head "
-                f"(an HF *ForSequenceClassification or *ForTokenClassification checkpoint); "
-                f"this model has {found}"
-            )
-        if loaded.tokenizer is None:
-            raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")
+        loaded = model_with_head(
+            model,
+            CLASSIFYING_TASKS,
+            "classifying needs a model with a sequence or token classification head (an HF "
+            "*ForSequenceClassification or *ForTokenClassification checkpoint)",
+            device=device,
+            dtype=dtype,
+        )
         if batch_tokens < 1:
             raise InputError(f"batch_tokens must be at least 1; got {batch_tokens}")
         self.model = loaded

@@ -14,8 +14,8 @@ import torch
 from ..assemblies.with_head import EncoderWithHead
 from ..config.resolve import interpolate
 from ..errors import CheckpointError, InputError, RegistryXFError
-from ..loading.load import load
 from .batching import length_batches
+from .task_model import model_with_head
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +61,14 @@ class CrossEncoder:
         batch_tokens: int = 4096,
         max_batch_size: int = 256,
     ):
-        loaded = load(model, device=device, dtype=dtype) if isinstance(model, str | Path) else model
-        task = getattr(loaded, "task", None)
-        if not isinstance(loaded, EncoderWithHead) or task != "sequence_classification":
-            found = f"a {task} head" if task else f"{type(loaded).__name__}, no head"
-            raise RegistryXFError(
-                "a cross-encoder needs a model with a sequence classification head (an HF "
-                f"*ForSequenceClassification checkpoint); this model has {found}"
-            )
-        if loaded.tokenizer is None:
-            raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")
+        loaded = model_with_head(
+            model,
+            ("sequence_classification",),
+            "a cross-encoder needs a model with a sequence classification head (an HF "
+            "*ForSequenceClassification checkpoint)",
+            device=device,
+            dtype=dtype,
+        )
         for name, value in (("batch_tokens", batch_tokens), ("max_batch_size", max_batch_size)):
             _check_positive(name, value)
         if max_length is not None:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..assemblies.with_head import EncoderWithHead
-from ..errors import InputError, RegistryXFError
-from ..loading.load import load
+from ..errors import InputError
 from .batching import length_batches
 from .splade_pooler import SpladePooler
+from .task_model import model_with_head
 
 
 class SparseEncoder:
@@ -38,16 +38,14 @@ class SparseEncoder:
         batch_tokens: int = 2048,
         max_batch_size: int = 64,
     ):
-        loaded = load(model, device=device, dtype=dtype) if isinstance(model, str | Path) else model
-        task = getattr(loaded, "task", None)
-        if not isinstance(loaded, EncoderWithHead) or task != "masked_lm":
-            found = f"a {task} head" if task else f"{type(loaded).__name__}, no head"
-            raise RegistryXFError(
-                "sparse embeddings need a model with a masked-LM head (an HF *ForMaskedLM "
-                f"checkpoint, such as a SPLADE model); this model has {found}"
-            )
-        if loaded.tokenizer is None:
-            raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")
+        loaded = model_with_head(
+            model,
+            ("masked_lm",),
+            "sparse embeddings need a model with a masked-LM head (an HF *ForMaskedLM "
+            "checkpoint, such as a SPLADE model)",
+            device=device,
+            dtype=dtype,
+        )
         own = getattr(loaded, "pooler", None)
         self.model = loaded.eval()
         self.tokenizer = loaded.tokenizer
