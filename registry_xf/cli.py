@@ -45,6 +45,20 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, overrides
 
 
+def _load_model(args: argparse.Namespace, overrides: dict[str, Any], **options: Any) -> Any:
+    """The model of ``--model`` with the options every loading command shares."""
+    from .loading.load import load
+
+    return load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+        revision=args.revision,
+        **options,
+    )
+
+
 def _given_texts(given: Sequence[str], file: str | None, nothing: str) -> list[str]:
     """The texts on the command line, then the non-blank lines of ``--file``; ``nothing``
     is the error when there are none."""
@@ -59,7 +73,6 @@ def _given_texts(given: Sequence[str], file: str | None, nothing: str) -> list[s
 def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import numpy as np
 
-    from .loading.load import load
     from .pipelines.embedder import Embedder
     from .pipelines.quantization import check_precision, hamming_similarity
 
@@ -67,14 +80,8 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     out = _writable_out(args.out) if args.out else None  # checked before the slow part
     check_precision(args.precision)
     calibration = _read_calibration(args.calibration) if args.calibration else None
-    model = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        overrides=overrides,
-        revision=args.revision,
-        head=False,  # a task checkpoint's encoder: its head is not needed for embeddings
-    )
+    # a task checkpoint's encoder: its head is not needed for embeddings
+    model = _load_model(args, overrides, head=False)
     embedder = Embedder(model, batch_tokens=args.batch_tokens)
     vectors = embedder.embed(
         texts,
@@ -192,19 +199,12 @@ def _save_atomically(out: Path, vectors: Any) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .loading.load import load
     from .pipelines.classifier import Classifier
 
     texts = _given_texts(args.texts, args.file, "nothing to classify: give texts or --file")
     if args.top_k < 1:
         raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
-    model = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        overrides=overrides,
-        revision=args.revision,
-    )
+    model = _load_model(args, overrides)
     classifier = Classifier(model)
     if classifier.task == "token_classification":
         for i, (text, pieces) in enumerate(zip(texts, classifier.tag(texts), strict=True)):
@@ -220,7 +220,6 @@ def _cmd_classify(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def _cmd_rerank(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .loading.load import load
     from .pipelines.cross_encoder import CrossEncoder
 
     documents = _given_texts(
@@ -228,13 +227,7 @@ def _cmd_rerank(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     )
     if args.top_k is not None and args.top_k < 1:
         raise RegistryXFError(f"--top-k must be at least 1; got {args.top_k}")
-    model = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        overrides=overrides,
-        revision=args.revision,
-    )
+    model = _load_model(args, overrides)
     for ranked in CrossEncoder(model).rank(args.query, documents, top_k=args.top_k):
         print(f"[{ranked.index}] {ranked.score:.4f} {ranked.document}")
     return 0
@@ -254,19 +247,12 @@ GENERATION_OPTIONS = (
 
 def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .generation import GenerationSettings, Generator
-    from .loading.load import load
 
     settings = {
         name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None
     }
     GenerationSettings(**settings)  # bad settings fail before the model is loaded
-    model = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        overrides=overrides,
-        revision=args.revision,
-    )
+    model = _load_model(args, overrides)
     generator = Generator(model, compile=args.compile)
     for piece in generator.stream(args.prompt, **settings):
         sys.stdout.write(piece)
