@@ -21,6 +21,7 @@ from .hf_values import checked_hf_values
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
     pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>[^.]+)", pattern)

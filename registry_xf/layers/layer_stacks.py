@@ -8,6 +8,7 @@ device, where models are built, a clone allocates nothing.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -23,11 +24,16 @@ def clone(module: nn.Module) -> nn.Module:
     Meta modules are cloned structurally (much faster than ``copy.deepcopy``, which
     matters when a deep model is built at every load); others are deep-copied.
     """
+    return clones(module, 1)[0]
+
+
+def clones(module: nn.Module, n: int) -> list[nn.Module]:
+    """``n`` independent copies of ``module`` (see ``clone``)."""
     if not _all_meta(module):
-        return copy.deepcopy(module)
+        return [copy.deepcopy(module) for _ in range(n)]
     # Meta tensors need no device placement: skip the build's device mode (much faster).
     with torch._C.DisableTorchFunction():
-        return _clone_meta(module, {})
+        return [_clone_meta(module, {}) for _ in range(n)]
 
 
 def _all_meta(module: nn.Module) -> bool:
@@ -39,12 +45,17 @@ def _all_meta(module: nn.Module) -> bool:
     )
 
 
+_CONTAINER_BASES = (dict, list, set)
+_CONTAINERS = {dict, list, set, OrderedDict}
+
+
 def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]  # type: ignore[return-value]
     new = module.__class__.__new__(module.__class__)
     new.__dict__ = {
-        k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()
+        k: v.copy() if type(v) in _CONTAINERS or isinstance(v, _CONTAINER_BASES) else v
+        for k, v in module.__dict__.items()
     }
     memo[id(module)] = new
     for name, p in module._parameters.items():
@@ -65,7 +76,7 @@ class LayerStack(nn.ModuleList):
     """``n_layers`` independent copies of one layer."""
 
     def __init__(self, layer: nn.Module, n_layers: int):
-        super().__init__(clone(layer) for _ in range(n_layers))
+        super().__init__(clones(layer, n_layers))
 
     def applied(self) -> Sequence[nn.Module]:
         return list(self)
@@ -77,7 +88,7 @@ class SharedLayerStack(nn.ModuleList):
     def __init__(self, layer: nn.Module, n_layers: int, n_groups: int = 1):
         if n_layers % n_groups:
             raise ValueError(f"n_layers {n_layers} is not a multiple of n_groups {n_groups}")
-        super().__init__(clone(layer) for _ in range(n_groups))
+        super().__init__(clones(layer, n_groups))
         self.n_layers = n_layers
 
     def applied(self) -> Sequence[nn.Module]:

@@ -326,6 +326,12 @@ class Checkpoint:
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype and shape from its file's header (no data is read)."""
         handle, file = self._handles[name]
+        if self._direct:  # the header safetensors has already checked, read as JSON
+            stored = self._raw_file(file).header.get(name)
+            if type(stored) is dict:
+                dtype, shape = stored.get("dtype"), stored.get("shape")
+                if type(dtype) is str and type(shape) is list:
+                    return TensorEntry(name, file, dtype, tuple(shape))
         found = handle.get_slice(name)
         return TensorEntry(name, file, found.get_dtype(), tuple(found.get_shape()))
 

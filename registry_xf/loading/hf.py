@@ -513,16 +513,21 @@ class _WeightFacts:
         setting = self.converter.layer_index_setting
         expected = self.hyper.get(setting)
         per_layer: dict[int, set[str]] = {}
-        for rule in self.converter.rules:
-            for template in rule.hf:
-                if "{i}" not in template:
-                    continue
-                pattern = template_regex(template)
-                for name in self.names:
-                    m = pattern.match(name)
-                    if m is not None and m.group("i").isdigit():
-                        rest = name.replace(f".{m.group('i')}.", ".{i}.", 1)
-                        per_layer.setdefault(int(m.group("i")), set()).add(rest)
+        patterns = [
+            template_regex(template)
+            for rule in self.converter.rules
+            for template in rule.hf
+            if "{i}" in template
+        ]
+        for name in self.names:
+            if not any(c.isdigit() for c in name):
+                continue
+            for pattern in patterns:
+                m = pattern.match(name)
+                if m is not None and m.group("i").isdigit():
+                    rest = name.replace(f".{m.group('i')}.", ".{i}.", 1)
+                    per_layer.setdefault(int(m.group("i")), set()).add(rest)
+                    break
         if not per_layer or expected is None:
             return []
         count = len(per_layer)
