@@ -163,6 +163,40 @@ def test_parity_with_hf(checkpoints: dict[str, Path], variant: str, backend: str
         torch.testing.assert_close(unmasked, expected_unmasked, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_unpadded_layers_match_hf(checkpoints: dict[str, Path], backend: str) -> None:
+    """``hyper.unpad``: the layers run on the real tokens alone; same results there, zeros
+    at padding."""
+    path = checkpoints["biased"]
+    ours = rx.load(path, overrides={"hyper.unpad": True, "hyper.attention_backend": backend})
+    ref = hf_model(path, "ModernBertModel", backend)
+    ids, mask = batch(4)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        got = ours(ids, mask, output_hidden_states=True)
+        full = ours(ids[:1], mask[:1] * 0 + 1).last_hidden_state
+    assert_close_at_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
+    assert got.last_hidden_state[~mask.bool()].abs().max() == 0
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for a, b in zip(got.hidden_states[:-1], expected.hidden_states[:-1], strict=True):
+        assert_close_at_tokens(a, b, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            full, ref(input_ids=ids[:1]).last_hidden_state, atol=ATOL, rtol=0
+        )
+
+
+def test_unpad_needs_self_attention() -> None:
+    from registry_xf import registry
+
+    encoder = registry.architectures.get("registry_xf.Encoder.v1")
+    embeddings = registry.layers.get("registry_xf.TransformerEmbeddings.v1")(vocab_size=9, width=8)
+    layers = torch.nn.ModuleList([torch.nn.Module()])
+    layers[0].attention = torch.nn.Linear(8, 8)
+    with pytest.raises(rx.ConfigError, match="unpad.*Linear"):
+        encoder(embeddings=embeddings, layers=layers, unpad=True)
+
+
 def test_local_window_matters(checkpoints: dict[str, Path]) -> None:
     """The parity tests would not notice a window left out if it changed nothing: at this
     length, widening the window to every key changes the outputs."""
