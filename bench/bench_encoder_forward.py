@@ -170,6 +170,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
             results.append(row)
+            logger.info("%s", report([row]).splitlines()[1])
     return results
 
 
