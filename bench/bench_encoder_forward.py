@@ -11,6 +11,7 @@ that machine noise falls on both. Ratios are ours / HF.
 
     python bench/bench_encoder_forward.py                      # every shape
     python bench/bench_encoder_forward.py --family modernbert-base --threads 2
+    python bench/bench_encoder_forward.py --also hyper.unpad=true   # a second setting of ours
 
 Other engineers add shapes to ``SHAPES``: an entry is a name and a function returning an
 HF ``PretrainedConfig``; nothing else here is specific to a family.
@@ -84,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=JSON",
         help="a config override for ours, e.g. hyper.attention_backend='\"eager\"' (repeatable)",
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a third side: ours with this override too (e.g. hyper.unpad=true), measured "
+        "in the same rounds (repeatable: all apply to that one side)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write all results to this file")
     args = p.parse_args(argv)
     args.family = args.family or sorted(SHAPES)
@@ -130,12 +139,18 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import registry_xf
 
     config = SHAPES[name]()
-    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
+    overrides = parsed_overrides(args.override)
+    also = {**overrides, **parsed_overrides(args.also)} if args.also else None
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(args.seed)
         transformers.AutoModel.from_config(config).save_pretrained(tmp)
         ours = registry_xf.load(tmp, device="cpu", dtype=torch.float32, overrides=overrides)
+        alt = (
+            registry_xf.load(tmp, device="cpu", dtype=torch.float32, overrides=also)
+            if also
+            else None
+        )
         hf = transformers.AutoModel.from_pretrained(tmp, dtype=torch.float32).eval()
         attention = hf.config._attn_implementation
         for padded in (False, True):
@@ -151,8 +166,17 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             def run_hf(inputs: dict[str, Any] = inputs) -> torch.Tensor:
                 return hf(**inputs).last_hidden_state
 
-            diff = float((run_ours() - run_hf())[keep].abs().max())
-            times = alternate({"ours": run_ours, "hf": run_hf}, args.runs)
+            sides = {"ours": run_ours, "hf": run_hf}
+            if alt is not None:
+
+                @torch.inference_mode()
+                def run_alt(inputs: dict[str, Any] = inputs) -> torch.Tensor:
+                    return alt(**inputs).last_hidden_state
+
+                sides["also"] = run_alt
+            expected = run_hf()
+            diff = max(float((run() - expected)[keep].abs().max()) for run in sides.values())
+            times = alternate(sides, args.runs)
             row: dict[str, Any] = {
                 "shape": name,
                 "batch": "right-padded" if padded else "full mask",
@@ -169,9 +193,24 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "tokens_per_s": real_tokens / statistics.median(seconds),
                 }
             row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            if alt is not None:
+                row["also_overrides"] = args.also
+                row["also_ratio"] = row["also"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
             results.append(row)
-            logger.info("%s", report([row]).splitlines()[1])
+            logger.info("%s", "\n".join(report([row]).splitlines()[1:]))
     return results
+
+
+def parsed_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=JSON`` arguments as config overrides (a bare word is read as a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def load_average() -> str:
@@ -199,6 +238,12 @@ def report(rows: list[dict[str, Any]]) -> str:
             f">= {TARGET}x {ok}   (HF attention {row['hf_attention']}, "
             f"max |diff| {row['max_abs_diff']:.1e})"
         )
+        if "also" in row:
+            lines.append(
+                f"{'  + ' + ' '.join(row['also_overrides']):32} "
+                f"{rate(row['also'], row['real_tokens']):>28} {'':>28} "
+                f"{row['also_ratio']:6.2f}x"
+            )
     return "\n".join(lines)
 
 
