@@ -140,6 +140,11 @@ def _rope_thetas(hf: dict[str, Any]) -> dict[str, float]:
             "config.json: rope_scaling is not supported for modernbert (unscaled rotary "
             "positions only)"
         )
+    if not isinstance(params, dict) or set(params) - set(_HF_DEFAULT_THETA):
+        raise UnsupportedModelError(
+            "config.json: rope_parameters must hold 'full_attention' and 'sliding_attention' "
+            f"sections for modernbert; found {params!r}"
+        )
     thetas = {}
     for kind, default in _HF_DEFAULT_THETA.items():
         section = params.get(kind) or {}
@@ -176,7 +181,10 @@ def _modernbert_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def _modernbert_to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
     pattern = hyper["layer_pattern"]
     types = [_HF_KINDS[pattern[i % len(pattern)]] for i in range(hyper["n_layers"])]
+    pad = hyper.get("pad_token_id")
     out: dict[str, Any] = {
+        # HF gives its embedding table this padding row: one past the vocabulary would fail
+        "pad_token_id": pad if pad is not None and pad < hyper["vocab_size"] else None,
         "layer_types": types,
         "local_attention": 2 * (hyper["local_window"] - 1),
         "global_rope_theta": hyper["global_rope_theta"],
