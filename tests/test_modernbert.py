@@ -163,12 +163,13 @@ def test_parity_with_hf(checkpoints: dict[str, Path], variant: str, backend: str
         torch.testing.assert_close(unmasked, expected_unmasked, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_unpadded_layers_match_hf(checkpoints: dict[str, Path], backend: str) -> None:
-    """``hyper.unpad``: the layers run on the real tokens alone; same results there, zeros
-    at padding."""
+@pytest.mark.parametrize("unpad", [True, False])
+def test_unpadded_and_padded_layers_match_hf(checkpoints: dict[str, Path], unpad: bool) -> None:
+    """``hyper.unpad`` (the default): the layers run on the real tokens alone, with the
+    same results there and zeros at padding; false: padded throughout."""
     path = checkpoints["biased"]
-    ours = rx.load(path, overrides={"hyper.unpad": True, "hyper.attention_backend": backend})
+    backend = "eager" if unpad else "sdpa"  # the parity test covers the other pairings
+    ours = rx.load(path, overrides={"hyper.unpad": unpad, "hyper.attention_backend": backend})
     ref = hf_model(path, "ModernBertModel", backend)
     ids, mask = batch(4)
     with torch.no_grad():
@@ -176,7 +177,7 @@ def test_unpadded_layers_match_hf(checkpoints: dict[str, Path], backend: str) ->
         got = ours(ids, mask, output_hidden_states=True)
         full = ours(ids[:1], mask[:1] * 0 + 1).last_hidden_state
     assert_close_at_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
-    assert got.last_hidden_state[~mask.bool()].abs().max() == 0
+    assert (got.last_hidden_state[~mask.bool()].abs().max() == 0) == unpad
     assert len(got.hidden_states) == len(expected.hidden_states)
     for a, b in zip(got.hidden_states[:-1], expected.hidden_states[:-1], strict=True):
         assert_close_at_tokens(a, b, mask)
