@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, ConfigProblem, InputError
+from ..layers.attention import SelfAttention
 from ..layers.attention_mask import AttentionMask
+from ..layers.unpadding import Unpadded
 from ..registry import registry
 from .base import Assembly, within_size_bound
 from .inputs import check_attention_mask, check_ids_like, check_input_ids
@@ -18,6 +20,9 @@ class Encoder(Assembly):
 
     Families differ only in the components their config gives it. ``attention_bias``
     (T5's relative position bias) is computed once per pass and shared by the layers.
+    With ``unpad``, a padded batch runs its layers on the real tokens alone (attention
+    excepted, see ``layers.unpadding``): less arithmetic for batches of mixed lengths, and
+    zeros in the outputs at padding.
     """
 
     def __init__(
@@ -26,12 +31,14 @@ class Encoder(Assembly):
         layers: nn.Module,
         final_norm: nn.Module | None = None,
         attention_bias: nn.Module | None = None,
+        unpad: bool = False,
     ):
         super().__init__()
         self.embeddings = embeddings
         self.layers = layers
         self.final_norm = final_norm
         self.attention_bias = attention_bias
+        self.unpad = unpad
 
     def forward(
         self,
@@ -50,6 +57,10 @@ class Encoder(Assembly):
             mask.bias = self.attention_bias(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
+        unpadded = self._unpadded(attention_mask)
+        if unpadded is not None:
+            mask.unpadded = unpadded
+            h = unpadded.pack(h)
         for layer in self.layers.applied():
             h = layer(h, mask, positions)
             if output_hidden_states:
@@ -58,7 +69,19 @@ class Encoder(Assembly):
             h = self.final_norm(h)
             if output_hidden_states:
                 states[-1] = h
+        if unpadded is not None:
+            h = unpadded.unpack(h)
+            states = states[:1] + [unpadded.unpack(state) for state in states[1:]]
         return ModelOutput(last_hidden_state=h, hidden_states=states)
+
+    def _unpadded(self, attention_mask: torch.Tensor | None) -> Unpadded | None:
+        """Where the real tokens are, if the layers should run on them alone: with
+        ``unpad``, eagerly, when the mask hides some tokens."""
+        if not self.unpad or attention_mask is None or torch.compiler.is_compiling():
+            return None
+        if bool(attention_mask.all()):
+            return None
+        return Unpadded.from_mask(attention_mask.bool())
 
     def check_inputs(
         self,
@@ -100,7 +123,31 @@ def encoder(
     layers: nn.Module,
     final_norm: nn.Module | None = None,
     attention_bias: nn.Module | None = None,
+    unpad: bool = False,
 ) -> Encoder:
     """A transformer encoder from embeddings, a layer stack and an optional final norm;
-    ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
-    return within_size_bound(Encoder(embeddings, layers, final_norm, attention_bias))
+    ``attention_bias`` adds scores shared by every layer (T5's relative positions);
+    ``unpad`` runs a padded batch's layers on its real tokens alone (attention must be
+    ``SelfAttention``, which puts them back in place for the attention itself)."""
+    if unpad:
+        others = sorted(
+            {
+                type(module.attention).__name__
+                for module in layers.modules()
+                if isinstance(getattr(module, "attention", None), nn.Module)
+                and not isinstance(module.attention, SelfAttention)
+            }
+        )
+        if others:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "unpad",
+                        "needs every layer's attention to be registry_xf.SelfAttention "
+                        f"(which handles unpadded tokens); found {', '.join(others)}",
+                        True,
+                        True,
+                    )
+                ]
+            )
+    return within_size_bound(Encoder(embeddings, layers, final_norm, attention_bias, unpad))

@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (registration)
     llama,
     marian,
     mistral,
+    modernbert,
     phi3,
     qwen2,
     roberta,

@@ -40,7 +40,8 @@ class HeadLayout:
     lists head names that live inside it (BERT's and ALBERT's pooler) and so take the
     prefix on export. ``classifier_dropout`` reads the classification dropout from
     config.json; ``mlm`` gives the masked-LM head's settings beyond its width and
-    vocabulary (values may be ``${hyper...}`` references).
+    vocabulary, ``sequence`` and ``token`` settings of the classification heads that
+    replace or add to the ones read here (values may be ``${hyper...}`` references).
     """
 
     base_prefix: str
@@ -55,6 +56,8 @@ class HeadLayout:
         hf, "classifier_dropout", "hidden_dropout_prob"
     )
     mlm: dict[str, Any] = field(default_factory=dict)
+    sequence: dict[str, Any] = field(default_factory=dict)
+    token: dict[str, Any] = field(default_factory=dict)
 
     def head_section(self, task: str, hf: dict[str, Any], where: str) -> dict[str, Any]:
         """The ``[model.head]`` section for an HF task model's ``config.json``."""
@@ -72,7 +75,7 @@ class HeadLayout:
             "labels": labels_from_hf(hf, where),
         }
         if task == "token_classification":
-            return {**section, "dropout": self.token_dropout(hf)}
+            return {**section, "dropout": self.token_dropout(hf), **self.token}
         problem_type = hf.get("problem_type")
         if problem_type is not None and problem_type not in PROBLEM_TYPES:
             raise UnsupportedModelError(
@@ -85,7 +88,7 @@ class HeadLayout:
         )
         if problem_type is not None:
             section["problem_type"] = problem_type
-        return section
+        return {**section, **self.sequence}
 
     def export_name(self, ours: str, hf_name: str) -> str:
         """The HF name in a task checkpoint of our ``ours`` (given its bare HF name)."""

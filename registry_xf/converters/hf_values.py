@@ -94,6 +94,15 @@ HF_KEY_KINDS: dict[str, str] = {
     "relative_attention_num_buckets": "positions",
     "relative_attention_max_distance": "positions",
     "dropout_rate": "probability",
+    # ModernBERT's names
+    "local_attention": "positions",
+    "global_attn_every_n_layers": "layers",
+    "norm_eps": "eps",
+    "global_rope_theta": "rope base",
+    "local_rope_theta": "rope base",
+    "embedding_dropout": "probability",
+    "mlp_dropout": "probability",
+    "classifier_dropout": "probability",
     # BART's names
     "encoder_layers": "layers",
     "decoder_layers": "layers",
@@ -105,6 +114,8 @@ HF_KEY_KINDS: dict[str, str] = {
 # Inside rope_scaling / rope_parameters: HF's names for ours.
 _ROPE_KEYS = {"original_max_position_embeddings": "original_max_positions"}
 _ROPE_SECTIONS = ("rope_scaling", "rope_parameters")
+# rope_parameters given per kind of layer (ModernBERT's local and global layers)
+_PER_LAYER_TYPE = ("full_attention", "sliding_attention")
 
 
 def checked_hf_values(hf: Mapping[str, Any], converter: HFConverter) -> dict[str, Any]:
@@ -137,6 +148,9 @@ def _rope_problems(section: str, value: Any) -> list[ConfigProblem]:
     problems = []
     for key, item in value.items():
         path = f"{section}.{key}"
+        if key in _PER_LAYER_TYPE and isinstance(item, Mapping):  # ModernBERT's, by kind
+            problems += _rope_problems(path, item)
+            continue
         if key == "rope_theta" or key == "partial_rotary_factor":
             kind = "rope base" if key == "rope_theta" else "fraction"
             try:

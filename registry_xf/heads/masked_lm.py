@@ -18,7 +18,8 @@ class MaskedLMHead(nn.Module):
     RoBERTa, the narrower embedding width for ALBERT and ELECTRA's generator. With
     ``tie_embeddings`` the decoder's weight is the token embeddings' (the assembly ties
     them) and its bias is the head's ``bias``, as HF ties them. The logits are what a
-    SPLADE pooler reads.
+    SPLADE pooler reads. ``transform_bias``, ``norm_bias`` and ``decoder_bias`` leave
+    out those biases (ModernBERT has none on the transform and its norm).
     """
 
     task = "masked_lm"
@@ -33,15 +34,18 @@ class MaskedLMHead(nn.Module):
         embedding_width: int | None = None,
         layer_norm_eps: float = 1e-12,
         tie_embeddings: bool = True,
+        transform_bias: bool = True,
+        norm_bias: bool = True,
+        decoder_bias: bool = True,
     ):
         super().__init__()
         embedding_width = embedding_width or width
         self.tie_embeddings = tie_embeddings
-        self.transform = nn.Linear(width, embedding_width)
+        self.transform = nn.Linear(width, embedding_width, bias=transform_bias)
         self.activation = activation
-        self.transform_norm = nn.LayerNorm(embedding_width, eps=layer_norm_eps)
-        self.decoder = nn.Linear(embedding_width, vocab_size)
-        if tie_embeddings:
+        self.transform_norm = nn.LayerNorm(embedding_width, eps=layer_norm_eps, bias=norm_bias)
+        self.decoder = nn.Linear(embedding_width, vocab_size, bias=decoder_bias)
+        if tie_embeddings and decoder_bias:
             # HF ties the bias too: the decoder's is the head's own ``bias`` (one tensor,
             # found under that name first), stored apart from the decoder in checkpoints.
             self.bias = self.decoder.bias
@@ -61,8 +65,19 @@ def masked_lm_head(
     embedding_width: Width | None = None,
     layer_norm_eps: Eps = 1e-12,
     tie_embeddings: bool = True,
+    transform_bias: bool = True,
+    norm_bias: bool = True,
+    decoder_bias: bool = True,
 ) -> MaskedLMHead:
     """A masked-LM head: dense, activation, LayerNorm, projection to the vocabulary."""
     return MaskedLMHead(
-        width, vocab_size, activation, embedding_width, layer_norm_eps, tie_embeddings
+        width,
+        vocab_size,
+        activation,
+        embedding_width,
+        layer_norm_eps,
+        tie_embeddings,
+        transform_bias,
+        norm_bias,
+        decoder_bias,
     )

@@ -15,6 +15,7 @@ from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
 from .linear_rows import split_rows
 from .positions import ALiBi, RotaryEmbeddings
+from .unpadding import Unpadded
 
 Backend = Literal["sdpa", "eager"]
 
@@ -81,13 +82,18 @@ class SelfAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = q, k, v
         self.fused = False
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values as (batch, heads, seq, head_width)."""
+    def project(
+        self, x: torch.Tensor, unpadded: Unpadded | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as (batch, heads, seq, head_width); from packed tokens
+        ``x`` (1, tokens, width) with ``unpadded``, put back in the padded layout."""
         if self.fused:
-            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+            q, k, v = self._projected(x, unpadded).split(self.split, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        b, s, _ = x.shape
+            if unpadded is not None:
+                q, k, v = unpadded.unpack(q), unpadded.unpack(k), unpadded.unpack(v)
+        b, s, _ = q.shape
         q = q.view(b, s, self.n_heads, self.head_width).transpose(1, 2)
         k = k.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)
@@ -103,22 +109,35 @@ class SelfAttention(nn.Module):
         if self.rotary is not None and self.fused:
             q, k, v = self._project_rotated(x, mask, positions)
         else:
-            q, k, v = self.project(x)
+            q, k, v = self.project(x, mask.unpadded)
             if self.rotary is not None:
-                cos, sin = self._cos_sin(x, mask, positions)
+                cos, sin = self._cos_sin(q.shape[2], q, mask, positions)
                 q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
         out = self.attend(q, k, v, mask)
         b, _, s, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        if mask.unpadded is not None:
+            out = mask.unpadded.pack(out)
+        return self.o_proj(out)
+
+    def _projected(self, x: torch.Tensor, unpadded: Unpadded | None) -> torch.Tensor:
+        """The fused projection (batch, seq, q + k + v widths), padded again if packed."""
+        qkv = self.qkv_proj(x)
+        return qkv if unpadded is None else unpadded.unpack(qkv)
 
     def _cos_sin(
-        self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None
+        self,
+        seq: int,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary tables: the same for every layer with the same rotary settings."""
+        """The rotary tables for ``seq`` positions in ``x``'s dtype: the same for every
+        layer with the same rotary settings."""
         if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)[None, :]
+            positions = torch.arange(seq, device=x.device)[None, :]
         rotary = self.rotary
         assert rotary is not None
         return mask.memo(
@@ -130,11 +149,12 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused projection, with queries and keys rotated together: they sit side by side
         in the fused output, so one rotation covers both (half the kernel calls)."""
-        b, s, _ = x.shape
+        qkv = self._projected(x, mask.unpadded)
+        b, s, _ = qkv.shape
         q_width, kv_width, _ = self.split
-        qk, v = self.qkv_proj(x).split((q_width + kv_width, kv_width), dim=-1)
+        qk, v = qkv.split((q_width + kv_width, kv_width), dim=-1)
         qk = qk.view(b, s, self.n_heads + self.n_kv_heads, self.head_width).transpose(1, 2)
-        cos, sin = self._cos_sin(x, mask, positions)
+        cos, sin = self._cos_sin(s, qkv, mask, positions)
         qk = self.rotary.rotate(qk, cos, sin)  # type: ignore[union-attr]
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
         v = v.view(b, s, self.n_kv_heads, self.head_width).transpose(1, 2)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .unpadding import Unpadded
+
 
 @dataclass
 class AttentionMask:
@@ -27,6 +29,8 @@ class AttentionMask:
     causal: bool = False
     # scores added before softmax, (1 or batch, heads, queries, keys): T5's position bias
     bias: torch.Tensor | None = None
+    # set when the layers run on the real tokens alone (an encoder's ``unpad``)
+    unpadded: Unpadded | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:

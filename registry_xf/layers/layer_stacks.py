@@ -97,15 +97,27 @@ class SharedLayerStack(nn.ModuleList):
 
 
 class PatternLayerStack(nn.ModuleList):
-    """Layers of several kinds in a repeating pattern, e.g. local/local/global attention."""
+    """Layers of several kinds in a repeating pattern, e.g. local/local/global attention.
 
-    def __init__(self, kinds: dict[str, nn.Module], pattern: Sequence[str], n_layers: int):
-        unknown = sorted(set(pattern) - set(kinds))
+    ``first`` names a kind for the first layer in place of the pattern's (ModernBERT's
+    first layer has no attention norm); the pattern goes on as if it were its own.
+    """
+
+    def __init__(
+        self,
+        kinds: dict[str, nn.Module],
+        pattern: Sequence[str],
+        n_layers: int,
+        first: str | None = None,
+    ):
+        unknown = sorted((set(pattern) | ({first} if first else set())) - set(kinds))
         if unknown:
             raise ValueError(f"pattern names {unknown}, but the kinds are {sorted(kinds)}")
         if not pattern:
             raise ValueError("pattern is empty")
         self.kind_names = [pattern[i % len(pattern)] for i in range(n_layers)]
+        if first is not None and n_layers:
+            self.kind_names[0] = first
         super().__init__(clone(kinds[name]) for name in self.kind_names)
 
     def applied(self) -> Sequence[nn.Module]:
@@ -128,12 +140,16 @@ def shared_layer_stack(
 
 @registry.layers.register("registry_xf.PatternLayerStack.v1")
 def pattern_layer_stack(
-    kinds: dict[str, nn.Module], pattern: list[str], n_layers: LayerCount
+    kinds: dict[str, nn.Module],
+    pattern: list[str],
+    n_layers: LayerCount,
+    first: str | None = None,
 ) -> nn.Module:
-    """Layers whose kind follows ``pattern`` cyclically (alternating attention, as Gemma 2)."""
+    """Layers whose kind follows ``pattern`` cyclically (alternating attention, as Gemma 2
+    and ModernBERT); ``first``, if given, is the kind of the first layer instead."""
     for kind in kinds.values():
         within_size_bound(kind, n_layers)
-    return PatternLayerStack(kinds, pattern, n_layers)
+    return PatternLayerStack(kinds, pattern, n_layers, first)
 
 
 def within_size_bound(layer: nn.Module, copies: int) -> nn.Module:

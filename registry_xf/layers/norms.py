@@ -53,3 +53,10 @@ def layer_norm(width: Width, eps: Eps = 1e-5, bias: bool = True) -> nn.Module:
 def rms_norm(width: Width, eps: Eps = 1e-6, weight_offset: FiniteFloat = 0.0) -> nn.Module:
     """RMSNorm; ``weight_offset`` is added to the weight (1.0 for Gemma)."""
     return RMSNorm(width, eps=eps, weight_offset=weight_offset)
+
+
+@registry.layers.register("registry_xf.Identity.v1")
+def identity() -> nn.Module:
+    """No normalisation: fills a norm slot that a layer leaves empty on purpose (ModernBERT's
+    first layer, whose input was just normalised by the embeddings)."""
+    return nn.Identity()
