@@ -17,7 +17,8 @@ class Encoder(Assembly):
     """A bidirectional transformer encoder (BERT, RoBERTa, ALBERT, ...).
 
     Families differ only in the components their config gives it. ``attention_bias``
-    (T5's relative position bias) is computed once per pass and shared by the layers.
+    (T5's relative position bias) is computed once per pass and shared by the layers, as
+    is ``relative_positions`` (DeBERTa's relative embeddings, read by its attention).
     """
 
     def __init__(
@@ -26,12 +27,14 @@ class Encoder(Assembly):
         layers: nn.Module,
         final_norm: nn.Module | None = None,
         attention_bias: nn.Module | None = None,
+        relative_positions: nn.Module | None = None,
     ):
         super().__init__()
         self.embeddings = embeddings
         self.layers = layers
         self.final_norm = final_norm
         self.attention_bias = attention_bias
+        self.relative_positions = relative_positions
 
     def forward(
         self,
@@ -48,6 +51,8 @@ class Encoder(Assembly):
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         if self.attention_bias is not None:
             mask.bias = self.attention_bias(input_ids.shape[1], input_ids.shape[1])
+        if self.relative_positions is not None:
+            mask.relative = self.relative_positions(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
         for layer in self.layers.applied():
@@ -100,7 +105,11 @@ def encoder(
     layers: nn.Module,
     final_norm: nn.Module | None = None,
     attention_bias: nn.Module | None = None,
+    relative_positions: nn.Module | None = None,
 ) -> Encoder:
     """A transformer encoder from embeddings, a layer stack and an optional final norm;
-    ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
-    return within_size_bound(Encoder(embeddings, layers, final_norm, attention_bias))
+    ``attention_bias`` adds scores shared by every layer (T5's relative positions);
+    ``relative_positions`` is a table the layers' attention reads (DeBERTa's)."""
+    return within_size_bound(
+        Encoder(embeddings, layers, final_norm, attention_bias, relative_positions)
+    )

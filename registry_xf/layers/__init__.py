@@ -4,6 +4,7 @@ from .activations import Activation
 from .attention import SelfAttention
 from .attention_mask import AttentionMask
 from .cross_attention import CrossAttention, EncoderMemory
+from .disentangled_attention import DisentangledSelfAttention, RelativeEmbeddings
 from .embeddings import TransformerEmbeddings
 from .feedforward import FeedForward
 from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
@@ -17,6 +18,7 @@ __all__ = [
     "Activation",
     "AttentionMask",
     "CrossAttention",
+    "DisentangledSelfAttention",
     "EncoderMemory",
     "FeedForward",
     "LayerNorm",
@@ -24,6 +26,7 @@ __all__ = [
     "LearnedPositions",
     "PatternLayerStack",
     "RMSNorm",
+    "RelativeEmbeddings",
     "RelativePositionBias",
     "RotaryEmbeddings",
     "SelfAttention",

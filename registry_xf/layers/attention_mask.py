@@ -27,6 +27,8 @@ class AttentionMask:
     causal: bool = False
     # scores added before softmax, (1 or batch, heads, queries, keys): T5's position bias
     bias: torch.Tensor | None = None
+    # what relative-position attention shares between layers (DeBERTa's relative rows)
+    relative: Any = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:

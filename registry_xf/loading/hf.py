@@ -592,6 +592,7 @@ def _head_to_hf(head: nn.Module, converter: HFConverter) -> dict[str, Any]:
         out["tie_word_embeddings"] = bool(head.tie_embeddings)
         return out
     out.update(labels_to_hf(head.labels))
+    out.update(converter.heads.head_settings_to_hf(head))
     if head.problem_type is not None:
         out["problem_type"] = head.problem_type
     return out
