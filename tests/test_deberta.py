@@ -97,8 +97,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {variant: write_checkpoint(root / variant, variant) for variant in VARIANTS}
 
 
-def batch(seed: int, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    ids, mask = random_batch(seed, seq=SEQ)
+def batch(
+    seed: int, variant: str, seq: int = SEQ
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ids, mask = random_batch(seed, seq=seq)
     types = None
     if VARIANTS[variant].get("type_vocab_size"):
         types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(seed))
@@ -126,8 +128,10 @@ def test_parity_with_hf(checkpoints: dict[str, Path], variant: str, backend: str
     path = checkpoints[variant]
     ours = rx.load(path, overrides={"hyper.attention_backend": backend, "hyper.qkv": qkv})
     ref = hf_model(path)  # HF's DeBERTa has eager attention only
-    for seed in range(2):
-        ids, mask, types = batch(seed, variant)
+    # 24 tokens: some distances bucketed or clipped (the terms are gathered); 6: none
+    # are (the terms are strided views)
+    for seed, seq in ((0, SEQ), (1, SEQ), (2, 6)):
+        ids, mask, types = batch(seed, variant, seq)
         with torch.no_grad():
             expected = ref(
                 input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True
@@ -154,8 +158,9 @@ def test_short_sequences_project_a_band_of_the_table(checkpoints: dict[str, Path
     table = rx.load(checkpoints["v3"]).relative_positions
     rows = table(5, 5)
     assert rows.rows.shape[0] == 9  # distances -4..4, exact buckets
-    assert int(rows.index.min()) == 0 and int(rows.index.max()) == 8
-    assert table(SEQ, SEQ).rows.shape[0] <= table.weight.shape[0]
+    assert int(rows.index.min()) == 0 and int(rows.index.max()) == 8 and rows.shifted
+    long = table(SEQ, SEQ)
+    assert long.rows.shape[0] <= table.weight.shape[0] and not long.shifted
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -31,10 +31,15 @@ _INDEX_CACHE = 8  # sequence lengths whose bucket index a table keeps
 @dataclass(frozen=True)
 class RelativeRows:
     """What every layer of one pass shares: the table rows that some (query, key) pair
-    uses (normalised), and for each pair the row it uses, (queries, keys)."""
+    uses (normalised), and for each pair the row it uses, (queries, keys).
+
+    ``shifted``: the row of (i, j) is ``i - j + n - 1`` for every pair (no distance is
+    bucketed or clipped), so attention reads the terms as strided views, without a gather.
+    """
 
     rows: torch.Tensor
     index: torch.Tensor
+    shifted: bool = False
 
 
 def log_buckets(relative: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
@@ -73,7 +78,7 @@ class RelativeEmbeddings(nn.Module):
         self.weight = nn.Parameter(torch.empty(2 * self.span, width))
         self.norm = nn.LayerNorm(width, eps=eps) if norm else None
         self.dropout = nn.Dropout(dropout)
-        self._indices: dict[tuple[int, int, torch.device], tuple[int, int, torch.Tensor]] = {}
+        self._indices: dict[tuple[int, int, torch.device], tuple[int, int, torch.Tensor, bool]] = {}
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
@@ -95,17 +100,23 @@ class RelativeEmbeddings(nn.Module):
         if key not in self._indices:
             index = self.table_index(n_queries, n_keys, device)
             low, high = int(index.min()), int(index.max()) + 1
+            index = (index - low).contiguous()
+            n = n_keys
+            shifted = n_queries == n and high - low == 2 * n - 1
+            if shifted:
+                steps = torch.arange(n, device=device)
+                shifted = torch.equal(index, steps[:, None] - steps[None, :] + n - 1)
             if len(self._indices) >= _INDEX_CACHE:
                 self._indices.pop(next(iter(self._indices)))
-            self._indices[key] = (low, high, (index - low).contiguous())
+            self._indices[key] = (low, high, index, shifted)
         return self._indices[key]
 
     def forward(self, n_queries: int, n_keys: int) -> RelativeRows:
-        low, high, index = self._used(n_queries, n_keys, self.weight.device)
+        low, high, index, shifted = self._used(n_queries, n_keys, self.weight.device)
         rows = self.weight[low:high]
         if self.norm is not None:
             rows = self.norm(rows)  # a row-wise norm: the band of the normed table
-        return RelativeRows(self.dropout(rows), index)
+        return RelativeRows(self.dropout(rows), index, shifted)
 
 
 class DisentangledSelfAttention(SelfAttention):
@@ -158,27 +169,49 @@ class DisentangledSelfAttention(SelfAttention):
         def heads(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            return t.view(n, self.n_heads, self.head_width).transpose(0, 1)
+            # scaled here, on a few rows, rather than on every score
+            return t.view(n, self.n_heads, self.head_width).transpose(0, 1) * self.scale
 
         return (heads(pos_q) if self.p2c else None), (heads(pos_k) if self.c2p else None)
 
     def position_scores(
         self, q: torch.Tensor, k: torch.Tensor, relative: RelativeRows
     ) -> torch.Tensor | None:
-        """The c2p and p2c terms, scaled, (batch, heads, queries, keys)."""
+        """The c2p and p2c terms, scaled, (batch, heads, queries, keys), a new tensor."""
         pos_q, pos_k = self._positions_projected(relative.rows)
-        b, h, n_q, _ = q.shape
-        n_k = k.shape[2]
-        index = relative.index
-        scores = None
+        terms = []
         if pos_k is not None:  # content to position: query i with the row of (i, j)
-            c2p = torch.matmul(q, pos_k.transpose(-1, -2))
-            scores = c2p.gather(-1, index.expand(b, h, n_q, n_k))
-        if pos_q is not None:  # position to content: key j with the row of (j, i)
-            p2c = torch.matmul(k, pos_q.transpose(-1, -2))
-            p2c = p2c.gather(-1, index.t().expand(b, h, n_k, n_q)).transpose(-1, -2)
-            scores = p2c if scores is None else scores + p2c
-        return scores * self.scale if scores is not None else None
+            terms.append(self._by_pair(q, pos_k, relative, keys_first=False))
+        if pos_q is not None:  # position to content: key j with the row of (i, j)
+            terms.append(self._by_pair(k, pos_q, relative, keys_first=True))
+        if not terms:
+            return None
+        return terms[0] + terms[1] if len(terms) == 2 else terms[0].contiguous()
+
+    @staticmethod
+    def _by_pair(
+        x: torch.Tensor, pos: torch.Tensor, relative: RelativeRows, keys_first: bool
+    ) -> torch.Tensor:
+        """``x`` (batch, heads, seq, head_width) times each pair's row of ``pos`` (heads,
+        rows, head_width): ``out[i, j] = x[i] · pos[row(i, j)]``, or with ``keys_first``
+        ``x[j] · pos[row(i, j)]``; (batch, heads, queries, keys), possibly a view."""
+        b, h, n, d = x.shape
+        if relative.shifted and not keys_first:
+            pos = pos.flip(1)  # the view below then runs forward along the keys
+        # (heads, batch * seq, rows): the projection's output read as it lies, no copy
+        full = torch.matmul(x.transpose(0, 1).reshape(h, b * n, d), pos.transpose(-1, -2))
+        r = full.shape[-1]
+        if relative.shifted:
+            # row(i, j) = i - j + n - 1: a product's position in ``full`` is linear in
+            # i and j, so the pairs are a strided view of it
+            strides = (1, r - 1) if keys_first else (r - 1, 1)
+            return full.as_strided(
+                (b, h, n, n), (n * r, b * n * r, *strides), full.storage_offset() + n - 1
+            )
+        by_row = full.view(h, b, n, r).transpose(0, 1)
+        index = relative.index.t() if keys_first else relative.index
+        out = by_row.gather(-1, index.expand(b, h, n, index.shape[-1]))
+        return out.transpose(-1, -2) if keys_first else out
 
     def forward(  # type: ignore[override]
         self,
@@ -200,7 +233,7 @@ class DisentangledSelfAttention(SelfAttention):
         n_q, n_k = q.shape[2], k.shape[2]
         allowed, dead, _ = mask.for_attention(n_q, n_k, q.device)
         if bias is not None and allowed is not None:
-            bias = bias.masked_fill(~allowed, float("-inf"))
+            bias = bias.masked_fill_(~allowed, float("-inf"))
         elif bias is None:
             bias = allowed
         dropout = self.dropout_p if self.training else 0.0
