@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
     p.add_argument("--quick", action="store_true", help="2 runs, batch 4 (a smoke test)")
     p.add_argument("--json", type=Path, default=None, help="write all results to this file")
     args = p.parse_args(argv)
@@ -124,6 +125,8 @@ def alternate(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[fl
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     config = SHAPES[name]()
+    if args.layers is not None:
+        config.num_hidden_layers = args.layers
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tf.AutoModel.from_config(config).save_pretrained(tmp)
@@ -140,8 +143,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
             difference = float((got[real] - expected[real]).abs().max())
             times = alternate(
                 {
-                    "ours": lambda: ours(ids, mask),
-                    "hf": lambda: hf(input_ids=ids, attention_mask=mask),
+                    "ours": lambda ids=ids, mask=mask: ours(ids, mask),
+                    "hf": lambda ids=ids, mask=mask: hf(input_ids=ids, attention_mask=mask),
                 },
                 args.runs,
             )
@@ -161,7 +164,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def report(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"\n{name}: forward {args.batch}x{args.seq}, fp32, {args.threads} threads, "
-        f"HF attention {result['hf_attention']!r}, {args.runs} runs (median [min-max])"
+        + (f"{args.layers} layers, " if args.layers is not None else "")
+        + f"HF attention {result['hf_attention']!r}, {args.runs} runs (median [min-max])"
     )
     print(f"  {'batch':<8}{'ours tok/s':>14}{'HF tok/s':>14}{'ours s':>24}{'HF s':>24}  ratio")
     for kind in ("full", "padded"):
