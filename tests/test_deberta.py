@@ -2,8 +2,9 @@
 
 Tiny random checkpoints are written here with ``save_pretrained``: a v3-style one (log
 buckets, shared key projections, normed relative embeddings), a v2-style one (one
-relative embedding per distance, projections of their own, token types) and one with the
-content-to-position term alone.
+relative embedding per distance, projections of their own, token types), one with the
+content-to-position term alone and one laid out as deberta-v2-xlarge (v3's settings with
+a convolution beside the first layer).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ VARIANTS: dict[str, dict[str, object]] = {
         type_vocab_size=2,
     ),
     "c2p": dict(pos_att_type=["c2p"], share_att_key=False, position_buckets=8),
+    # deberta-v2-xlarge's layout: v3's settings and a convolution beside the first layer
+    "v2-xlarge": dict(
+        pos_att_type="p2c|c2p",
+        share_att_key=True,
+        position_buckets=16,
+        norm_rel_ebd="layer_norm",
+        conv_kernel_size=3,
+        conv_act="gelu",
+        conv_groups=2,
+    ),
 }
 
 
@@ -224,24 +235,24 @@ def test_heads_match_hf_and_export_back(task: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "named"),
+    ("changes", "named"),
     [
-        ("conv_kernel_size", 3, "conv_kernel_size"),
-        ("position_biased_input", True, "position_biased_input"),
-        ("relative_attention", False, "relative_attention"),
-        ("pos_att_type", "c2p|p2p", "pos_att_type"),
-        ("norm_rel_ebd", "batch_norm", "norm_rel_ebd"),
-        ("embedding_size", 16, "embedding_size"),
-        ("position_buckets", 2, "position_buckets"),
+        ({"conv_kernel_size": 4}, "conv_kernel_size"),
+        ({"conv_kernel_size": 3, "conv_groups": 5}, "conv_groups"),
+        ({"position_biased_input": True}, "position_biased_input"),
+        ({"relative_attention": False}, "relative_attention"),
+        ({"pos_att_type": "c2p|p2p"}, "pos_att_type"),
+        ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd"),
+        ({"embedding_size": 16}, "embedding_size"),
+        ({"position_buckets": 2}, "position_buckets"),
     ],
 )
 def test_unsupported_settings_are_refused_by_name(
-    tmp_path: Path, setting: str, value: object, named: str
+    tmp_path: Path, changes: dict[str, object], named: str
 ) -> None:
     path = tmp_path / "ckpt"
     path.mkdir()
-    config = tiny_config("v3").to_dict()
-    config[setting] = value
+    config = {**tiny_config("v3").to_dict(), **changes}
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=named):
         rx.config_from_hf(path)

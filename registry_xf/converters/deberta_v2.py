@@ -50,10 +50,16 @@ def _checks(hf: dict[str, Any]) -> None:
             "config.json: position_biased_input is true (absolute positions added to the "
             "embeddings); supported: false, as in every DeBERTa-v2/v3 checkpoint"
         )
-    if _int(hf, "conv_kernel_size", 0) > 0:
+    kernel = _int(hf, "conv_kernel_size", 0)
+    if kernel < 0 or kernel > 63 or (kernel and kernel % 2 == 0):
         raise UnsupportedModelError(
-            f"config.json: conv_kernel_size {hf['conv_kernel_size']} (the convolution after "
-            "the first layer of deberta-v2-xlarge/xxlarge) is not supported; supported: 0"
+            f"config.json: conv_kernel_size {kernel} is not supported; supported: 0 (no "
+            "convolution) or an odd size up to 63"
+        )
+    groups = _int(hf, "conv_groups", 1)
+    if kernel and (groups < 1 or hf["hidden_size"] % groups):
+        raise UnsupportedModelError(
+            f"config.json: conv_groups {groups} does not divide hidden_size {hf['hidden_size']}"
         )
     embedding = hf.get("embedding_size", hf.get("hidden_size"))
     if embedding != hf.get("hidden_size"):
@@ -99,6 +105,9 @@ def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "relative_terms": relative_terms(hf),
         "share_att_key": bool(hf.get("share_att_key", False)),
         "norm_relative_embeddings": "layer_norm" in str(hf.get("norm_rel_ebd", "none")).lower(),
+        "conv_kernel_size": _int(hf, "conv_kernel_size", 0),
+        "conv_groups": _int(hf, "conv_groups", 1),
+        "conv_activation": str(hf.get("conv_act") or "tanh"),
     }
 
 
@@ -113,6 +122,9 @@ def _to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
         "share_att_key": bool(hyper["share_att_key"]),
         "norm_rel_ebd": "layer_norm" if hyper["norm_relative_embeddings"] else "none",
         "pooler_hidden_size": hyper["hidden_width"],
+        "conv_kernel_size": hyper["conv_kernel_size"],
+        "conv_groups": hyper["conv_groups"],
+        "conv_act": hyper["conv_activation"],
     }
 
 
@@ -138,6 +150,8 @@ def deberta_v2_converter() -> HFConverter:
             rule("embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
             rule("relative_positions.weight", "encoder.rel_embeddings.weight"),
             rule("relative_positions.norm.{p}", "encoder.LayerNorm.{p}"),
+            rule("layers.convolution.conv.{p}", "encoder.conv.conv.{p}"),
+            rule("layers.convolution.norm.{p}", "encoder.conv.LayerNorm.{p}"),
             *attention_rules(
                 "layers.{i}.attention",
                 f"{_LAYER}.attention.self.query_proj",

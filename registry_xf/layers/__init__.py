@@ -3,6 +3,7 @@
 from .activations import Activation
 from .attention import SelfAttention
 from .attention_mask import AttentionMask
+from .conv_layer_stack import FirstConvLayerStack
 from .cross_attention import CrossAttention, EncoderMemory
 from .disentangled_attention import DisentangledSelfAttention, RelativeEmbeddings
 from .embeddings import TransformerEmbeddings
@@ -20,6 +21,7 @@ __all__ = [
     "CrossAttention",
     "DisentangledSelfAttention",
     "EncoderMemory",
+    "FirstConvLayerStack",
     "FeedForward",
     "LayerNorm",
     "LayerStack",
