@@ -10,6 +10,7 @@ a convolution beside the first layer).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import registry_xf as rx
-from registry_xf.errors import ConfigError, InputError, UnsupportedModelError
+from registry_xf.errors import ConfigError, InputError, RegistryXFError, UnsupportedModelError
 from registry_xf.layers.disentangled_attention import RelativeEmbeddings
 
 ATOL = 1e-5
@@ -294,3 +295,49 @@ def test_buckets_match_hf(n_buckets: int, extra: int, n: int) -> None:
     span = n_buckets
     expected = torch.clamp(relative[0] + span, 0, 2 * span - 1)
     assert torch.equal(table.table_index(n, n, torch.device("cpu")), expected)
+
+
+FUZZ_CASES = int(os.environ.get("REGISTRY_XF_FUZZ_CASES", "200"))
+FUZZ_KEYS = (
+    "pos_att_type",
+    "position_buckets",
+    "max_relative_positions",
+    "max_position_embeddings",
+    "share_att_key",
+    "norm_rel_ebd",
+    "relative_attention",
+    "position_biased_input",
+    "conv_kernel_size",
+    "conv_groups",
+    "conv_act",
+    "attention_head_size",
+    "embedding_size",
+    "pooler_hidden_act",
+)
+FUZZ_VALUES = (
+    None, True, False, 0, 1, 2, 3, 4, 5, 7, 8, 16, -1, -7, 10**9, 2.5, float("nan"), "",
+    "c2p", "p2c|c2p", "c2p|p2p", ["p2c"], ["c2p", 3], "layer_norm", "none", "gelu", "tanh",
+    "swishy", [], {}, 32, 64,
+)  # fmt: skip
+
+
+def test_fuzzed_config_json_loads_or_is_refused_clearly(tmp_path: Path) -> None:
+    """Random values for the keys this family reads: a model, or a registry_xf error
+    (never a crash inside the converter or a component). Seeded; REGISTRY_XF_FUZZ_CASES."""
+    import random
+
+    rng = random.Random(1130)
+    base = tiny_config("v2-xlarge").to_dict()
+    outcomes = {"built": 0, "refused": 0}
+    for case in range(FUZZ_CASES):
+        changes = {key: rng.choice(FUZZ_VALUES) for key in rng.sample(FUZZ_KEYS, rng.randint(1, 3))}
+        path = tmp_path / f"case{case}"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**base, **changes}))
+        try:
+            rx.build(rx.config_from_hf(path))  # on the meta device
+        except RegistryXFError:
+            outcomes["refused"] += 1
+        else:
+            outcomes["built"] += 1
+    assert outcomes["built"] and outcomes["refused"], outcomes
