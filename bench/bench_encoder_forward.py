@@ -167,7 +167,7 @@ def report(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
         + (f"{args.layers} layers, " if args.layers is not None else "")
         + f"HF attention {result['hf_attention']!r}, {args.runs} runs (median [min-max])"
     )
-    print(f"  {'batch':<8}{'ours tok/s':>14}{'HF tok/s':>14}{'ours s':>24}{'HF s':>24}  ratio")
+    print(f"  {'batch':<8}{'ours tok/s':>14}{'HF tok/s':>14}{'ours s':>26}{'HF s':>26}  ratio")
     for kind in ("full", "padded"):
         row = result[kind]
         cells = []
@@ -177,7 +177,7 @@ def report(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
         verdict = "meets" if row["ratio"] >= TARGET else "BELOW"
         print(
             f"  {kind:<8}{row['ours']['tokens_per_s']:>14,.0f}{row['hf']['tokens_per_s']:>14,.0f}"
-            f"{cells[0]:>24}{cells[1]:>24}  {row['ratio']:.2f}x ({verdict} {TARGET}x; "
+            f"{cells[0]:>26}{cells[1]:>26}  {row['ratio']:.2f}x ({verdict} {TARGET}x; "
             f"max |diff| {row['max_abs_difference']:.1e})"
         )
 

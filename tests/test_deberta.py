@@ -2,7 +2,8 @@
 
 Tiny random checkpoints are written here with ``save_pretrained``: a v3-style one (log
 buckets, shared key projections, normed relative embeddings), a v2-style one (one
-relative embedding per distance, projections of their own, token types), one with the
+relative embedding per distance, projections of their own, token types, absolute
+positions too), one with the
 content-to-position term alone and one laid out as deberta-v2-xlarge (v3's settings with
 a convolution beside the first layer).
 """
@@ -46,6 +47,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         max_relative_positions=10,
         norm_rel_ebd="none",
         type_vocab_size=2,
+        position_biased_input=True,  # absolute positions too (configs/deberta_v2_absolute.cfg)
     ),
     "c2p": dict(pos_att_type=["c2p"], share_att_key=False, position_buckets=8),
     # deberta-v2-xlarge's layout: v3's settings and a convolution beside the first layer
@@ -163,6 +165,7 @@ def test_settings_read_from_config_json(checkpoints: dict[str, Path]) -> None:
     hyper = rx.config_from_hf(checkpoints["v2"]).interpolate()["hyper"]
     assert hyper["position_buckets"] is None and hyper["max_relative_positions"] == 10
     assert hyper["share_att_key"] is False and hyper["norm_relative_embeddings"] is False
+    assert hyper["absolute_positions"] is True
 
 
 def test_short_sequences_project_a_band_of_the_table(checkpoints: dict[str, Path]) -> None:
@@ -240,7 +243,6 @@ def test_heads_match_hf_and_export_back(task: str, tmp_path: Path) -> None:
     [
         ({"conv_kernel_size": 4}, "conv_kernel_size"),
         ({"conv_kernel_size": 3, "conv_groups": 5}, "conv_groups"),
-        ({"position_biased_input": True}, "position_biased_input"),
         ({"relative_attention": False}, "relative_attention"),
         ({"pos_att_type": "c2p|p2p"}, "pos_att_type"),
         ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd"),

@@ -45,11 +45,6 @@ def _checks(hf: dict[str, Any]) -> None:
             "config.json: relative_attention is false; registry_xf reads DeBERTa-v2 models "
             "with relative attention only (every published checkpoint has it)"
         )
-    if hf.get("position_biased_input", True):
-        raise UnsupportedModelError(
-            "config.json: position_biased_input is true (absolute positions added to the "
-            "embeddings); supported: false, as in every DeBERTa-v2/v3 checkpoint"
-        )
     kernel = _int(hf, "conv_kernel_size", 0)
     if kernel < 0 or kernel > 63 or (kernel and kernel % 2 == 0):
         raise UnsupportedModelError(
@@ -97,6 +92,16 @@ def _relative_distance(hf: dict[str, Any]) -> int:
     return distance if distance >= 1 else int(hf.get("max_position_embeddings", 512))
 
 
+def _absolute_positions(hf: dict[str, Any]) -> bool:
+    """HF's ``position_biased_input`` (true by default, false in the published models)."""
+    return bool(hf.get("position_biased_input", True))
+
+
+def _family_for(hf: dict[str, Any]) -> str:
+    """Absolute positions added to the embeddings take a config with a positions table."""
+    return "deberta_v2_absolute" if _absolute_positions(hf) else "deberta_v2"
+
+
 def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     buckets = _int(hf, "position_buckets", -1)
     return {
@@ -115,7 +120,7 @@ def _to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
     buckets = hyper.get("position_buckets")
     return {
         "relative_attention": True,
-        "position_biased_input": False,
+        "position_biased_input": bool(hyper.get("absolute_positions", False)),
         "position_buckets": buckets if buckets else -1,
         "max_relative_positions": hyper["max_relative_positions"],
         "pos_att_type": list(hyper["relative_terms"]),
@@ -147,6 +152,7 @@ def deberta_v2_converter() -> HFConverter:
                 "embeddings.token_type_embeddings.weight",
                 "embeddings.token_type_embeddings.weight",
             ),
+            rule("embeddings.positions.weight", "embeddings.position_embeddings.weight"),
             rule("embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
             rule("relative_positions.weight", "encoder.rel_embeddings.weight"),
             rule("relative_positions.norm.{p}", "encoder.LayerNorm.{p}"),
@@ -186,4 +192,5 @@ def deberta_v2_converter() -> HFConverter:
         extra_from_hf=_from_hf,
         extra_to_hf=_to_hf,
         heads=DEBERTA_V2_HEAD_LAYOUT,
+        family_for=_family_for,
     )
