@@ -11,10 +11,11 @@ that machine noise falls on both. Ratios are ours / HF.
 
     python bench/bench_encoder_forward.py                      # every shape
     python bench/bench_encoder_forward.py --family modernbert-base --threads 2
+    python bench/bench_encoder_forward.py --family deberta-v3-base
     python bench/bench_encoder_forward.py --also hyper.unpad=true   # a second setting of ours
 
-Other engineers add shapes to ``SHAPES``: an entry is a name and a function returning an
-HF ``PretrainedConfig``; nothing else here is specific to a family.
+A shape is an entry of ``SHAPES``: a name and a function returning an HF
+``PretrainedConfig``; nothing else here is specific to a family.
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ logger = logging.getLogger("bench_encoder_forward")
 TARGET = 1.2  # ours / HF tokens/s, with a full mask and right-padded
 
 
+def deberta_v3_base() -> PretrainedConfig:
+    """microsoft/deberta-v3-base's shape."""
+    from transformers import DebertaV2Config
+
+    return DebertaV2Config(
+        vocab_size=128100,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+        relative_attention=True,
+        position_buckets=256,
+        max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        pad_token_id=0,
+    )
+
+
 def modernbert_base() -> PretrainedConfig:
     from transformers import ModernBertConfig
 
@@ -61,6 +87,7 @@ def modernbert_base() -> PretrainedConfig:
 
 
 SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
+    "deberta-v3-base": deberta_v3_base,
     "modernbert-base": modernbert_base,
 }
 

@@ -470,6 +470,14 @@ def valid_arguments() -> dict[tuple[str, str], Any]:
         ("layers", "registry_xf.CrossAttention.v1"): lambda: {"width": 32, "n_heads": 4},
         ("layers", "registry_xf.RelativePositionBias.v1"): lambda: {"n_heads": 4},
         ("layers", "registry_xf.TransformerEmbeddings.v1"): lambda: {"vocab_size": 99, "width": 32},
+        ("layers", "registry_xf.DisentangledSelfAttention.v1"): lambda: {"width": 32, "n_heads": 4},
+        ("layers", "registry_xf.RelativeEmbeddings.v1"): lambda: {"width": 32, "max_distance": 64},
+        ("layers", "registry_xf.FirstConvLayerStack.v1"): lambda: {
+            "layer": _layer(),
+            "n_layers": 2,
+            "width": 32,
+            "kernel_size": 3,
+        },
         ("layers", "registry_xf.TransformerLayer.v1"): lambda: {
             "attention": get("registry_xf.SelfAttention.v1")(width=32, n_heads=4),
             "feed_forward": get("registry_xf.FeedForward.v1")(width=32, intermediate_width=37),

@@ -19,7 +19,8 @@ class Encoder(Assembly):
     """A bidirectional transformer encoder (BERT, RoBERTa, ALBERT, ...).
 
     Families differ only in the components their config gives it. ``attention_bias``
-    (T5's relative position bias) is computed once per pass and shared by the layers.
+    (T5's relative position bias) is computed once per pass and shared by the layers, as
+    is ``relative_positions`` (DeBERTa's relative embeddings, read by its attention).
     With ``unpad``, a padded batch runs its layers on the real tokens alone (attention
     excepted, see ``layers.unpadding``): less arithmetic for batches of mixed lengths, and
     zeros in the outputs at padding.
@@ -32,6 +33,7 @@ class Encoder(Assembly):
         final_norm: nn.Module | None = None,
         attention_bias: nn.Module | None = None,
         unpad: bool = False,
+        relative_positions: nn.Module | None = None,
     ):
         super().__init__()
         self.embeddings = embeddings
@@ -39,6 +41,7 @@ class Encoder(Assembly):
         self.final_norm = final_norm
         self.attention_bias = attention_bias
         self.unpad = unpad
+        self.relative_positions = relative_positions
 
     def forward(
         self,
@@ -55,6 +58,8 @@ class Encoder(Assembly):
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         if self.attention_bias is not None:
             mask.bias = self.attention_bias(input_ids.shape[1], input_ids.shape[1])
+        if self.relative_positions is not None:
+            mask.relative = self.relative_positions(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
         unpadded = self._unpadded(attention_mask)
@@ -124,11 +129,13 @@ def encoder(
     final_norm: nn.Module | None = None,
     attention_bias: nn.Module | None = None,
     unpad: bool = False,
+    relative_positions: nn.Module | None = None,
 ) -> Encoder:
     """A transformer encoder from embeddings, a layer stack and an optional final norm;
     ``attention_bias`` adds scores shared by every layer (T5's relative positions);
     ``unpad`` runs a padded batch's layers on its real tokens alone (attention must be
-    ``SelfAttention``, which puts them back in place for the attention itself)."""
+    ``SelfAttention``, which puts them back in place for the attention itself);
+    ``relative_positions`` is a table the layers' attention reads (DeBERTa's)."""
     if unpad:
         others = sorted(
             {
@@ -150,4 +157,6 @@ def encoder(
                     )
                 ]
             )
-    return within_size_bound(Encoder(embeddings, layers, final_norm, attention_bias, unpad))
+    return within_size_bound(
+        Encoder(embeddings, layers, final_norm, attention_bias, unpad, relative_positions)
+    )

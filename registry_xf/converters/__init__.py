@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (registration)
     albert,
     bart,
     bert,
+    deberta_v2,
     distilbert,
     electra,
     falcon,

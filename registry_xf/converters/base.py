@@ -149,6 +149,9 @@ class HFConverter:
     heads: Any = None
     # HF ``architectures`` read by a converter of their own (T5EncoderModel: the encoder).
     architectures: Mapping[str, str] = field(default_factory=dict)
+    # The config a config.json needs, where a setting changes the model's parts (a .cfg
+    # that extends ``family``'s); None: always ``family``'s.
+    family_for: Callable[[dict[str, Any]], str] | None = None
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

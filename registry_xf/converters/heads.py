@@ -48,6 +48,9 @@ class HeadLayout:
     rules: tuple[KeyRule, ...]
     in_base: tuple[str, ...] = ()
     sequence_activation: str = "tanh"
+    # the config.json key that names the sequence head's activation, where HF reads one
+    # (DeBERTa's pooler_hidden_act); ``sequence_activation`` is its default
+    sequence_activation_key: str | None = None
     dropout_before_dense: bool = False
     sequence_dropout: Callable[[dict[str, Any]], float] = lambda hf: _first(
         hf, "classifier_dropout", "hidden_dropout_prob"
@@ -81,14 +84,24 @@ class HeadLayout:
             raise UnsupportedModelError(
                 f"{where}: problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}"
             )
+        activation = self.sequence_activation
+        if self.sequence_activation_key is not None:
+            activation = str(hf.get(self.sequence_activation_key) or activation)
         section.update(
-            activation=self.sequence_activation,
+            activation=activation,
             dropout=self.sequence_dropout(hf),
             dropout_before_dense=self.dropout_before_dense,
         )
         if problem_type is not None:
             section["problem_type"] = problem_type
         return {**section, **self.sequence}
+
+    def head_settings_to_hf(self, head: Any) -> dict[str, Any]:
+        """config.json entries for the head's own settings (its activation, where HF
+        reads one from the config)."""
+        if self.sequence_activation_key is None or head.task != "sequence_classification":
+            return {}
+        return {self.sequence_activation_key: activation_name(head.activation)}
 
     def export_name(self, ours: str, hf_name: str) -> str:
         """The HF name in a task checkpoint of our ``ours`` (given its bare HF name)."""
@@ -97,6 +110,19 @@ class HeadLayout:
         ):
             return self.base_prefix + hf_name
         return hf_name
+
+
+def activation_name(module: Any) -> str:
+    """HF's name of an activation module (the inverse of the short names)."""
+    from ..layers.activations import SHORT_NAMES, to_activation
+
+    for name in SHORT_NAMES:
+        candidate = to_activation(name)
+        if type(candidate) is type(module) and candidate.extra_repr() == module.extra_repr():
+            return name
+    raise UnsupportedModelError(
+        f"the head's activation {module!r} has no HF name; HF names: {', '.join(SHORT_NAMES)}"
+    )
 
 
 def _first(hf: dict[str, Any], *keys: str) -> float:
@@ -250,4 +276,24 @@ DISTILBERT_HEAD_LAYOUT = HeadLayout(
     sequence_dropout=lambda hf: _first(hf, "seq_classif_dropout"),
     token_dropout=lambda hf: _first(hf, "dropout"),
     mlm={"activation": "${hyper.activation}", "layer_norm_eps": 1e-12},
+)
+
+DEBERTA_V2_HEAD_LAYOUT = HeadLayout(
+    base_prefix="deberta.",
+    rules=head_rules(
+        ("pooler.dense", "classifier"),
+        (
+            "cls.predictions.transform.dense",
+            "cls.predictions.transform.LayerNorm",
+            "cls.predictions.decoder",
+            "cls.predictions.bias",
+        ),
+    ),
+    # ContextPooler: dropout, dense, pooler_hidden_act; then dropout and the classifier
+    sequence_activation="gelu",
+    sequence_activation_key="pooler_hidden_act",
+    dropout_before_dense=True,
+    sequence_dropout=lambda hf: _first(hf, "cls_dropout", "hidden_dropout_prob"),
+    token_dropout=lambda hf: _first(hf, "hidden_dropout_prob"),
+    mlm={"activation": "${hyper.activation}", "layer_norm_eps": "${hyper.layer_norm_eps}"},
 )

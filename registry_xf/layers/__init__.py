@@ -3,7 +3,9 @@
 from .activations import Activation
 from .attention import SelfAttention
 from .attention_mask import AttentionMask
+from .conv_layer_stack import FirstConvLayerStack
 from .cross_attention import CrossAttention, EncoderMemory
+from .disentangled_attention import DisentangledSelfAttention, RelativeEmbeddings
 from .embeddings import TransformerEmbeddings
 from .feedforward import FeedForward
 from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
@@ -17,13 +19,16 @@ __all__ = [
     "Activation",
     "AttentionMask",
     "CrossAttention",
+    "DisentangledSelfAttention",
     "EncoderMemory",
+    "FirstConvLayerStack",
     "FeedForward",
     "LayerNorm",
     "LayerStack",
     "LearnedPositions",
     "PatternLayerStack",
     "RMSNorm",
+    "RelativeEmbeddings",
     "RelativePositionBias",
     "RotaryEmbeddings",
     "SelfAttention",

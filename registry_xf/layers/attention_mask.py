@@ -31,6 +31,8 @@ class AttentionMask:
     bias: torch.Tensor | None = None
     # set when the layers run on the real tokens alone (an encoder's ``unpad``)
     unpadded: Unpadded | None = None
+    # what relative-position attention shares between layers (DeBERTa's relative rows)
+    relative: Any = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:

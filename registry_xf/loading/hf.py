@@ -221,7 +221,8 @@ def hf_config(
     except ConfigError as e:
         raise ConfigError(e.problems, source=str(where)) from None
     config = read_config(
-        family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
+        family_config_text(converter.family_for(hf) if converter.family_for else converter.family),
+        {f"hyper.{k}": v for k, v in hyper.items()},
     )
     check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
     task = hf_task(hf, converter) if head else None
@@ -597,6 +598,7 @@ def _head_to_hf(head: nn.Module, converter: HFConverter) -> dict[str, Any]:
         out["tie_word_embeddings"] = bool(head.tie_embeddings)
         return out
     out.update(labels_to_hf(head.labels))
+    out.update(converter.heads.head_settings_to_hf(head))
     if head.problem_type is not None:
         out["problem_type"] = head.problem_type
     return out
