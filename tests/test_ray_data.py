@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import minilm_dir, write_hf_checkpoint
+from conftest import minilm_dir, requires_minilm, write_hf_checkpoint
 from tiny_tokenizer import write_tokenizer
 
 import registry_xf as rx
@@ -297,3 +297,24 @@ def test_corpus_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
         ray_corpus.read_corpus(parquet, "parquet", "body")
     assert ray_corpus.corpus_format(parquet) == "parquet"
     assert ray_corpus.corpus_format(tmp_path / "x.txt") == "lines"
+
+
+@requires_minilm
+@pytest.mark.usefixtures("local_ray")
+def test_the_ray_snippets_of_the_scaling_page_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocks marked ``python no-run ray`` in docs/scaling.md, in this module's Ray (the
+    docs test skips them: it would start a Ray of its own)."""
+    from test_docs import blocks
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "docs_scaling"}
+    ran = []
+    for block in blocks(ROOT / "docs" / "scaling.md"):
+        if block.language == "python" and "ray" in block.words[1:]:
+            code = compile(block.code, f"docs/scaling.md:{block.line}", "exec")
+            within(JOB_TIMEOUT_S, lambda code=code: exec(code, namespace))
+            ran.append(block.line)
+    assert len(ran) == 2, ran
+    assert str(namespace["packed"].take(1)[0]["embedding"].dtype) == "int8"
