@@ -235,7 +235,7 @@ def test_cli_writes_a_parquet_file_that_reads_back_equal(
     lines.write_text("\n\n".join(texts[:10]) + "\n" + "\n".join(texts[10:]) + "\n", "utf8")
     out = tmp_path / "embeddings.parquet"
     argv = ["embed-corpus", str(lines), "--out", str(out), "--model", source]
-    code = within(JOB_TIMEOUT_S, lambda: main([*argv, "--concurrency", "2", "--batch-size", "8"]))
+    code = within(JOB_TIMEOUT_S, lambda: main([*argv, "--concurrency", "1", "--batch-size", "8"]))
     assert code == 0, capsys.readouterr().err
     assert f"wrote {len(texts)} embeddings to {out}" in capsys.readouterr().out
     ids, written, vectors = read_parquet(out)

@@ -213,6 +213,12 @@ def embed_dataset(
     placement = actor_placement(
         resources, device=device, num_gpus=num_gpus, num_cpus=num_cpus, concurrency=concurrency
     )
+    if placement.num_gpus and not resources.get("GPU"):
+        logger.warning(
+            "the actors ask for GPUs and the Ray cluster has none now: they wait for some "
+            "(an autoscaling cluster) for up to %s s",
+            actor_start_timeout_s,
+        )
     logger.info(
         "embedding %r on %s actor(s) (%s), %s CPU and %s GPU each",
         column,
