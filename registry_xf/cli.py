@@ -124,7 +124,16 @@ def _cmd_embed_corpus(args: argparse.Namespace, overrides: dict[str, Any]) -> in
 
     out = _writable_out(args.out)  # checked before the slow part
     check_precision(args.precision)
+    if args.precision in ("int8", "uint8") and not args.calibration:
+        raise RegistryXFError(
+            f"--precision {args.precision} needs --calibration (a .npy of float embeddings of "
+            "a sample): every batch must be quantised over the same ranges"
+        )
     ranges = quantization_ranges(_read_calibration(args.calibration)) if args.calibration else None
+    fmt = ray_corpus.corpus_format(args.input, args.format)
+    texts = ray_corpus.read_corpus(args.input, fmt, args.column)  # its errors before Ray starts
+    if not texts:
+        raise RegistryXFError(f"{args.input}: nothing to embed, the corpus has no texts")
     ray = ray_data.import_ray()
     started = not ray.is_initialized()
     if started and args.ray_address:
@@ -134,11 +143,9 @@ def _cmd_embed_corpus(args: argparse.Namespace, overrides: dict[str, Any]) -> in
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     try:
         written = ray_corpus.embed_corpus(
-            args.input,
+            texts,
             out,
             args.model,
-            fmt=args.format,
-            column=args.column,
             revision=args.revision,
             device=args.device,
             dtype=args.dtype,

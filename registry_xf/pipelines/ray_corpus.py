@@ -193,21 +193,12 @@ def _first_part(error: BaseException) -> str:
     return text.split("\nFailed to apply UDF transform")[0].strip()
 
 
-def embed_corpus(
-    path: str | Path,
-    out: str | Path,
-    source: str | Path,
-    *,
-    fmt: str | None = None,
-    column: str = "text",
-    **options: Any,
-) -> int:
-    """Embed the corpus file ``path`` into the Parquet file ``out`` on the Ray that is
-    running (``ray.init`` first); ``options`` go to ``embed_dataset``. Returns the number
-    of texts."""
-    texts = read_corpus(path, corpus_format(path, fmt), column)
+def embed_corpus(texts: list[str], out: str | Path, source: str | Path, **options: Any) -> int:
+    """Embed ``texts`` (from ``read_corpus``) into the Parquet file ``out`` on the Ray that
+    is running (``ray.init`` first); ``options`` go to ``embed_dataset``. Returns the
+    number of texts written."""
     if not texts:
-        raise RegistryXFError(f"{path}: nothing to embed, the corpus has no texts")
-    logger.info("%s: %d texts", path, len(texts))
+        raise RegistryXFError("nothing to embed: the corpus has no texts")
+    logger.info("embedding %d texts into %s", len(texts), out)
     ds = embed_dataset(corpus_dataset(texts), source, column="text", **options)
     return write_parquet(ds, out)
