@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -191,9 +192,9 @@ def embed_dataset(
     ``revision``, ``id_column`` (named in errors). The output keeps the input's order (the
     new Dataset's own context preserves order; ``ds`` is not changed). A row that is not a
     text fails the job with an InputError naming the column and the row (Ray raises it as a
-    subclass of both its RayTaskError and InputError). Actors that cannot
-    start within ``actor_start_timeout_s`` (a request for GPUs the cluster lacks, say) fail
-    the job instead of waiting for ever. Ray is started (``ray.init()``) if it is not.
+    subclass of both its RayTaskError and InputError). Actors that cannot start within
+    ``actor_start_timeout_s`` (a request for GPUs the cluster lacks, say) fail the job
+    instead of waiting for ever. Ray is started (``ray.init()``) if it is not.
     """
     ray = import_ray()
     unknown = sorted(set(settings) - _EMBEDDER_SETTINGS)
@@ -278,29 +279,15 @@ _EMBEDDER_SETTINGS = frozenset(
 )
 
 
+@dataclass(frozen=True)
 class Placement:
     """Where the actors run and what each reserves."""
 
-    def __init__(
-        self,
-        device: str | None,
-        num_cpus: float,
-        num_gpus: float,
-        concurrency: int | tuple[int, int],
-        threads: int | None,
-    ):
-        self.device = device
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
-        self.concurrency = concurrency
-        self.threads = threads
-
-    def __repr__(self) -> str:
-        return (
-            f"Placement(device={self.device!r}, num_cpus={self.num_cpus}, "
-            f"num_gpus={self.num_gpus}, concurrency={self.concurrency!r}, "
-            f"threads={self.threads})"
-        )
+    device: str | None  # None: the CPU
+    num_cpus: float
+    num_gpus: float
+    concurrency: int | tuple[int, int]  # a pool of this size, or (min, max)
+    threads: int  # torch's CPU threads in each actor
 
 
 def actor_placement(
