@@ -118,6 +118,55 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_embed_corpus(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .pipelines import ray_corpus, ray_data
+    from .pipelines.quantization import check_precision, quantization_ranges
+
+    out = _writable_out(args.out)  # checked before the slow part
+    check_precision(args.precision)
+    if args.precision in ("int8", "uint8") and not args.calibration:
+        raise RegistryXFError(
+            f"--precision {args.precision} needs --calibration (a .npy of float embeddings of "
+            "a sample): every batch must be quantised over the same ranges"
+        )
+    ranges = quantization_ranges(_read_calibration(args.calibration)) if args.calibration else None
+    fmt = ray_corpus.corpus_format(args.input, args.format)
+    texts = ray_corpus.read_corpus(args.input, fmt, args.column)  # its errors before Ray starts
+    if not texts:
+        raise RegistryXFError(f"{args.input}: nothing to embed, the corpus has no texts")
+    ray = ray_data.import_ray()
+    started = not ray.is_initialized()
+    if started and args.ray_address:
+        ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    elif started:
+        ray_data.start_local_ray(args.num_cpus, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    try:
+        written = ray_corpus.embed_corpus(
+            texts,
+            out,
+            args.model,
+            revision=args.revision,
+            device=args.device,
+            dtype=args.dtype,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            num_gpus=args.gpus_per_actor,
+            num_cpus=args.cpus_per_actor,
+            batch_tokens=args.batch_tokens,
+            prompt=args.prompt,
+            prompt_name=args.prompt_name,
+            truncate_dim=args.truncate_dim,
+            precision=args.precision,
+            ranges=ranges,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"wrote {written} embeddings to {out}")
+    return 0
+
+
 def _read_calibration(name: str) -> Any:
     """Float embeddings (n, width) from a .npy file, read without unpickling."""
     import numpy as np
@@ -366,6 +415,42 @@ def make_parser() -> argparse.ArgumentParser:
         "--calibration", help="a .npy of float embeddings that sets the int8/uint8 ranges"
     )
     embed.set_defaults(func=_cmd_embed)
+
+    corpus = sub.add_parser(
+        "embed-corpus",
+        help="embed a corpus file on Ray Data into Parquet (pip install registry-xf[ray])",
+        description="Embed every text of INPUT (a text file, one text a line, or a column of "
+        "a Parquet or JSONL file) with a pool of Ray actors, one model each, and write OUT, a "
+        "Parquet file of id, text and embedding, in the input's order. OUT is replaced only "
+        "once whole. Without --ray-address a local Ray is started, on 127.0.0.1 only.",
+    )
+    corpus.add_argument("input", help="the corpus: a .txt (one text a line), .parquet or .jsonl")
+    corpus.add_argument("--out", required=True, help="the Parquet file to write")
+    corpus.add_argument("--format", choices=("lines", "parquet", "jsonl"), help="(default: suffix)")
+    corpus.add_argument("--column", default="text", help="the text column of a Parquet/JSONL file")
+    corpus.add_argument("--model", default=DEFAULT_MODEL, help="as for embed; on every node")
+    corpus.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
+    corpus.add_argument("--device", default=None, help="cpu, cuda (default: cuda if Ray has GPUs)")
+    corpus.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    corpus.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    corpus.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    corpus.add_argument(
+        "--concurrency", type=int, help="actors (default: GPUs, else CPUs over --cpus-per-actor)"
+    )
+    corpus.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
+    corpus.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 on GPUs)")
+    corpus.add_argument("--batch-size", type=int, default=256, help="rows sent to an actor at once")
+    corpus.add_argument("--batch-tokens", type=int, default=2048, help="tokens per model batch")
+    corpus.add_argument("--prompt-name", help="a prompt of the model's, such as document")
+    corpus.add_argument("--prompt", help="a text put before every text (not with --prompt-name)")
+    corpus.add_argument("--truncate-dim", type=int, help="keep the first N dimensions")
+    corpus.add_argument(
+        "--precision", default="float32", help="float32 (default), int8, uint8, binary, ubinary"
+    )
+    corpus.add_argument(
+        "--calibration", help="a .npy of float embeddings that sets the int8/uint8 ranges"
+    )
+    corpus.set_defaults(func=_cmd_embed_corpus)
 
     generate = sub.add_parser(
         "generate",

@@ -124,6 +124,11 @@ class HubNoSafetensorsError(HubError):
     """A repository whose weights are pickles (or other formats) only, never safetensors."""
 
 
+class MissingExtraError(RegistryXFError, ImportError):
+    """A feature whose optional dependency is not installed; the message names the extra
+    (``pip install registry-xf[EXTRA]``) that brings it."""
+
+
 class SaveError(RegistryXFError, OSError):
     """A save that cannot be done where it was asked (the target is not ours to replace,
     or the filesystem refuses); nothing is left behind."""

@@ -31,6 +31,7 @@ directory therefore run one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -357,3 +358,26 @@ def _fsync(path: str, flags: int) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf8")
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``target``; on success it becomes ``target``.
+
+    The file is flushed to disk, then renamed over ``target``: the path holds the old file
+    or the whole new one at every instant, crash or not. On any error the temporary file
+    is removed and ``target`` is untouched; filesystem errors are raised as SaveError.
+    """
+    target = _where(target)
+    tmp = target.parent / f".{_short(target.name)}.registry_xf-tmp-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        _fsync(str(tmp), os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+        os.replace(tmp, target)
+        _fsync_directory(target.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, RegistryXFError):
+            raise SaveError(f"{target}: cannot be written: {_describe(e)}") from e
+        raise
