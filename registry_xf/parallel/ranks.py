@@ -110,22 +110,30 @@ def ranks_of(device_mesh: Any, device: torch.device | str | None) -> Ranks:
     )
 
 
-def mesh_from_environment(device: str | None = None) -> Any:
+@contextmanager
+def mesh_from_environment(device: str | None = None) -> Iterator[Any]:
     """A 1-d mesh over every process torchrun started (WORLD_SIZE, RANK, LOCAL_RANK),
-    the process group made with the collectives' timeout; None when not under torchrun.
-    CUDA ranks use NCCL on the GPU of their LOCAL_RANK; others gloo."""
+    with a process group made with the collectives' timeout (and destroyed after);
+    None when not under torchrun. CUDA ranks use NCCL on the GPU of their LOCAL_RANK;
+    others gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+        yield None
+        return
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = torch.device(device or "cpu").type
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group(
             "nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s())
         )
-    return init_device_mesh(kind, (dist.get_world_size(),))
+    try:
+        yield init_device_mesh(kind, (dist.get_world_size(),))
+    finally:
+        if made:
+            dist.destroy_process_group()
 
 
 @contextmanager
