@@ -115,14 +115,26 @@ def error_cases(paths: dict[str, str], mesh: Any, rank: int) -> dict[str, Any]:
     }
 
 
-def cli_case(path: str, rank: int, world: int) -> dict[str, Any]:
+def cli_run(argv: list[str], rank: int, world: int) -> dict[str, Any]:
+    """``registry-xf argv`` as torchrun would start it on this rank."""
     from registry_xf import cli
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli.main(["generate", "--model", path, "hello", "--max-new-tokens", "12"])
+        code = cli.main(argv)
     return {"code": code, "stdout": out.getvalue()}
+
+
+def cli_cases(paths: dict[str, str], rank: int, world: int) -> dict[str, Any]:
+    generate = ["generate", "--model", paths["llama_text"], "hello", "--max-new-tokens", "12"]
+    embed = ["embed", "--model", paths["bert"], "the cat sat", "hello world"]
+    return {
+        "generate": cli_run(generate, rank, world),
+        "generate_alone": cli_run(generate, 0, 1),
+        "embed": cli_run(embed, rank, world),
+        "embed_alone": cli_run(embed, 0, 1),
+    }
 
 
 def run(rank: int, world: int, port: int, paths: dict[str, str], out_dir: str) -> None:
@@ -141,7 +153,7 @@ def run(rank: int, world: int, port: int, paths: dict[str, str], out_dir: str) -
         check = torch.ones(1)
         dist.all_reduce(check)  # the group still works after the errors
         results["group_after_errors"] = float(check)
-        results["cli"] = cli_case(paths["llama_text"], rank, world)
+        results["cli"] = cli_cases(paths, rank, world)
     except Exception:
         results["crash"] = traceback.format_exc()
     finally:

@@ -47,6 +47,7 @@ def _checkpoints(root: Path) -> dict[str, str]:
     import transformers as tf
     from test_generation import VOCAB as TEXT_VOCAB
     from test_generation import write_byte_level_tokenizer
+    from tiny_tokenizer import write_tokenizer
 
     torch.manual_seed(0)
     decoder = dict(
@@ -123,6 +124,7 @@ def _checkpoints(root: Path) -> dict[str, str]:
     text = tf.LlamaConfig(**{**decoder, "vocab_size": TEXT_VOCAB}, num_key_value_heads=2)
     paths["llama_text"] = _save(tf.LlamaForCausalLM(text), root / "llama_text")
     write_byte_level_tokenizer(Path(paths["llama_text"]))
+    write_tokenizer(Path(paths["bert"]))  # WordPiece over the 99 ids BERT has
     return paths
 
 
@@ -230,7 +232,12 @@ def test_a_bad_mesh_is_refused(ranks: list[dict[str, Any]]) -> None:
     assert [r["group_after_errors"] for r in ranks] == [2.0, 2.0]
 
 
-def test_cli_generates_sharded_and_rank_0_prints(ranks: list[dict[str, Any]]) -> None:
-    first, second = (r["cli"] for r in ranks)
+@pytest.mark.parametrize("command", ["generate", "embed"])
+def test_cli_under_torchrun_runs_sharded_and_rank_0_prints(
+    ranks: list[dict[str, Any]], command: str
+) -> None:
+    first, second = (r["cli"][command] for r in ranks)
     assert first["code"] == second["code"] == 0
     assert first["stdout"].strip() and second["stdout"] == ""
+    # the same output as one process (the printed precision hides float noise)
+    assert first["stdout"] == ranks[0]["cli"][f"{command}_alone"]["stdout"]

@@ -150,7 +150,6 @@ def load(
             ranks,
             {
                 "the config": digest(found.config.to_str()),
-                "the device type": target.type,
                 "the dtype": str(target_dtype or "as stored"),
             },
         )
