@@ -80,6 +80,27 @@ def compare(path: str, mesh: Any, causal: bool) -> dict[str, Any]:
     return found
 
 
+def config_plan(path: str, mesh: Any) -> dict[str, Any]:
+    """A config whose [parallel] section names the plan with the vocabulary replicated."""
+    import registry_xf as rx
+    from registry_xf.parallel.sharded_layers import VocabShardedEmbedding
+
+    config = rx.config_from_hf(path)
+    config["parallel"] = {"@sharding": "registry_xf.TensorParallelPlan.v1", "vocab": "replicate"}
+    whole = rx.load(path)
+    sharded = rx.load(config, device_mesh=mesh)
+    ids, mask = inputs(sharded.decoder.embeddings.vocab_size)
+    with torch.inference_mode():
+        diff = float((whole(ids, mask).logits - sharded(ids, mask).logits)[mask.bool()].abs().max())
+    embedding = sharded.decoder.embeddings.word_embeddings
+    return {
+        "vocab_sharded": isinstance(embedding, VocabShardedEmbedding),
+        "embedding_rows": embedding.weight.shape[0],
+        "logits_diff": diff,
+        "save": error_of(lambda: rx.save(sharded, Path(path).parent / "never-written")),
+    }
+
+
 def error_of(call: Any) -> dict[str, Any] | None:
     from registry_xf.errors import RegistryXFError
 
@@ -149,6 +170,7 @@ def run(rank: int, world: int, port: int, paths: dict[str, str], out_dir: str) -
         results["bert"] = compare(paths["bert"], mesh, causal=False)
         for family in ("llama", "gpt_neox", "falcon"):
             results[family] = compare(paths[family], mesh, causal=True)
+        results["config_plan"] = config_plan(paths["llama"], mesh)
         results["errors"] = error_cases(paths, mesh, rank)
         check = torch.ones(1)
         dist.all_reduce(check)  # the group still works after the errors

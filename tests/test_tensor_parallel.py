@@ -241,3 +241,96 @@ def test_cli_under_torchrun_runs_sharded_and_rank_0_prints(
     assert first["stdout"].strip() and second["stdout"] == ""
     # the same output as one process (the printed precision hides float noise)
     assert first["stdout"] == ranks[0]["cli"][f"{command}_alone"]["stdout"]
+
+
+def test_the_config_names_the_plan(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        found = rank["config_plan"]
+        assert not found["vocab_sharded"] and found["embedding_rows"] == 128
+        assert found["logits_diff"] <= TOLERANCE
+
+
+def test_a_shard_is_not_saved(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        error = rank["config_plan"]["save"]
+        assert error["typed"] and "tensor-parallel" in error["message"]
+
+
+# The plan on models built on meta, in this process: what it shards, and what it refuses.
+
+
+def _meta_llama(**hyper: Any) -> Any:
+    from importlib import resources
+
+    import registry_xf as rx
+
+    sizes = dict(hidden_width=64, n_layers=1, n_heads=4, n_kv_heads=2, head_width=16)
+    sizes.update(intermediate_width=96, vocab_size=100, **hyper)
+    llama = str(resources.files("registry_xf.configs") / "llama.cfg")
+    return rx.build(llama, overrides={f"hyper.{k}": v for k, v in sizes.items()})
+
+
+def _ranks(rank: int, size: int) -> Any:
+    from registry_xf.parallel.ranks import Ranks
+
+    # no process group: a model on meta is only resized, never run
+    return Ranks(None, rank, size, torch.device("cpu"), "cpu")
+
+
+def test_the_plan_keeps_the_same_heads_query_key_and_value_rows() -> None:
+    from registry_xf.parallel.plan import TensorParallelPlan
+
+    model = _meta_llama()
+    layout = TensorParallelPlan().shard(model, _ranks(1, 2))
+    attention = model.decoder.layers.applied()[0].attention
+    shard = layout.shards[(attention.qkv_proj, "weight")]
+    # rank 1: query heads 2-3 (rows 32-63), key head 1 (64 + 16-31), value head 1
+    assert shard.runs == ((32, 64), (80, 96), (112, 128))
+    assert (attention.n_heads, attention.n_kv_heads) == (2, 1)
+    assert tuple(attention.qkv_proj.weight.shape) == (64, 64)
+    down = model.decoder.layers.applied()[0].feed_forward.down_proj
+    assert tuple(down.weight.shape) == (64, 48) and down.bias is None
+    # a vocabulary of 100 splits in two; 99 would be replicated
+    assert tuple(model.decoder.embeddings.word_embeddings.weight.shape) == (50, 64)
+    assert model.lm_head.out_features == 100
+
+
+class _Declared(torch.nn.Module):
+    """A custom component that declares how it shards."""
+
+    tensor_parallel_styles = {"fc_in": "column", "fc_out": "row"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in, self.fc_out = torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+        self.hidden = 6
+
+    def shard_for_tensor_parallel(self, rank: int, size: int) -> None:
+        self.hidden //= size
+
+
+def test_a_custom_component_declares_how_it_shards() -> None:
+    from registry_xf.parallel.plan import TensorParallelPlan
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(_Declared())
+    TensorParallelPlan().shard(model, _ranks(0, 2))
+    assert tuple(model[0].fc_in.weight.shape) == (3, 8)
+    assert tuple(model[0].fc_out.weight.shape) == (8, 3)
+    assert model[0].hidden == 3
+    with torch.device("meta"):
+        odd = torch.nn.Sequential(_Declared())
+    problems = TensorParallelPlan().problems(odd, 4)
+    assert problems == [
+        "0.fc_in: width 6 is not divisible by 4 ranks",
+        "0.fc_out: width 6 is not divisible by 4 ranks",
+    ]
+
+
+def test_the_plan_refuses_what_it_cannot_shard() -> None:
+    from registry_xf.errors import TensorParallelError
+    from registry_xf.parallel.plan import TensorParallelPlan
+
+    model = _meta_llama(hidden_width=48, n_heads=6, n_kv_heads=3, head_width=8)
+    with pytest.raises(TensorParallelError, match="n_kv_heads 3 neither divides"):
+        TensorParallelPlan().shard(model, _ranks(0, 2))
