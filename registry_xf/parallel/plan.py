@@ -119,22 +119,26 @@ class TensorParallelPlan:
                 problems.append(
                     f"{where}: a shared attention bias (T5's relative positions) is not sharded"
                 )
-            else:
-                for name, style in (
-                    getattr(type(module), "tensor_parallel_styles", None) or {}
-                ).items():
-                    linear = getattr(module, name, None)
-                    if not isinstance(linear, nn.Linear):
-                        problems.append(f"{where}.{name}: declared {style!r} but is not nn.Linear")
-                        continue
-                    n = linear.out_features if style == "column" else linear.in_features
-                    if style not in ("column", "row"):
-                        problems.append(f"{where}.{name}: unknown style {style!r} (column, row)")
-                    elif n % size:
-                        problems.append(
-                            f"{where}.{name}: width {n} is not divisible by {size} ranks"
-                        )
+            elif getattr(type(module), "tensor_parallel_styles", None):
+                problems += [f"{where}.{p}" for p in _declared_problems(module, size)]
         return problems
+
+
+def _declared_problems(module: nn.Module, size: int) -> list[str]:
+    """A custom component's declared styles: each names an ``nn.Linear`` child whose
+    split width the ranks divide."""
+    problems = []
+    for name, style in type(module).tensor_parallel_styles.items():  # type: ignore[attr-defined]
+        linear = getattr(module, name, None)
+        if not isinstance(linear, nn.Linear):
+            problems.append(f"{name}: declared {style!r} but is not an nn.Linear")
+        elif style not in ("column", "row"):
+            problems.append(f"{name}: unknown style {style!r} (column or row)")
+        else:
+            width = linear.out_features if style == "column" else linear.in_features
+            if width % size:
+                problems.append(f"{name}: width {width} is not divisible by {size} ranks")
+    return problems
 
 
 def _attention_problems(module: SelfAttention, size: int) -> list[str]:
