@@ -9,6 +9,7 @@ a collective that another rank will never join.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -49,19 +50,32 @@ class Ranks:
     def common_seed(self) -> int:
         """A seed rank 0 draws and every rank receives: sampling without a given seed
         still picks the same tokens on every rank."""
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.long) if self.rank == 0 else None
-        gathered: list[Any] = [seed]
-        dist.broadcast_object_list(gathered, src=self._global(0), group=self.group)
-        return int(gathered[0])
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(self._wire)
+        dist.broadcast(seed, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return int(seed)
 
     def gather(self, value: Any) -> list[Any]:
-        """``value`` of every rank, in rank order (small picklable values only)."""
-        found: list[Any] = [None] * self.size
-        dist.all_gather_object(found, value, group=self.group)
-        return found
+        """``value`` (JSON) of every rank, in rank order: sent as bytes, never pickled."""
+        payload = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+        length = torch.tensor([payload.numel()], dtype=torch.long, device=self._wire)
+        lengths = [torch.empty_like(length) for _ in range(self.size)]
+        dist.all_gather(lengths, length, group=self.group)
+        longest = max(int(n) for n in lengths)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        parts = [torch.empty_like(padded, device=self._wire) for _ in range(self.size)]
+        dist.all_gather(parts, padded.to(self._wire), group=self.group)
+        return [
+            json.loads(bytes(part[: int(n)].cpu().tolist()).decode())
+            for part, n in zip(parts, lengths, strict=True)
+        ]
 
-    def _global(self, local: int) -> int:
-        return dist.get_global_rank(self.group, local)
+    @property
+    def _wire(self) -> torch.device:
+        """Where the collectives' tensors live: the CPU for gloo, the GPU for NCCL."""
+        if self.kind == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 def timeout_s() -> float:
