@@ -130,8 +130,9 @@ def main() -> None:
             f"Llama-shaped checkpoint, {n / 1e6:.1f}M parameters, float32; batch 1, "
             f"{len(PROMPT[0])}-token prompt, {tokens} new tokens"
         )
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for name in SETTINGS:
+                print(f"round {round_ + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
                 command = [sys.executable, __file__, "--setting", name, "--path", str(path)]
                 command += ["--tokens", str(tokens), "--repeats", str(args.repeats)]
                 found = subprocess.run(command, capture_output=True, text=True, check=True)
