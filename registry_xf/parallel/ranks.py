@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +21,6 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TensorParallelError
-
-logger = logging.getLogger(__name__)
 
 # How long a collective may wait for the other ranks (REGISTRY_XF_DIST_TIMEOUT, seconds).
 DEFAULT_TIMEOUT_S = 300.0
