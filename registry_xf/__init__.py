@@ -27,6 +27,7 @@ from .errors import (
     RegistryNameError,
     RegistryXFError,
     SaveError,
+    TensorParallelError,
     UnsafePathError,
     UnsupportedModelError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "SettingsError",
     "SparseEncoder",
     "SpladePooler",
+    "TensorParallelError",
     "UnsafePathError",
     "UnsupportedModelError",
     "__version__",

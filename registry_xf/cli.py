@@ -4,7 +4,9 @@ print configs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import logging
 import sys
@@ -15,6 +17,8 @@ from typing import Any
 from .errors import RegistryXFError
 
 PROGRESS_FROM = 256  # texts; fewer finish before a bar would help
+# under torchrun, these load the model sharded over every process (see docs/scaling.md)
+SHARDED_COMMANDS = ("generate", "embed")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
@@ -55,8 +59,15 @@ def _load_model(args: argparse.Namespace, overrides: dict[str, Any], **options: 
         dtype=args.dtype,
         overrides=overrides,
         revision=args.revision,
+        device_mesh=getattr(args, "device_mesh", None),
         **options,
     )
+
+
+def _rank(args: argparse.Namespace) -> int:
+    """This process's rank in the command's mesh (0 when not under torchrun)."""
+    mesh = getattr(args, "device_mesh", None)
+    return 0 if mesh is None else int(mesh.get_rank())
 
 
 def _given_texts(given: Sequence[str], file: str | None, nothing: str) -> list[str]:
@@ -93,7 +104,8 @@ def _cmd_embed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         progress=len(texts) >= PROGRESS_FROM and sys.stderr.isatty(),
     )
     if out is not None:
-        _save_atomically(out, vectors)
+        if _rank(args) == 0:  # one writer under torchrun
+            _save_atomically(out, vectors)
         print(f"wrote {len(texts)} embeddings of width {vectors.shape[1]} to {out}")
         return 0
     print(f"{len(texts)} embeddings of width {vectors.shape[1]} ({args.model})\n")
@@ -585,12 +597,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
+    where = ""
     try:
         if overrides and args.command not in ("embed", "config", "generate", "classify", "rerank"):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")
-        return int(args.func(args, overrides))
+        if args.command not in SHARDED_COMMANDS:
+            return int(args.func(args, overrides))
+        from .parallel.ranks import mesh_from_environment
+
+        with mesh_from_environment(args.device) as mesh:
+            args.device_mesh = mesh
+            if mesh is not None:
+                where = f" (rank {_rank(args)})"
+            # under torchrun every rank computes the same output: rank 0 writes it
+            quiet = contextlib.redirect_stdout(io.StringIO()) if _rank(args) else None
+            with quiet or contextlib.nullcontext():
+                return int(args.func(args, overrides))
     except RegistryXFError as e:
-        print(f"registry-xf {args.command}: error: {e}", file=sys.stderr)
+        print(f"registry-xf {args.command}: error{where}: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()

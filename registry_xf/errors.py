@@ -137,3 +137,8 @@ class SaveError(RegistryXFError, OSError):
 class UnsafePathError(CheckpointError):
     """A file name from untrusted data (a byte blob, an index) that would land outside the
     directory it belongs in."""
+
+
+class TensorParallelError(RegistryXFError, ValueError):
+    """A model that cannot be sharded over the ranks asked for (sizes that do not divide,
+    ranks that disagree on the model or the device), raised on every rank alike."""

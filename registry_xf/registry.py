@@ -33,6 +33,7 @@ REGISTRY_NAMES = (
     "logits_processors",
     "stopping_criteria",
     "heads",
+    "sharding",
 )
 
 
@@ -131,6 +132,7 @@ class registry(confection.registry):
     logits_processors = _create("logits_processors")
     stopping_criteria = _create("stopping_criteria")
     heads = _create("heads")
+    sharding = _create("sharding")
 
     @classmethod
     def get_registry(cls, name: str) -> Registry:

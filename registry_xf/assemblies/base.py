@@ -26,7 +26,8 @@ class ModelRecord:
     ``config`` is the config the model was built from (not interpolated); ``tokenizer``
     and ``pooler`` are what its config names (or None); ``load_report`` is what loading
     the weights found (None for a model built without weights); ``converter`` names the
-    HF converter a saved model was exported with; ``origin`` says where it came from.
+    HF converter a saved model was exported with; ``origin`` says where it came from;
+    ``parallel`` holds the ranks a tensor-parallel model is sharded over (None: whole).
     """
 
     config: Config | None = None
@@ -35,6 +36,7 @@ class ModelRecord:
     load_report: LoadReport | None = None
     converter: str | None = None
     origin: Origin | None = None
+    parallel: Any = None
 
 
 class Assembly(nn.Module):

@@ -306,8 +306,12 @@ class Generator:
             mask[row, width - len(prompt) : width] = 1
         ids, mask = ids.to(device), mask.to(device)
         rng = None
-        if s.sampling and s.seed is not None:
-            rng = torch.Generator(device=device).manual_seed(s.seed)
+        seed = s.seed
+        parallel = getattr(getattr(model, "record", None), "parallel", None)
+        if s.sampling and seed is None and parallel is not None:
+            seed = parallel.common_seed()  # tensor-parallel ranks must sample alike
+        if s.sampling and seed is not None:
+            rng = torch.Generator(device=device).manual_seed(seed)
         decode = self.decode if self.tokenizer is not None else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         cache = model.new_cache(batch, total)

@@ -323,6 +323,20 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of dimension ``dim`` of tensor ``name``: only their
+        bytes are read from the file (a rank's shard of a tensor-parallel model)."""
+        handle, file = self._handles[name]
+        try:
+            found = handle.get_slice(name)
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return found[index]
+        except Exception as e:
+            raise CheckpointError(
+                f"{file}: cannot read entries {start}:{stop} of dimension {dim} of tensor "
+                f"{name!r}: {e}"
+            ) from None
+
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype and shape from its file's header (no data is read)."""
         handle, file = self._handles[name]

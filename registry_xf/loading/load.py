@@ -17,6 +17,8 @@ from ..assemblies.with_head import EncoderWithHead
 from ..config.resolve import interpolate, resolve
 from ..errors import ConfigError, ConfigProblem
 from ..layers.packed_linear import pack_for_cpu
+from ..parallel.plan import plan_of
+from ..parallel.ranks import agree, digest, ranks_of, together
 from ..types import to_device, to_dtype
 from .atomic import clean_leftovers
 from .integrity import verify_source
@@ -85,6 +87,7 @@ def load(
     local_files_only: bool | None = None,
     verify: bool = False,
     head: bool = True,
+    device_mesh: Any = None,
 ) -> Assembly:
     """Load a model with its weights (and tokenizer, pooler where the source has them).
 
@@ -104,44 +107,63 @@ def load(
     skipped (a saved model with a head: its encoder). See docs/heads.md.
     With ``"auto"``, a checkpoint of mixed floating dtypes loads in the one most of its
     bytes are stored in, the rest cast (listed in ``model.load_report.cast``).
+    ``device_mesh`` (a 1-d ``torch.distributed`` DeviceMesh, every rank calling ``load``
+    alike) loads this rank's shard of a tensor-parallel model, as the config's
+    ``[parallel]`` plan says, reading only its slices of the files; see docs/scaling.md.
     """
-    if isinstance(source, (str, Path)):
-        clean_leftovers(source)  # of interrupted saves; may put back a model moved aside
-    found = config_from_source(
-        source,
-        overrides=overrides,
-        revision=revision,
-        local_files_only=local_files_only,
-        head=head,
-    )
-    if verify:
-        verify_source(found)
-    interpolated = interpolate(found.config)
-    if "weights" not in interpolated:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "weights",
-                    "no [weights] section: use registry_xf.build() for a model without weights",
-                )
-            ],
-            source=found.where,
+    ranks = ranks_of(device_mesh, device) if device_mesh is not None else None
+    with together(ranks, "reading the config"):
+        if isinstance(source, (str, Path)) and (ranks is None or ranks.rank == 0):
+            clean_leftovers(source)  # of interrupted saves; may put back a model moved aside
+        found = config_from_source(
+            source,
+            overrides=overrides,
+            revision=revision,
+            local_files_only=local_files_only,
+            head=head,
         )
-    with on_meta():
-        resolved = resolve(
-            interpolated, source=found.where, raw=found.config, base_dir=found.base_dir
+        if verify:
+            verify_source(found)
+        interpolated = interpolate(found.config)
+        if "weights" not in interpolated:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "weights",
+                        "no [weights] section: use registry_xf.build() for a model without weights",
+                    )
+                ],
+                source=found.where,
+            )
+        with on_meta():
+            resolved = resolve(
+                interpolated, source=found.where, raw=found.config, base_dir=found.base_dir
+            )
+        model = _assembly(resolved["model"], found)
+        target = ranks.device if ranks is not None else to_device(device or "cpu")
+        target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
+        pack = load_setting(interpolated, "pack", pack, found.where)
+        if ranks is not None:
+            ranks.check_device()
+    if ranks is not None:
+        agree(
+            ranks,
+            {
+                "the config": digest(found.config.to_str()),
+                "the dtype": str(target_dtype or "as stored"),
+            },
         )
-    model = _assembly(resolved["model"], found)
-    target = to_device(device or "cpu")
-    target_dtype = None if dtype in (None, "auto") else to_dtype(dtype)
-    pack = load_setting(interpolated, "pack", pack, found.where)
-    report = resolved["weights"].load_into(
-        model,
-        device=target,
-        dtype=target_dtype,
-        hyper=interpolated.get("hyper", {}),
-        copy_to_fuse=True if pack else None,  # packing copies anyway
-    )
+    with together(ranks, "loading the weights"):
+        sharding = plan_of(resolved).shard(model, ranks) if ranks is not None else None
+        report = resolved["weights"].load_into(
+            model,
+            device=target,
+            dtype=target_dtype,
+            hyper=interpolated.get("hyper", {}),
+            # packing copies anyway; a shard is a copy of its slices
+            copy_to_fuse=True if pack or ranks is not None else None,
+            **({"sharding": sharding} if sharding is not None else {}),
+        )
     config = found.config
     if report.layout:  # the config describes the layout the model has
         config = Config(config)
@@ -153,6 +175,7 @@ def load(
         load_report=report,
         converter=found.meta.get("hf_converter"),
         origin=found.origin,
+        parallel=ranks,
     )
     if not head:
         model = without_head(model)

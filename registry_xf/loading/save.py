@@ -37,6 +37,11 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
         raise RegistryXFError(
             "this model has no config on record: build or load it with registry_xf"
         )
+    if getattr(getattr(model, "record", None), "parallel", None) is not None:
+        raise RegistryXFError(
+            "this model is one rank's shard of a tensor-parallel model: save the model "
+            "loaded without device_mesh"
+        )
     tensors = {}
     for name, places in parameter_slots(model).items():
         module, attr = places[0]

@@ -21,11 +21,13 @@ from torch import nn
 
 from ..converters.base import HFConverter, KeyRule
 from ..errors import LoadError
+from ..parallel.shards import ShardedLayout
 from ..registry import registry
 from ..types import PathLike, dtype_name
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorEntry, open_checkpoint
 from .layout import copy_to_fuse_automatically, separate_where_fusing_copies
 from .materialise import assign, current, init_buffers, initialise, parameter_slots
+from .sliced import read_shard
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class SafetensorsWeights:
         dtype: torch.dtype | None = None,
         hyper: Mapping[str, Any] | None = None,
         copy_to_fuse: bool | None = True,
+        sharding: ShardedLayout | None = None,
     ) -> LoadReport:
         """Fill ``model`` (built on meta) with the checkpoint's weights on ``device``.
 
@@ -124,6 +127,9 @@ class SafetensorsWeights:
         separate ones instead (views of the files; see ``layout``); None decides by the
         model's size, as ``load`` asks. The report's ``layout`` names the ``[hyper]``
         values that changed.
+        ``sharding`` (a tensor-parallel rank's) names the parameters this rank holds a part
+        of: only that part is read from the files; parameters it holds none of are not
+        read at all.
         """
         device = torch.device(device)
         allow_unexpected = [re.compile(p) for p in self.allow_unexpected]
@@ -142,6 +148,9 @@ class SafetensorsWeights:
             plan: list[tuple[str, KeyRule | None, list[str]]] = []
             floating: list[TensorEntry] = []
             used: set[str] = set()
+            for ours in sharding.dropped if sharding is not None else ():
+                _, names = self._names(ours, hyper)
+                used.update(by_name[n] for n in names if n in by_name)
             for ours, places in slots.items():
                 rule, names = self._names(ours, hyper)
                 absent = [n for n in names if n not in by_name]
@@ -155,8 +164,12 @@ class SafetensorsWeights:
                 used.update(files)
                 entries = [ckpt.entry(f) for f in files]
                 slot = current(places)
+                shard = sharding.of(places) if sharding is not None else None
+                expected = shard.full_shape if shard is not None else tuple(slot.shape)
                 wrong = _dtype_problems(ours, slot.dtype, entries)
-                mismatched = _shape_problems(ours, rule, entries, tuple(slot.shape), model)
+                mismatched = _shape_problems(
+                    ours, rule, entries, expected, model, shard.split if shard else None
+                )
                 report.wrong_dtype += wrong
                 report.mismatched += mismatched
                 if wrong or mismatched:
@@ -177,12 +190,22 @@ class SafetensorsWeights:
                 raise LoadError(str(report))
             if dtype is None:
                 dtype = _model_dtype(floating, report)
-            fused = [(ours, files) for ours, rule, files in plan if _read_in_place(rule, files)]
+            fused = [
+                (ours, files)
+                for ours, rule, files in plan
+                if _read_in_place(rule, files) and sharding is None
+            ]
             read = ckpt.read_concatenated([files for _, files in fused], dtype)
             joined = {ours: tensor for (ours, _), tensor in zip(fused, read, strict=True)}
             for ours, rule, files in plan:
                 tensor = joined.get(ours)
-                if tensor is None:
+                shard = sharding.of(slots[ours]) if sharding is not None else None
+                if shard is not None:
+                    tensor = read_shard(ckpt, rule, files, shard, hyper, dtype)
+                elif sharding is not None:  # replicated: a copy, not a view of a whole file
+                    parts = [ckpt.get(f) for f in files]
+                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper).clone()
+                elif tensor is None:
                     parts = [ckpt.get(f) for f in files]
                     tensor = (rule or _IDENTITY).join(parts, dtype, hyper)
                 assign(slots[ours], tensor.contiguous())
@@ -265,6 +288,7 @@ def _shape_problems(
     entries: list[TensorEntry],
     expected: tuple[int, ...],
     model: nn.Module,
+    split: tuple[int, ...] | None = None,
 ) -> list[str]:
     """Where the stored shapes do not make the model's tensor. The parts of a fused matrix
     are checked one by one, against the rows the config gives each (the owning module's
@@ -277,7 +301,7 @@ def _shape_problems(
         where = f" (from {names})" if names != ours else ""
         return [f"{ours}: model expects {list(expected)}, checkpoint has {list(found)}{where}"]
     joined = tuple(reversed(expected)) if rule.transpose else expected
-    sizes = _part_sizes(model, ours, len(entries), joined, rule.dim)
+    sizes = _part_sizes(model, ours, len(entries), joined, rule.dim, split)
     if sizes is None:  # the config gives no split: parts agree, and sum to the model's rows
         shapes = [e.shape for e in entries]
         d = rule.dim
@@ -305,17 +329,24 @@ def _shape_problems(
 
 
 def _part_sizes(
-    model: nn.Module, ours: str, n: int, joined: tuple[int, ...], dim: int
+    model: nn.Module,
+    ours: str,
+    n: int,
+    joined: tuple[int, ...],
+    dim: int,
+    split: tuple[int, ...] | None = None,
 ) -> tuple[int, ...] | None:
-    """The size on ``dim`` of each of the ``n`` parts of our fused tensor: its module's
-    ``split`` (query/key/value or gate/up widths), else equal parts; None if neither fits."""
+    """The size on ``dim`` of each of the ``n`` parts of our fused tensor: ``split``, else
+    its module's (query/key/value or gate/up widths), else equal parts; None if neither
+    fits. A sharded module's own ``split`` is its part's: its shard gives the whole's."""
     if dim >= len(joined):
         return None
-    try:
-        owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
-    except AttributeError:
-        owner = model
-    split = getattr(owner, "split", None)
+    if split is None:
+        try:
+            owner = model.get_submodule(ours.rsplit(".", 2)[0]) if ours.count(".") >= 2 else model
+        except AttributeError:
+            owner = model
+        split = getattr(owner, "split", None)
     if (
         isinstance(split, (tuple, list))
         and len(split) == n
