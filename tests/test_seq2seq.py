@@ -580,3 +580,113 @@ def test_sinusoidal_halves_layout() -> None:
         expected = theirs.create_weight()
         ours = SinusoidalPositions(40, width, layout="halves")
         torch.testing.assert_close(ours.table, expected, atol=1e-6, rtol=0)
+
+
+# --- forced tokens, n-gram repeats, minimum lengths (BART's generation configs) ----------
+
+BART_GENERATION = {  # as bart-large-cnn's generation_config.json, beam search aside
+    "bos_token_id": 0,
+    "decoder_start_token_id": 2,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "forced_bos_token_id": 0,
+    "forced_eos_token_id": 2,
+    "min_length": 12,
+}
+
+
+@pytest.fixture(scope="module")
+def bart_forced(
+    bart_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The BART checkpoint with BART's generation settings in generation_config.json."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("bart_forced") / "bart"
+    shutil.copytree(bart_checkpoints["bart"], path)
+    (path / "generation_config.json").write_text(json.dumps(BART_GENERATION))
+    return path
+
+
+def batch_of(prompts: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        where = slice(0, len(p)) if side == "right" else slice(width - len(p), width)
+        ids[row, where], mask[row, where] = torch.tensor(p), 1
+    return ids, mask
+
+
+def hf_new_tokens(hf: Any, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> list[list[int]]:
+    """HF ``generate``'s new tokens per row (its generation config, changed by ``kw``),
+    each cut after its first end-of-sequence token."""
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+    eos = kw.get("eos_token_id", hf.generation_config.eos_token_id)
+    found = []
+    for row in out[:, 1:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        found.append(row)
+    return found
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"eos_token_ids": []},
+        {"eos_token_ids": [], "no_repeat_ngram_size": 3},
+        {"no_repeat_ngram_size": 3},
+        {},
+    ],
+    ids=["forced", "forced+ngram", "forced+ngram+eos", "forced+eos+min_length"],
+)
+def test_bart_forced_tokens_and_ngrams_equal_hf(bart_forced: Path, settings: dict) -> None:
+    from registry_xf.generation import Generator
+
+    hf = hf_bart_like(bart_forced, "bart")
+    assert hf.generation_config.forced_bos_token_id == 0  # HF read generation_config.json
+    ours = rx.load(bart_forced)
+    generation = ours.config["generation"]
+    assert generation["forced_bos_token_id"] == 0 and generation["forced_eos_token_ids"] == [2]
+    assert generation["min_length"] == 12
+    prompts = [p[:-1] + [2] for p in source_batch()]
+    got = Generator(ours).generate_ids(prompts, max_new_tokens=32, **settings)
+    hf_kw: dict[str, Any] = {"max_new_tokens": 32}
+    if "no_repeat_ngram_size" in settings:
+        hf_kw["no_repeat_ngram_size"] = settings["no_repeat_ngram_size"]
+    if settings.get("eos_token_ids") == []:
+        hf_kw["eos_token_id"] = None
+    ids, mask = batch_of(prompts, pad=1, side="right")
+    expected = hf_new_tokens(hf, ids, mask, **hf_kw)
+    assert got == expected
+    assert all(row[0] == 0 for row in got)  # the forced first token
+    if settings.get("eos_token_ids") == []:
+        assert all(len(row) == 32 and row[-1] == 2 for row in got)  # the forced last one
+    else:
+        assert all(len(row) >= 11 for row in got)  # min_length 12 counts the start token
+
+
+def test_no_repeat_ngram_changes_t5_greedy_as_hf(checkpoints: dict[str, Path]) -> None:
+    """T5 (relative positions): the source left- or right-padded gives HF the same tokens,
+    and ours equal them; without the setting some 3-gram repeats."""
+    from registry_xf.generation import Generator
+
+    hf = hf_model(checkpoints["t5"])
+    generator = Generator(rx.load(checkpoints["t5"]))
+    prompts = source_batch()
+    got = generator.generate_ids(
+        prompts, max_new_tokens=32, eos_token_ids=[], no_repeat_ngram_size=3
+    )
+    for side in ("left", "right"):
+        ids, mask = batch_of(prompts, pad=0, side=side)
+        expected = hf_new_tokens(
+            hf, ids, mask, max_new_tokens=32, eos_token_id=None, no_repeat_ngram_size=3
+        )
+        assert got == expected, side
+    for row in got:
+        grams = [tuple(([0] + row)[i : i + 3]) for i in range(len(row) - 1)]
+        assert len(grams) == len(set(grams))
+    plain = generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
+    assert plain != got

@@ -92,14 +92,19 @@ class Generator:
     def vocab_size(self) -> int:
         return int(self.model.lm_head.out_features)
 
+    def model_generation(self) -> Mapping[str, Any]:
+        """The model config's ``[generation]`` section (what its checkpoint's HF generation
+        config says), or an empty one."""
+        config = getattr(self.model, "config", None)
+        generation = config.get("generation") if isinstance(config, Mapping) else None
+        return generation if isinstance(generation, Mapping) else {}
+
     def default_eos_token_ids(self) -> list[int]:
         """The model's end-of-sequence ids (its config's ``[generation]``), else the
         tokenizer's end-of-sequence token, else none."""
-        config = getattr(self.model, "config", None)
-        generation = config.get("generation") if isinstance(config, Mapping) else None
-        if isinstance(generation, Mapping) and generation.get("eos_token_ids") is not None:
-            value = generation["eos_token_ids"]
-            return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+        value = self.model_generation().get("eos_token_ids")
+        if value is not None:
+            return _id_list(value)
         return tokenizer_eos_ids(self.tokenizer)
 
     def eos_token_ids(self, settings: GenerationSettings) -> list[int]:
@@ -116,12 +121,54 @@ class Generator:
         eos = self.default_eos_token_ids()
         return eos[0] if eos else 0
 
-    def logits_processors(self, settings: GenerationSettings) -> list[LogitsProcessor]:
-        """The registered processors the settings ask for, in HF's order, then the extras."""
+    def prompt_length(self, padded_width: int = 1) -> int:
+        """How many ids precede the new ones in what processors see: the padded prompt of a
+        causal model, the decoder's start token alone of an encoder-decoder."""
+        return 1 if is_encoder_decoder(self.model) else padded_width
+
+    def min_new_tokens(self, settings: GenerationSettings, prompt_length: int) -> int:
+        """The setting, else the model's ``min_new_tokens``, else its ``min_length`` (as HF
+        counts it: the prompt's padded length, or the decoder's start token, included)."""
+        if settings.min_new_tokens is not None:
+            return settings.min_new_tokens
+        generation = self.model_generation()
+        if generation.get("min_new_tokens") is not None:
+            return int(generation["min_new_tokens"])
+        return max(int(generation.get("min_length") or 0) - prompt_length, 0)
+
+    def logits_processors(
+        self, settings: GenerationSettings, prompt_length: int | None = None
+    ) -> list[LogitsProcessor]:
+        """The registered processors the settings and the model's ``[generation]`` ask for,
+        in HF's order, then the extras. ``prompt_length`` is the padded prompt's length (a
+        causal model's; an encoder-decoder's is its decoder start token, 1): the minimum
+        length and the forced last token count from it."""
         get = registry.logits_processors.get
+        generation = self.model_generation()
+        if prompt_length is None:
+            prompt_length = self.prompt_length()
         found: list[LogitsProcessor] = []
         if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
             found.append(get("registry_xf.RepetitionPenalty.v1")(settings.repetition_penalty))
+        no_repeat = settings.no_repeat_ngram_size
+        if no_repeat is None:
+            no_repeat = generation.get("no_repeat_ngram_size")
+        if no_repeat:
+            found.append(get("registry_xf.NoRepeatNGram.v1")(int(no_repeat)))
+        if generation.get("suppress_token_ids"):
+            suppressed = _id_list(generation["suppress_token_ids"])
+            found.append(get("registry_xf.SuppressTokens.v1")(suppressed))
+        eos = self.eos_token_ids(settings)
+        least = self.min_new_tokens(settings, prompt_length)
+        if least > 0 and eos:
+            found.append(get("registry_xf.MinNewTokens.v1")(least, eos, prompt_length))
+        if generation.get("forced_bos_token_id") is not None:
+            forced = [int(generation["forced_bos_token_id"])]
+            found.append(get("registry_xf.ForcedToken.v1")(forced, at_length=1))
+        if generation.get("forced_eos_token_ids") is not None:
+            forced = _id_list(generation["forced_eos_token_ids"])
+            last = prompt_length + settings.max_new_tokens - 1
+            found.append(get("registry_xf.ForcedToken.v1")(forced, at_length=last))
         if settings.sampling:
             assert settings.temperature is not None
             if settings.temperature != 1.0:
@@ -252,7 +299,17 @@ class Generator:
                 f"longer than the model's {limit} positions: shorten the prompt or ask for "
                 f"at most {max(limit - longest, 0)} new tokens"
             )
-        for source, ids in (("eos_token_ids", self.eos_token_ids(s)), ("pad id", [self.pad_id])):
+        generation = self.model_generation()
+        model_ids = [
+            (f"the model's generation.{key}", _id_list(generation[key]))
+            for key in ("forced_bos_token_id", "forced_eos_token_ids", "suppress_token_ids")
+            if generation.get(key) is not None
+        ]
+        for source, ids in (
+            ("eos_token_ids", self.eos_token_ids(s)),
+            ("pad id", [self.pad_id]),
+            *model_ids,
+        ):
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:
                 raise SettingsError(
@@ -280,7 +337,8 @@ class Generator:
         are dropped) until every sequence is done.
         """
         model, forward = self.model, self._forward
-        processors = self.logits_processors(s)
+        width = max(len(p) for p in prompts)
+        processors = self.logits_processors(s, self.prompt_length(width))
         criteria = self.stopping_criteria(s)
         if is_encoder_decoder(model):  # the source encoded once, then the decoder's loop
             decode = self.decode if self.tokenizer is not None else None
@@ -340,6 +398,11 @@ class Generator:
             with torch.inference_mode(), self._steady(after_first_step=step > 0):
                 out = forward(token[:, None], mask[:, : length + 1], cache=cache, last_only=True)
             logits = out.logits[:, -1]
+
+
+def _id_list(value: Any) -> list[int]:
+    """An id or a list of ids (as a config holds them) as a list of ints."""
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def token_id_lists(prompts: Any) -> list[list[int]]:
