@@ -690,3 +690,45 @@ def test_no_repeat_ngram_changes_t5_greedy_as_hf(checkpoints: dict[str, Path]) -
         assert len(grams) == len(set(grams))
     plain = generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
     assert plain != got
+
+
+def test_tied_config_with_a_different_stored_head_loads_it_untied_as_hf(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """config.json says tied, the file holds an lm_head.weight of other values: HF
+    transformers 5 warns and loads that head untied; so do we, naming the tensor."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    path = write_t5(tmp_path / "t5", "t5", seed=4)
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["shared.weight"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    hf = hf_model(path)
+    assert hf.lm_head.weight is not hf.shared.weight
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        ours = rx.load(path)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "lm_head.weight" in warned and "shared.weight" in warned and "untied" in warned
+    assert ours.lm_head.weight is not ours.encoder.embeddings.word_embeddings.weight
+    assert torch.equal(ours.lm_head.weight, tensors["lm_head.weight"])
+    assert "lm_head.weight" not in ours.load_report.skipped
+    ids, mask = padded(2, 7, seed=16)
+    target, target_mask = padded(2, 5, seed=17)
+    with torch.no_grad():
+        expected = hf(
+            input_ids=ids,
+            attention_mask=mask,
+            decoder_input_ids=target,
+            decoder_attention_mask=target_mask,
+        ).logits
+        assert_close_where(ours(ids, mask, target, target_mask).logits, expected, target_mask)
+    # a stored head equal to the table stays tied, without a word
+    tensors["lm_head.weight"] = tensors["shared.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        again = rx.load(path)
+    assert again.lm_head.weight is again.encoder.embeddings.word_embeddings.weight
+    assert not [r for r in caplog.records if "untied" in r.getMessage()]

@@ -192,6 +192,8 @@ def hf_config(
         family_config_text(converter.family), {f"hyper.{k}": v for k, v in hyper.items()}
     )
     check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
+    if _stored_head_differs(directory, converter, interpolate(config).get("hyper", {})):
+        config["hyper"]["tie_embeddings"] = False
     task = hf_task(hf, converter) if head else None
     if task is not None and not _holds_head(directory, converter, task):
         logger.info("%s: no %s head weights in the checkpoint; loading the encoder", where, task)
@@ -341,6 +343,39 @@ _DERIVED_KEYS = {
     "intermediate_width": ("n_inner", "ffn_hidden_size"),
     "embedding_width": ("embedding_size",),
 }
+
+
+def _stored_head_differs(directory: Path, converter: HFConverter, hyper: Mapping[str, Any]) -> bool:
+    """Whether config.json ties the head to the token embeddings while the weights hold a
+    head of other values. HF transformers then loads the stored head untied, with a
+    warning; so does this (with a warning naming both tensors), rather than skip it."""
+    if hyper.get("tie_embeddings") is not True:
+        return False
+    head = converter.hf_names("lm_head.weight", hyper)
+    table = converter.hf_names("encoder.embeddings.word_embeddings.weight", hyper)
+    if table is None:
+        table = converter.hf_names("decoder.embeddings.word_embeddings.weight", hyper)
+    keys = _checkpoint_keys(directory)
+    if head is None or table is None or keys is None:
+        return False
+    by_name = {name: key for key, name in converter.strip_prefix(keys).items()}
+    head_key, table_key = by_name.get(head[1][0]), by_name.get(table[1][0])
+    if head_key is None or table_key is None:
+        return False
+    with open_checkpoint(directory, "cpu") as ckpt:
+        stored_head, stored_table = ckpt.get(head_key), ckpt.get(table_key)
+        if stored_head.shape == stored_table.shape and bool((stored_head == stored_table).all()):
+            return False
+    logger.warning(
+        "%s: config.json ties the output head to the token embeddings (tie_word_embeddings), "
+        "but the weights hold a %s that differs from %s: loading that head untied "
+        "(hyper.tie_embeddings = false), as HF transformers does. Set tie_word_embeddings "
+        "to false in config.json to say so, or drop the tensor to tie.",
+        directory,
+        head_key,
+        table_key,
+    )
+    return True
 
 
 def check_config_against_weights(
