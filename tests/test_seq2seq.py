@@ -732,3 +732,34 @@ def test_tied_config_with_a_different_stored_head_loads_it_untied_as_hf(
         again = rx.load(path)
     assert again.lm_head.weight is again.encoder.embeddings.word_embeddings.weight
     assert not [r for r in caplog.records if "untied" in r.getMessage()]
+
+
+def _can_compile() -> bool:
+    from test_generation import _can_compile_cpu_kernels
+
+    return _can_compile_cpu_kernels()
+
+
+@pytest.mark.skipif(not _can_compile(), reason="no C++ compiler or Python headers")
+def test_compiled_seq2seq_generation_gives_the_eager_tokens(checkpoints: dict[str, Path]) -> None:
+    """``compile=True`` with T5: two graphs (the prompt: encoder, cross-attention keys and
+    values, start token; one decoding step with the static cache), the eager tokens, and
+    other source lengths and batch sizes reuse both graphs."""
+    import torch._dynamo
+
+    from registry_xf.generation import Generator
+
+    model = rx.load(checkpoints["t5"])
+    prompts = source_batch()
+    eager = Generator(model).generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
+    other = [p[2:] for p in prompts[:2]]
+    eager_other = Generator(model).generate_ids(other, max_new_tokens=20, eos_token_ids=[])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generator = Generator(model, compile=True)
+    try:
+        assert generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[]) == eager
+        assert generator.generate_ids(other, max_new_tokens=20, eos_token_ids=[]) == eager_other
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # prompt, step
+    finally:
+        torch._dynamo.reset()

@@ -14,7 +14,7 @@ import torch
 from ..errors import InputError, RegistryXFError
 from ..registry import registry
 from .processors import LogitsProcessor, next_tokens
-from .seq2seq import is_encoder_decoder, seq2seq_steps
+from .seq2seq import decoding_step, is_encoder_decoder, seq2seq_steps, start_decoding
 from .settings import GenerationSettings, SettingsError
 from .stopping import GenerationState, StoppingCriterion, StopStrings
 
@@ -81,6 +81,12 @@ class Generator:
         self.extra_criteria = list(stopping_criteria)
         self.compiled = compile
         self._forward = compile_for_generation(model) if compile else model
+        # an encoder-decoder's two graphs: the prompt (encoder, cross-attention keys and
+        # values, the decoder's start token), and one decoding step
+        self._start, self._step = start_decoding, decoding_step
+        if compile and is_encoder_decoder(model):
+            self._start = compile_for_generation(start_decoding)
+            self._step = compile_for_generation(decoding_step)
 
     # -- what a call is made of ---------------------------------------------------------
 
@@ -350,6 +356,9 @@ class Generator:
                 criteria=criteria,
                 pad_id=self.pad_id,
                 decode=decode,
+                start=self._start,
+                step=self._step,
+                steady=self._steady,
             )
             yield from (GenerationStep(*step) for step in steps)
             return
@@ -435,10 +444,11 @@ def token_id_lists(prompts: Any) -> list[list[int]]:
     return lists
 
 
-def compile_for_generation(model: torch.nn.Module) -> Any:
-    """``model`` under ``torch.compile``: one whole graph, shapes dynamic (no recompiling
-    per length or batch size). The shape checks the compiler inserts after every library
-    call are left out: a decoding step is short enough that they would count."""
+def compile_for_generation(model: Any) -> Any:
+    """``model`` (a module, or a function of one) under ``torch.compile``: one whole
+    graph, shapes dynamic (no recompiling per length or batch size). The shape checks the
+    compiler inserts after every library call are left out: a decoding step is short
+    enough that they would count."""
     return torch.compile(
         model,
         fullgraph=True,
