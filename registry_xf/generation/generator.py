@@ -359,6 +359,7 @@ class Generator:
                 start=self._start,
                 step=self._step,
                 steady=self._steady,
+                step_mask=self.compiled,
             )
             yield from (GenerationStep(*step) for step in steps)
             return

@@ -56,11 +56,11 @@ def start_decoding(
 
 
 def decoding_step(
-    model: Any, token: torch.Tensor, mask: torch.Tensor, memory: Any, cache: Any
+    model: Any, token: torch.Tensor, mask: torch.Tensor | None, memory: Any, cache: Any
 ) -> torch.Tensor:
-    """The logits after one new token per sequence. ``mask`` (batch, tokens so far) gives
-    the cached length by its shape, which stays symbolic under ``torch.compile``: one
-    graph for every step."""
+    """The logits after one new token per sequence. ``mask`` (batch, tokens so far), when
+    given, gives the cached length by its shape, which stays symbolic under
+    ``torch.compile`` (one graph for every step); eagerly the cache's count does."""
     out = model(
         decoder_input_ids=token[:, None],
         decoder_attention_mask=mask,
@@ -83,11 +83,13 @@ def seq2seq_steps(
     start: Callable[..., tuple[torch.Tensor, Any]] = start_decoding,
     step: Callable[..., torch.Tensor] = decoding_step,
     steady: Callable[[bool], AbstractContextManager] | None = None,
+    step_mask: bool = False,
 ) -> Iterator[Step]:
     """Encode the right-padded sources once, then decode one token per step.
 
     ``start`` and ``step`` are :func:`start_decoding` and :func:`decoding_step`, or their
-    compiled forms; ``steady(after_first_step)`` is the context each step runs in. A
+    compiled forms (which need ``step_mask``: the mask of every token so far, given to
+    each step); ``steady(after_first_step)`` is the context each step runs in. A
     sequence that is done keeps being fed padding (its results are dropped) until every
     sequence is done, as in the causal loop.
     """
@@ -128,4 +130,5 @@ def seq2seq_steps(
             return
         context = steady(n > 0) if steady is not None else nullcontext()
         with torch.inference_mode(), context:
-            logits = step(model, token, mask[:, : length + 1], memory, cache)
+            step_masked = mask[:, : length + 1] if step_mask else None
+            logits = step(model, token, step_masked, memory, cache)
