@@ -130,11 +130,13 @@ def main() -> None:
                 seconds, _ = generate(side, model, prompts, 4)
                 if side == "ours_compiled":
                     results[f"compile_s_batch{batch}"] = seconds
-            for _ in range(args.runs):
+            for run in range(args.runs):
                 results["loads"].append(load_average())
                 for side, model in sides.items():  # taking turns
                     seconds, outputs[side] = generate(side, model, prompts, new_tokens)
                     times[side].append(seconds)
+                rates = ", ".join(f"{s} {batch * new_tokens / t[-1]:.1f}" for s, t in times.items())
+                print(f"batch {batch}, run {run + 1}: tokens/s {rates}", flush=True)
             for side, out in outputs.items():
                 if out != outputs["hf"]:
                     raise SystemExit(f"batch {batch}: {side}'s tokens differ from HF's")

@@ -763,3 +763,46 @@ def test_compiled_seq2seq_generation_gives_the_eager_tokens(checkpoints: dict[st
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # prompt, step
     finally:
         torch._dynamo.reset()
+
+
+def test_generation_settings_are_read_as_hf_reads_them(
+    bart_forced: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """generation_config.json when there is one (config.json's generation keys then count
+    for nothing), else config.json; bad values of the keys applied are CheckpointErrors
+    naming the file and key; settings HF applies and the generator does not are logged."""
+    import logging
+    import shutil
+
+    from registry_xf.errors import CheckpointError
+    from registry_xf.generation import Generator, SettingsError
+
+    path = tmp_path / "bart"
+    shutil.copytree(bart_forced, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(no_repeat_ngram_size=3, forced_bos_token_id=5)
+    (path / "config.json").write_text(json.dumps(config))
+    generation = rx.config_from_hf(path)["generation"]
+    assert "no_repeat_ngram_size" not in generation and generation["forced_bos_token_id"] == 0
+    (path / "generation_config.json").unlink()
+    generation = rx.config_from_hf(path)["generation"]
+    assert generation["no_repeat_ngram_size"] == 3 and generation["forced_bos_token_id"] == 5
+    assert generation["decoder_start_token_id"] == 2 and generation["pad_token_id"] == 1
+
+    beams = {**BART_GENERATION, "num_beams": 4, "length_penalty": 2.0, "bad_words_ids": [[1]]}
+    (path / "generation_config.json").write_text(json.dumps(beams))
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        generation = rx.config_from_hf(path)["generation"]
+    assert generation["suppress_token_ids"] == [1]  # one-token bad words: never generated
+    assert "num_beams=4" in caplog.text and "generation_config.json" in caplog.text
+
+    bad = {**BART_GENERATION, "forced_bos_token_id": "0"}
+    (path / "generation_config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: forced_bos_token_id"):
+        rx.config_from_hf(path)
+
+    outside = {**BART_GENERATION, "forced_bos_token_id": VOCAB + 5}
+    (path / "generation_config.json").write_text(json.dumps(outside))
+    generator = Generator(rx.load(path))
+    with pytest.raises(SettingsError, match="forced_bos_token_id"):
+        generator.generate_ids([[5, 6, 2]], max_new_tokens=3)
