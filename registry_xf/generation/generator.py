@@ -35,10 +35,11 @@ class GenerationStep:
 
 
 class Generator:
-    """Generates text, or token ids, with a causal language model.
+    """Generates text, or token ids, with a causal language model or an encoder-decoder.
 
     ``model`` is a :class:`~registry_xf.assemblies.decoder.CausalLM` (anything with
-    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), or any source
+    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), a
+    :class:`~registry_xf.assemblies.encoder_decoder.Seq2SeqLM`, or any source
     ``registry_xf.load`` takes (a Hub id, a directory, a package, a ``.cfg``), loaded on the
     CPU as stored; ``tokenizer`` defaults to the model's. ``settings`` are the defaults of
     every call, which each call may override by keyword (see :class:`GenerationSettings`).
@@ -48,7 +49,9 @@ class Generator:
     ``compile=True`` runs the model through ``torch.compile`` (whole graph, dynamic
     shapes): the first prompt and the first decoding step each compile once (tens of
     seconds on a CPU), after which every step runs as one fused graph, whatever the
-    batch size, prompt length or step. Worth it for long or repeated generation.
+    batch size, prompt length or step (an encoder-decoder's prompt graph holds the
+    encoder, the cross-attention keys and values and the start token). Worth it for long
+    or repeated generation.
     """
 
     def __init__(
