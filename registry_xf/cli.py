@@ -301,6 +301,8 @@ GENERATION_OPTIONS = (
     "top_p",
     "min_p",
     "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_new_tokens",
     "stop",
     "seed",
 )
@@ -493,6 +495,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--repetition-penalty", type=float, help="penalise tokens already present (> 1)"
+    )
+    generate.add_argument(
+        "--no-repeat-ngram-size", type=int, help="never repeat an n-gram of N tokens (0: off)"
+    )
+    generate.add_argument(
+        "--min-new-tokens", type=int, help="no end-of-sequence token before N new tokens"
     )
     generate.add_argument("--stop", action="append", help="stop before this text (may be repeated)")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")

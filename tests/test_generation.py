@@ -635,3 +635,39 @@ def test_cli_generate_compiled(llama_dir: Path, model: torch.nn.Module, capsys) 
         torch._dynamo.reset()
     out = capsys.readouterr().out
     assert out == Generator(model).generate("the cat", max_new_tokens=12)[0] + "\n"
+
+
+def test_no_repeat_ngram_and_min_new_tokens_match_hf(model: torch.nn.Module, hf_model) -> None:  # type: ignore[no-untyped-def]
+    """Causal generation takes the n-gram and minimum-length settings too (prompts of one
+    length: HF's n-grams would count padding, ours do not)."""
+    prompts = [[BOS, 40, 40, 50, 60], [BOS, 11, 12, 13, 11]]
+    ids, mask = left_pad(prompts)
+    eos = Generator(model).generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])[0][2]
+    for kw in ({"no_repeat_ngram_size": 3}, {"no_repeat_ngram_size": 1}, {"min_new_tokens": 6}):
+        ours = Generator(model).generate_ids(prompts, max_new_tokens=32, eos_token_ids=[eos], **kw)
+        hf = hf_model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            **kw,
+        )
+        expected = []
+        for row in hf[:, ids.shape[1] :].tolist():
+            expected.append(row[: row.index(eos) + 1] if eos in row else row)
+        assert ours == expected, kw
+
+
+def test_cli_generate_ngram_and_min_new_tokens(
+    llama_dir: Path, model: torch.nn.Module, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    argv = ["generate", "--model", str(llama_dir), "the cat", "--max-new-tokens", "12"]
+    assert main([*argv, "--no-repeat-ngram-size", "2", "--min-new-tokens", "4"]) == 0
+    expected = Generator(model).generate(
+        "the cat", max_new_tokens=12, no_repeat_ngram_size=2, min_new_tokens=4
+    )[0]
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*argv, "--no-repeat-ngram-size", "-1"]) == 2
+    assert "no_repeat_ngram_size" in capsys.readouterr().err

@@ -580,3 +580,229 @@ def test_sinusoidal_halves_layout() -> None:
         expected = theirs.create_weight()
         ours = SinusoidalPositions(40, width, layout="halves")
         torch.testing.assert_close(ours.table, expected, atol=1e-6, rtol=0)
+
+
+# --- forced tokens, n-gram repeats, minimum lengths (BART's generation configs) ----------
+
+BART_GENERATION = {  # as bart-large-cnn's generation_config.json, beam search aside
+    "bos_token_id": 0,
+    "decoder_start_token_id": 2,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "forced_bos_token_id": 0,
+    "forced_eos_token_id": 2,
+    "min_length": 12,
+}
+
+
+@pytest.fixture(scope="module")
+def bart_forced(
+    bart_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The BART checkpoint with BART's generation settings in generation_config.json."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("bart_forced") / "bart"
+    shutil.copytree(bart_checkpoints["bart"], path)
+    (path / "generation_config.json").write_text(json.dumps(BART_GENERATION))
+    return path
+
+
+def batch_of(prompts: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        where = slice(0, len(p)) if side == "right" else slice(width - len(p), width)
+        ids[row, where], mask[row, where] = torch.tensor(p), 1
+    return ids, mask
+
+
+def hf_new_tokens(hf: Any, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> list[list[int]]:
+    """HF ``generate``'s new tokens per row (its generation config, changed by ``kw``),
+    each cut after its first end-of-sequence token."""
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+    eos = kw.get("eos_token_id", hf.generation_config.eos_token_id)
+    found = []
+    for row in out[:, 1:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        found.append(row)
+    return found
+
+
+def test_bart_forced_tokens_and_ngrams_equal_hf(bart_forced: Path) -> None:
+    """BART's generation_config.json (forced first and last tokens, min_length) with and
+    without an n-gram ban and end-of-sequence: ours equal HF's ``generate`` tokens for a
+    right-padded batch of 3 (BART's tokenizers pad on the right; its absolute positions
+    make a left-padded source another input, in HF too)."""
+    from registry_xf.generation import Generator
+
+    hf = hf_bart_like(bart_forced, "bart")
+    assert hf.generation_config.forced_bos_token_id == 0  # HF read generation_config.json
+    ours = rx.load(bart_forced)
+    generation = ours.config["generation"]
+    assert generation["forced_bos_token_id"] == 0 and generation["forced_eos_token_ids"] == [2]
+    assert generation["min_length"] == 12
+    generator = Generator(ours)
+    prompts = [p[:-1] + [2] for p in source_batch()]
+    ids, mask = batch_of(prompts, pad=1, side="right")
+    for kw in (
+        {"eos_token_ids": []},
+        {"eos_token_ids": [], "no_repeat_ngram_size": 3},
+        {"no_repeat_ngram_size": 3},
+        {},
+    ):
+        got = generator.generate_ids(prompts, max_new_tokens=32, **kw)
+        hf_kw: dict[str, Any] = {"max_new_tokens": 32}
+        if "no_repeat_ngram_size" in kw:
+            hf_kw["no_repeat_ngram_size"] = kw["no_repeat_ngram_size"]
+        if kw.get("eos_token_ids") == []:
+            hf_kw["eos_token_id"] = None
+        assert got == hf_new_tokens(hf, ids, mask, **hf_kw), kw
+        assert all(row[0] == 0 for row in got)  # the forced first token
+        if kw.get("eos_token_ids") == []:
+            assert all(len(row) == 32 and row[-1] == 2 for row in got)  # the forced last one
+        else:
+            assert all(len(row) >= 11 for row in got)  # min_length 12 counts the start token
+
+
+def test_no_repeat_ngram_changes_t5_greedy_as_hf(checkpoints: dict[str, Path]) -> None:
+    """T5 (relative positions): the source left- or right-padded gives HF the same tokens,
+    and ours equal them; without the setting some 3-gram repeats."""
+    from registry_xf.generation import Generator
+
+    hf = hf_model(checkpoints["t5"])
+    generator = Generator(rx.load(checkpoints["t5"]))
+    prompts = source_batch()
+    got = generator.generate_ids(
+        prompts, max_new_tokens=32, eos_token_ids=[], no_repeat_ngram_size=3
+    )
+    for side in ("left", "right"):
+        ids, mask = batch_of(prompts, pad=0, side=side)
+        expected = hf_new_tokens(
+            hf, ids, mask, max_new_tokens=32, eos_token_id=None, no_repeat_ngram_size=3
+        )
+        assert got == expected, side
+    for row in got:
+        grams = [tuple(([0] + row)[i : i + 3]) for i in range(len(row) - 1)]
+        assert len(grams) == len(set(grams))
+    plain = generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
+    assert plain != got
+
+
+def test_tied_config_with_a_different_stored_head_loads_it_untied_as_hf(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """config.json says tied, the file holds an lm_head.weight of other values: HF
+    transformers 5 warns and loads that head untied; so do we, naming the tensor."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    path = write_t5(tmp_path / "t5", "t5", seed=4)
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["shared.weight"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    hf = hf_model(path)
+    assert hf.lm_head.weight is not hf.shared.weight
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        ours = rx.load(path)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "lm_head.weight" in warned and "shared.weight" in warned and "untied" in warned
+    assert ours.lm_head.weight is not ours.encoder.embeddings.word_embeddings.weight
+    assert torch.equal(ours.lm_head.weight, tensors["lm_head.weight"])
+    assert "lm_head.weight" not in ours.load_report.skipped
+    ids, mask = padded(2, 7, seed=16)
+    target, target_mask = padded(2, 5, seed=17)
+    with torch.no_grad():
+        expected = hf(
+            input_ids=ids,
+            attention_mask=mask,
+            decoder_input_ids=target,
+            decoder_attention_mask=target_mask,
+        ).logits
+        assert_close_where(ours(ids, mask, target, target_mask).logits, expected, target_mask)
+    # a stored head equal to the table stays tied, without a word
+    tensors["lm_head.weight"] = tensors["shared.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        again = rx.load(path)
+    assert again.lm_head.weight is again.encoder.embeddings.word_embeddings.weight
+    assert not [r for r in caplog.records if "untied" in r.getMessage()]
+
+
+def _can_compile() -> bool:
+    from test_generation import _can_compile_cpu_kernels
+
+    return _can_compile_cpu_kernels()
+
+
+@pytest.mark.skipif(not _can_compile(), reason="no C++ compiler or Python headers")
+def test_compiled_seq2seq_generation_gives_the_eager_tokens(checkpoints: dict[str, Path]) -> None:
+    """``compile=True`` with T5: two graphs (the prompt: encoder, cross-attention keys and
+    values, start token; one decoding step with the static cache), the eager tokens, and
+    other source lengths and batch sizes reuse both graphs."""
+    import torch._dynamo
+
+    from registry_xf.generation import Generator
+
+    model = rx.load(checkpoints["t5"])
+    prompts = source_batch()
+    eager = Generator(model).generate_ids(prompts, max_new_tokens=32, eos_token_ids=[])
+    other = [p[2:] for p in prompts[:2]]
+    eager_other = Generator(model).generate_ids(other, max_new_tokens=20, eos_token_ids=[])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generator = Generator(model, compile=True)
+    try:
+        assert generator.generate_ids(prompts, max_new_tokens=32, eos_token_ids=[]) == eager
+        assert generator.generate_ids(other, max_new_tokens=20, eos_token_ids=[]) == eager_other
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # prompt, step
+    finally:
+        torch._dynamo.reset()
+
+
+def test_generation_settings_are_read_as_hf_reads_them(
+    bart_forced: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """generation_config.json when there is one (config.json's generation keys then count
+    for nothing), else config.json; bad values of the keys applied are CheckpointErrors
+    naming the file and key; settings HF applies and the generator does not are logged."""
+    import logging
+    import shutil
+
+    from registry_xf.errors import CheckpointError
+    from registry_xf.generation import Generator, SettingsError
+
+    path = tmp_path / "bart"
+    shutil.copytree(bart_forced, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(no_repeat_ngram_size=3, forced_bos_token_id=5)
+    (path / "config.json").write_text(json.dumps(config))
+    generation = rx.config_from_hf(path)["generation"]
+    assert "no_repeat_ngram_size" not in generation and generation["forced_bos_token_id"] == 0
+    (path / "generation_config.json").unlink()
+    generation = rx.config_from_hf(path)["generation"]
+    assert generation["no_repeat_ngram_size"] == 3 and generation["forced_bos_token_id"] == 5
+    assert generation["decoder_start_token_id"] == 2 and generation["pad_token_id"] == 1
+
+    beams = {**BART_GENERATION, "num_beams": 4, "length_penalty": 2.0, "bad_words_ids": [[1]]}
+    (path / "generation_config.json").write_text(json.dumps(beams))
+    with caplog.at_level(logging.WARNING, logger="registry_xf"):
+        generation = rx.config_from_hf(path)["generation"]
+    assert generation["suppress_token_ids"] == [1]  # one-token bad words: never generated
+    assert "num_beams=4" in caplog.text and "generation_config.json" in caplog.text
+
+    bad = {**BART_GENERATION, "forced_bos_token_id": "0"}
+    (path / "generation_config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: forced_bos_token_id"):
+        rx.config_from_hf(path)
+
+    outside = {**BART_GENERATION, "forced_bos_token_id": VOCAB + 5}
+    (path / "generation_config.json").write_text(json.dumps(outside))
+    generator = Generator(rx.load(path))
+    with pytest.raises(SettingsError, match="forced_bos_token_id"):
+        generator.generate_ids([[5, 6, 2]], max_new_tokens=3)

@@ -14,7 +14,7 @@ import torch
 from ..errors import InputError, RegistryXFError
 from ..registry import registry
 from .processors import LogitsProcessor, next_tokens
-from .seq2seq import is_encoder_decoder, seq2seq_steps
+from .seq2seq import decoding_step, is_encoder_decoder, seq2seq_steps, start_decoding
 from .settings import GenerationSettings, SettingsError
 from .stopping import GenerationState, StoppingCriterion, StopStrings
 
@@ -35,10 +35,11 @@ class GenerationStep:
 
 
 class Generator:
-    """Generates text, or token ids, with a causal language model.
+    """Generates text, or token ids, with a causal language model or an encoder-decoder.
 
     ``model`` is a :class:`~registry_xf.assemblies.decoder.CausalLM` (anything with
-    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), or any source
+    ``new_cache`` and ``forward(..., cache=, last_only=)`` giving ``.logits``), a
+    :class:`~registry_xf.assemblies.encoder_decoder.Seq2SeqLM`, or any source
     ``registry_xf.load`` takes (a Hub id, a directory, a package, a ``.cfg``), loaded on the
     CPU as stored; ``tokenizer`` defaults to the model's. ``settings`` are the defaults of
     every call, which each call may override by keyword (see :class:`GenerationSettings`).
@@ -48,7 +49,9 @@ class Generator:
     ``compile=True`` runs the model through ``torch.compile`` (whole graph, dynamic
     shapes): the first prompt and the first decoding step each compile once (tens of
     seconds on a CPU), after which every step runs as one fused graph, whatever the
-    batch size, prompt length or step. Worth it for long or repeated generation.
+    batch size, prompt length or step (an encoder-decoder's prompt graph holds the
+    encoder, the cross-attention keys and values and the start token). Worth it for long
+    or repeated generation.
     """
 
     def __init__(
@@ -81,6 +84,12 @@ class Generator:
         self.extra_criteria = list(stopping_criteria)
         self.compiled = compile
         self._forward = compile_for_generation(model) if compile else model
+        # an encoder-decoder's two graphs: the prompt (encoder, cross-attention keys and
+        # values, the decoder's start token), and one decoding step
+        self._start, self._step = start_decoding, decoding_step
+        if compile and is_encoder_decoder(model):
+            self._start = compile_for_generation(start_decoding)
+            self._step = compile_for_generation(decoding_step)
 
     # -- what a call is made of ---------------------------------------------------------
 
@@ -92,14 +101,19 @@ class Generator:
     def vocab_size(self) -> int:
         return int(self.model.lm_head.out_features)
 
+    def model_generation(self) -> Mapping[str, Any]:
+        """The model config's ``[generation]`` section (what its checkpoint's HF generation
+        config says), or an empty one."""
+        config = getattr(self.model, "config", None)
+        generation = config.get("generation") if isinstance(config, Mapping) else None
+        return generation if isinstance(generation, Mapping) else {}
+
     def default_eos_token_ids(self) -> list[int]:
         """The model's end-of-sequence ids (its config's ``[generation]``), else the
         tokenizer's end-of-sequence token, else none."""
-        config = getattr(self.model, "config", None)
-        generation = config.get("generation") if isinstance(config, Mapping) else None
-        if isinstance(generation, Mapping) and generation.get("eos_token_ids") is not None:
-            value = generation["eos_token_ids"]
-            return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+        value = self.model_generation().get("eos_token_ids")
+        if value is not None:
+            return _id_list(value)
         return tokenizer_eos_ids(self.tokenizer)
 
     def eos_token_ids(self, settings: GenerationSettings) -> list[int]:
@@ -116,12 +130,54 @@ class Generator:
         eos = self.default_eos_token_ids()
         return eos[0] if eos else 0
 
-    def logits_processors(self, settings: GenerationSettings) -> list[LogitsProcessor]:
-        """The registered processors the settings ask for, in HF's order, then the extras."""
+    def prompt_length(self, padded_width: int = 1) -> int:
+        """How many ids precede the new ones in what processors see: the padded prompt of a
+        causal model, the decoder's start token alone of an encoder-decoder."""
+        return 1 if is_encoder_decoder(self.model) else padded_width
+
+    def min_new_tokens(self, settings: GenerationSettings, prompt_length: int) -> int:
+        """The setting, else the model's ``min_new_tokens``, else its ``min_length`` (as HF
+        counts it: the prompt's padded length, or the decoder's start token, included)."""
+        if settings.min_new_tokens is not None:
+            return settings.min_new_tokens
+        generation = self.model_generation()
+        if generation.get("min_new_tokens") is not None:
+            return int(generation["min_new_tokens"])
+        return max(int(generation.get("min_length") or 0) - prompt_length, 0)
+
+    def logits_processors(
+        self, settings: GenerationSettings, prompt_length: int | None = None
+    ) -> list[LogitsProcessor]:
+        """The registered processors the settings and the model's ``[generation]`` ask for,
+        in HF's order, then the extras. ``prompt_length`` is the padded prompt's length (a
+        causal model's; an encoder-decoder's is its decoder start token, 1): the minimum
+        length and the forced last token count from it."""
         get = registry.logits_processors.get
+        generation = self.model_generation()
+        if prompt_length is None:
+            prompt_length = self.prompt_length()
         found: list[LogitsProcessor] = []
         if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
             found.append(get("registry_xf.RepetitionPenalty.v1")(settings.repetition_penalty))
+        no_repeat = settings.no_repeat_ngram_size
+        if no_repeat is None:
+            no_repeat = generation.get("no_repeat_ngram_size")
+        if no_repeat:
+            found.append(get("registry_xf.NoRepeatNGram.v1")(int(no_repeat)))
+        if generation.get("suppress_token_ids"):
+            suppressed = _id_list(generation["suppress_token_ids"])
+            found.append(get("registry_xf.SuppressTokens.v1")(suppressed))
+        eos = self.eos_token_ids(settings)
+        least = self.min_new_tokens(settings, prompt_length)
+        if least > 0 and eos:
+            found.append(get("registry_xf.MinNewTokens.v1")(least, eos, prompt_length))
+        if generation.get("forced_bos_token_id") is not None:
+            forced = [int(generation["forced_bos_token_id"])]
+            found.append(get("registry_xf.ForcedToken.v1")(forced, at_length=1))
+        if generation.get("forced_eos_token_ids") is not None:
+            forced = _id_list(generation["forced_eos_token_ids"])
+            last = prompt_length + settings.max_new_tokens - 1
+            found.append(get("registry_xf.ForcedToken.v1")(forced, at_length=last))
         if settings.sampling:
             assert settings.temperature is not None
             if settings.temperature != 1.0:
@@ -252,7 +308,17 @@ class Generator:
                 f"longer than the model's {limit} positions: shorten the prompt or ask for "
                 f"at most {max(limit - longest, 0)} new tokens"
             )
-        for source, ids in (("eos_token_ids", self.eos_token_ids(s)), ("pad id", [self.pad_id])):
+        generation = self.model_generation()
+        model_ids = [
+            (f"the model's generation.{key}", _id_list(generation[key]))
+            for key in ("forced_bos_token_id", "forced_eos_token_ids", "suppress_token_ids")
+            if generation.get(key) is not None
+        ]
+        for source, ids in (
+            ("eos_token_ids", self.eos_token_ids(s)),
+            ("pad id", [self.pad_id]),
+            *model_ids,
+        ):
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:
                 raise SettingsError(
@@ -280,7 +346,8 @@ class Generator:
         are dropped) until every sequence is done.
         """
         model, forward = self.model, self._forward
-        processors = self.logits_processors(s)
+        width = max(len(p) for p in prompts)
+        processors = self.logits_processors(s, self.prompt_length(width))
         criteria = self.stopping_criteria(s)
         if is_encoder_decoder(model):  # the source encoded once, then the decoder's loop
             decode = self.decode if self.tokenizer is not None else None
@@ -292,6 +359,10 @@ class Generator:
                 criteria=criteria,
                 pad_id=self.pad_id,
                 decode=decode,
+                start=self._start,
+                step=self._step,
+                steady=self._steady,
+                step_mask=self.compiled,
             )
             yield from (GenerationStep(*step) for step in steps)
             return
@@ -346,6 +417,11 @@ class Generator:
             logits = out.logits[:, -1]
 
 
+def _id_list(value: Any) -> list[int]:
+    """An id or a list of ids (as a config holds them) as a list of ints."""
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
 def token_id_lists(prompts: Any) -> list[list[int]]:
     """Prompts as lists of Python ints: from lists, tuples, numpy arrays or tensors of
     integers (numpy and torch integers included). Anything else is an InputError."""
@@ -376,10 +452,11 @@ def token_id_lists(prompts: Any) -> list[list[int]]:
     return lists
 
 
-def compile_for_generation(model: torch.nn.Module) -> Any:
-    """``model`` under ``torch.compile``: one whole graph, shapes dynamic (no recompiling
-    per length or batch size). The shape checks the compiler inserts after every library
-    call are left out: a decoding step is short enough that they would count."""
+def compile_for_generation(model: Any) -> Any:
+    """``model`` (a module, or a function of one) under ``torch.compile``: one whole
+    graph, shapes dynamic (no recompiling per length or batch size). The shape checks the
+    compiler inserts after every library call are left out: a decoding step is short
+    enough that they would count."""
     return torch.compile(
         model,
         fullgraph=True,

@@ -169,6 +169,125 @@ class RepetitionPenalty:
         return f"RepetitionPenalty({self.penalty})"
 
 
+class NoRepeatNGram:
+    """Never complete an n-gram of ``n`` tokens that the sequence already holds.
+
+    As HF's ``NoRepeatNGramLogitsProcessor`` (fairseq's ``no_repeat_ngram_size``): the
+    last ``n - 1`` tokens are matched against every earlier window of ``n - 1`` tokens, and
+    the token that followed each match is removed. The prompt counts (an encoder-decoder's
+    decoder ids start with the start token); windows that reach into padding do not.
+    """
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise SettingsError(f"no_repeat_ngram_size must be >= 1 (found {n})")
+        self.n = n
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n, length = self.n, input_ids.shape[-1]
+        if length < n:  # no complete n-gram yet
+            return scores
+        windows = input_ids.unfold(-1, n, 1)  # (batch, length - n + 1, n)
+        prefix = input_ids[:, length - n + 1 :]  # the n - 1 tokens the next one follows
+        match = (windows[..., :-1] == prefix[:, None, :]).all(-1)
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            match &= real.unfold(-1, n, 1).all(-1)
+            match &= real[:, length - n + 1 :].all(-1, keepdim=True)
+        # counted, not scattered as bools: a window that does not match must not undo a ban
+        hits = torch.zeros_like(scores).scatter_add_(-1, windows[..., -1], match.to(scores.dtype))
+        return scores.masked_fill(hits > 0, float("-inf"))
+
+    def __repr__(self) -> str:
+        return f"NoRepeatNGram({self.n})"
+
+
+class MinNewTokens:
+    """Remove the end-of-sequence tokens until ``min_new_tokens`` new tokens are made.
+
+    ``prompt_length`` is the (padded) length of what precedes the new tokens in
+    ``input_ids``: the prompt of a causal model, the decoder's start token of an
+    encoder-decoder. As HF's ``MinNewTokensLengthLogitsProcessor``.
+    """
+
+    def __init__(self, min_new_tokens: int, eos_token_ids: Sequence[int], prompt_length: int):
+        self.min_new_tokens = min_new_tokens
+        self.eos_token_ids = list(eos_token_ids)
+        self.prompt_length = prompt_length
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids.shape[-1] - self.prompt_length >= self.min_new_tokens:
+            return scores
+        scores = scores.clone()
+        scores[:, self.eos_token_ids] = float("-inf")
+        return scores
+
+    def __repr__(self) -> str:
+        return f"MinNewTokens({self.min_new_tokens}, eos={self.eos_token_ids})"
+
+
+class SuppressTokens:
+    """Never generate any of ``token_ids`` (HF's ``suppress_tokens``, and the
+    single-token ``bad_words_ids`` that Marian's checkpoints give for their padding)."""
+
+    def __init__(self, token_ids: Sequence[int]):
+        self.token_ids = sorted(set(token_ids))
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.token_ids] = float("-inf")
+        return scores
+
+    def __repr__(self) -> str:
+        return f"SuppressTokens({self.token_ids})"
+
+
+class ForcedToken:
+    """Make ``token_ids`` the only candidates (the first, when scores tie: HF's argmax)
+    when ``input_ids`` holds ``at_length`` tokens.
+
+    BART's ``forced_bos_token_id`` is the first new token of an encoder-decoder (its
+    decoder ids are then the start token alone: ``at_length`` 1);
+    ``forced_eos_token_id`` is the last one that ``max_new_tokens`` allows
+    (``at_length`` = prompt length + max_new_tokens - 1). As HF's
+    ``ForcedBOSTokenLogitsProcessor`` and ``ForcedEOSTokenLogitsProcessor``.
+    """
+
+    def __init__(self, token_ids: Sequence[int], at_length: int):
+        self.token_ids = list(token_ids)
+        self.at_length = at_length
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids.shape[-1] != self.at_length:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token_ids] = 0.0
+        return forced
+
+    def __repr__(self) -> str:
+        return f"ForcedToken({self.token_ids}, at_length={self.at_length})"
+
+
 def next_tokens(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -221,3 +340,34 @@ def repetition_penalty(
 ) -> RepetitionPenalty:
     """Divide positive and multiply negative scores of tokens already present by ``penalty``."""
     return RepetitionPenalty(penalty)
+
+
+@registry.logits_processors.register("registry_xf.NoRepeatNGram.v1")
+def no_repeat_ngram(n: Annotated[int, Field(ge=1)]) -> NoRepeatNGram:
+    """Remove every token that would repeat an n-gram of ``n`` tokens already present."""
+    return NoRepeatNGram(n)
+
+
+@registry.logits_processors.register("registry_xf.MinNewTokens.v1")
+def min_new_tokens(
+    min_new_tokens: Annotated[int, Field(ge=0)],
+    eos_token_ids: list[Annotated[int, Field(ge=0)]],
+    prompt_length: Annotated[int, Field(ge=0)],
+) -> MinNewTokens:
+    """Remove the end-of-sequence tokens until ``min_new_tokens`` new tokens are made."""
+    return MinNewTokens(min_new_tokens, eos_token_ids, prompt_length)
+
+
+@registry.logits_processors.register("registry_xf.SuppressTokens.v1")
+def suppress_tokens(token_ids: list[Annotated[int, Field(ge=0)]]) -> SuppressTokens:
+    """Never generate any of ``token_ids``."""
+    return SuppressTokens(token_ids)
+
+
+@registry.logits_processors.register("registry_xf.ForcedToken.v1")
+def forced_token(
+    token_ids: list[Annotated[int, Field(ge=0)]], at_length: Annotated[int, Field(ge=1)]
+) -> ForcedToken:
+    """Force one of ``token_ids`` as the next token when the ids so far are ``at_length``
+    long (BART's forced first and last tokens)."""
+    return ForcedToken(token_ids, at_length)

@@ -10,6 +10,7 @@ criteria see the decoder's ids (start token, then the new tokens), as HF's do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -38,6 +39,38 @@ def decoder_ids(model: Any, fallback_pad: int) -> tuple[int, int]:
     return int(generation.get("decoder_start_token_id", pad)), int(pad)
 
 
+def start_decoding(
+    model: Any,
+    source: torch.Tensor,
+    source_mask: torch.Tensor,
+    start_ids: torch.Tensor,
+    cache: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Encode the sources and run the decoder's start tokens: (the logits of the first new
+    token, the encoder's memory with every cross-attention layer's keys and values).
+
+    One function, so that under ``torch.compile`` it is one graph: the prompt's."""
+    memory, _ = model.encode(source, source_mask)
+    out = model(decoder_input_ids=start_ids, memory=memory, cache=cache, last_only=True)
+    return out.logits[:, -1], memory
+
+
+def decoding_step(
+    model: Any, token: torch.Tensor, mask: torch.Tensor | None, memory: Any, cache: Any
+) -> torch.Tensor:
+    """The logits after one new token per sequence. ``mask`` (batch, tokens so far), when
+    given, gives the cached length by its shape, which stays symbolic under
+    ``torch.compile`` (one graph for every step); eagerly the cache's count does."""
+    out = model(
+        decoder_input_ids=token[:, None],
+        decoder_attention_mask=mask,
+        memory=memory,
+        cache=cache,
+        last_only=True,
+    )
+    return out.logits[:, -1]
+
+
 def seq2seq_steps(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -47,13 +80,20 @@ def seq2seq_steps(
     criteria: Sequence[StoppingCriterion],
     pad_id: int,
     decode: Callable[[Sequence[int]], str] | None,
+    start: Callable[..., tuple[torch.Tensor, Any]] = start_decoding,
+    step: Callable[..., torch.Tensor] = decoding_step,
+    steady: Callable[[bool], AbstractContextManager] | None = None,
+    step_mask: bool = False,
 ) -> Iterator[Step]:
     """Encode the right-padded sources once, then decode one token per step.
 
-    A sequence that is done keeps being fed padding (its results are dropped) until every
+    ``start`` and ``step`` are :func:`start_decoding` and :func:`decoding_step`, or their
+    compiled forms (which need ``step_mask``: the mask of every token so far, given to
+    each step); ``steady(after_first_step)`` is the context each step runs in. A
+    sequence that is done keeps being fed padding (its results are dropped) until every
     sequence is done, as in the causal loop.
     """
-    start, pad = decoder_ids(model, pad_id)
+    start_id, pad = decoder_ids(model, pad_id)
     device = model.device
     batch, width = len(prompts), max(len(p) for p in prompts)
     source = torch.full((batch, width), pad, dtype=torch.long)
@@ -64,7 +104,7 @@ def seq2seq_steps(
     source, source_mask = source.to(device), source_mask.to(device)
     total = 1 + s.max_new_tokens
     ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
-    ids[:, 0] = start
+    ids[:, 0] = start_id
     mask = torch.ones((batch, total), dtype=torch.long, device=device)
     rng = None
     if s.sampling and s.seed is not None:
@@ -72,11 +112,9 @@ def seq2seq_steps(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_cache(batch, total)
     with torch.inference_mode():
-        memory, _ = model.encode(source, source_mask)
-        out = model(decoder_input_ids=ids[:, :1], memory=memory, cache=cache, last_only=True)
-    logits = out.logits[:, -1]
-    for step in range(s.max_new_tokens):
-        length = 1 + step
+        logits, memory = start(model, source, source_mask, ids[:, :1], cache)
+    for n in range(s.max_new_tokens):
+        length = 1 + n
         active = ~finished
         token = next_tokens(
             logits, ids[:, :length], mask[:, :length], processors, s.sampling, rng, finished, pad
@@ -90,8 +128,7 @@ def seq2seq_steps(
         yield token, active, finished
         if bool(finished.all()):
             return
-        with torch.inference_mode():
-            out = model(
-                decoder_input_ids=token[:, None], memory=memory, cache=cache, last_only=True
-            )
-        logits = out.logits[:, -1]
+        context = steady(n > 0) if steady is not None else nullcontext()
+        with torch.inference_mode(), context:
+            step_masked = mask[:, : length + 1] if step_mask else None
+            logits = step(model, token, step_masked, memory, cache)

@@ -35,7 +35,10 @@ class GenerationSettings(BaseModel):
     it samples, and ``top_k``, ``top_p`` and ``min_p`` narrow what may be sampled.
     ``eos_token_ids`` None takes the model's (from its HF ``generation_config.json`` or
     ``config.json``, else the tokenizer's end-of-sequence token); ``[]`` never stops at an
-    end-of-sequence token. ``stop`` strings end a sequence once its new text contains one;
+    end-of-sequence token. ``no_repeat_ngram_size`` n > 0 never repeats an n-gram (prompt
+    included; 0: off); ``min_new_tokens`` holds the end-of-sequence tokens back until that
+    many new tokens are made; None takes the model's (from its HF generation config), as
+    for ``eos_token_ids``. ``stop`` strings end a sequence once its new text contains one;
     the text returned is cut before it. ``seed`` makes sampling reproducible.
 
     Ranges: ``max_new_tokens`` 1 to 2**20; ``temperature`` finite and >= 0 (a tiny one
@@ -55,6 +58,8 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float | None = Field(
         default=None, ge=MIN_PENALTY, le=MAX_PENALTY, allow_inf_nan=False
     )
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0, le=MAX_NEW_TOKENS)
+    min_new_tokens: int | None = Field(default=None, ge=0, le=MAX_NEW_TOKENS)
     eos_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -66,6 +71,8 @@ class GenerationSettings(BaseModel):
         "top_p",
         "min_p",
         "repetition_penalty",
+        "no_repeat_ngram_size",
+        "min_new_tokens",
         "seed",
         mode="before",
     )

@@ -28,6 +28,7 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .checkpoint import checkpoint_files, open_checkpoint, stored_shapes
+from .hf_generation import generation_section
 from .materialise import parameter_slots
 from .paths import safe_join
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
@@ -139,24 +140,6 @@ def _cross_encoder_activation(hf: Mapping[str, Any]) -> str | None:
     return legacy if isinstance(legacy, str) else None
 
 
-def _eos_token_ids(directory: Path, hf: Mapping[str, Any]) -> list[int] | None:
-    """The end-of-sequence ids generation_config.json (else config.json) records, if any."""
-    generation: Any = {}
-    path = directory / "generation_config.json"
-    if path.is_file():
-        try:
-            generation = json.loads(path.read_text(encoding="utf8"))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    for source in (generation, hf):
-        value = source.get("eos_token_id") if isinstance(source, Mapping) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return [value]
-        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-            return list(value)
-    return None
-
-
 def _requested_converter(overrides: Mapping[str, Any] | None) -> HFConverter | None:
     """The converter an override of ``weights.converter`` names: it also picks the family
     config (the encoder alone of a T5 checkpoint: ``registry_xf.HFT5Encoder.v1``)."""
@@ -165,21 +148,6 @@ def _requested_converter(overrides: Mapping[str, Any] | None) -> HFConverter | N
     if value is None and isinstance(section, Mapping):
         value = section.get("@converters")
     return registry.converters.get(value)() if isinstance(value, str) else None
-
-
-def _decoder_start(directory: Path, hf: Mapping[str, Any]) -> dict[str, int]:
-    """An encoder-decoder's ``decoder_start_token_id`` and ``pad_token_id``, from
-    generation_config.json, else config.json (T5: both the padding id, 0)."""
-    path = directory / "generation_config.json"
-    generation: Any = json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
-    found: dict[str, int] = {}
-    for key in ("decoder_start_token_id", "pad_token_id"):
-        for source in (generation, hf):
-            value = source.get(key) if isinstance(source, Mapping) else None
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                found[key] = value
-                break
-    return found
 
 
 WITH_HEAD = "registry_xf.EncoderWithHead.v1"
@@ -225,6 +193,8 @@ def hf_config(
         {f"hyper.{k}": v for k, v in hyper.items()},
     )
     check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
+    if _stored_head_differs(directory, converter, interpolate(config).get("hyper", {})):
+        config["hyper"]["tie_embeddings"] = False
     task = hf_task(hf, converter) if head else None
     if task is not None and not _holds_head(directory, converter, task):
         logger.info("%s: no %s head weights in the checkpoint; loading the encoder", where, task)
@@ -255,12 +225,11 @@ def hf_config(
     if activation is not None and task == "sequence_classification":
         config["cross_encoder"] = {"activation_fn": activation}
     architecture = config["model"].get("@architectures")
-    generates = architecture in ("registry_xf.CausalLM.v1", "registry_xf.Seq2SeqLM.v1")
-    eos = _eos_token_ids(directory, hf) if generates else None
-    if eos is not None:
-        config["generation"] = {"eos_token_ids": eos}
-    if architecture == "registry_xf.Seq2SeqLM.v1":
-        config["generation"] = {**config.get("generation", {}), **_decoder_start(directory, hf)}
+    if architecture in ("registry_xf.CausalLM.v1", "registry_xf.Seq2SeqLM.v1"):
+        seq2seq = architecture == "registry_xf.Seq2SeqLM.v1"
+        generation = generation_section(directory, hf, encoder_decoder=seq2seq)
+        if generation:
+            config["generation"] = generation
     if not overrides:
         return config
     try:
@@ -375,6 +344,39 @@ _DERIVED_KEYS = {
     "intermediate_width": ("n_inner", "ffn_hidden_size"),
     "embedding_width": ("embedding_size",),
 }
+
+
+def _stored_head_differs(directory: Path, converter: HFConverter, hyper: Mapping[str, Any]) -> bool:
+    """Whether config.json ties the head to the token embeddings while the weights hold a
+    head of other values. HF transformers then loads the stored head untied, with a
+    warning; so does this (with a warning naming both tensors), rather than skip it."""
+    if hyper.get("tie_embeddings") is not True:
+        return False
+    head = converter.hf_names("lm_head.weight", hyper)
+    table = converter.hf_names("encoder.embeddings.word_embeddings.weight", hyper)
+    if table is None:
+        table = converter.hf_names("decoder.embeddings.word_embeddings.weight", hyper)
+    keys = _checkpoint_keys(directory)
+    if head is None or table is None or keys is None:
+        return False
+    by_name = {name: key for key, name in converter.strip_prefix(keys).items()}
+    head_key, table_key = by_name.get(head[1][0]), by_name.get(table[1][0])
+    if head_key is None or table_key is None:
+        return False
+    with open_checkpoint(directory, "cpu") as ckpt:
+        stored_head, stored_table = ckpt.get(head_key), ckpt.get(table_key)
+        if stored_head.shape == stored_table.shape and bool((stored_head == stored_table).all()):
+            return False
+    logger.warning(
+        "%s: config.json ties the output head to the token embeddings (tie_word_embeddings), "
+        "but the weights hold a %s that differs from %s: loading that head untied "
+        "(hyper.tie_embeddings = false), as HF transformers does. Set tie_word_embeddings "
+        "to false in config.json to say so, or drop the tensor to tie.",
+        directory,
+        head_key,
+        table_key,
+    )
+    return True
 
 
 def check_config_against_weights(
