@@ -7,6 +7,7 @@ from .cross_attention import CrossAttention, EncoderMemory
 from .embeddings import TransformerEmbeddings
 from .feedforward import FeedForward
 from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
+from .token_merging import TokenMerging
 from .norms import LayerNorm, RMSNorm
 from .positions import ALiBi, LearnedPositions, RotaryEmbeddings, SinusoidalPositions
 from .relative_bias import RelativePositionBias
@@ -29,6 +30,7 @@ __all__ = [
     "SelfAttention",
     "SharedLayerStack",
     "SinusoidalPositions",
+    "TokenMerging",
     "TransformerEmbeddings",
     "TransformerLayer",
 ]

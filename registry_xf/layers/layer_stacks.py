@@ -15,6 +15,7 @@ from torch import nn
 
 from ..registry import registry
 from ..types import MAX_PARAMETERS, LayerCount
+from .token_merging import TokenMerging, check_layers
 
 
 def clone(module: nn.Module) -> nn.Module:
@@ -62,7 +63,13 @@ def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
 
 
 class LayerStack(nn.ModuleList):
-    """``n_layers`` independent copies of one layer."""
+    """``n_layers`` independent copies of one layer.
+
+    Every stack may carry a ``token_merging`` (encoders only): a plain attribute, since
+    a module there would be iterated as one of the layers.
+    """
+
+    token_merging: TokenMerging | None = None
 
     def __init__(self, layer: nn.Module, n_layers: int):
         super().__init__(clone(layer) for _ in range(n_layers))
@@ -73,6 +80,8 @@ class LayerStack(nn.ModuleList):
 
 class SharedLayerStack(nn.ModuleList):
     """``n_groups`` distinct layers, each run ``n_layers / n_groups`` times in turn (ALBERT)."""
+
+    token_merging: TokenMerging | None = None
 
     def __init__(self, layer: nn.Module, n_layers: int, n_groups: int = 1):
         if n_layers % n_groups:
@@ -88,6 +97,8 @@ class SharedLayerStack(nn.ModuleList):
 class PatternLayerStack(nn.ModuleList):
     """Layers of several kinds in a repeating pattern, e.g. local/local/global attention."""
 
+    token_merging: TokenMerging | None = None
+
     def __init__(self, kinds: dict[str, nn.Module], pattern: Sequence[str], n_layers: int):
         unknown = sorted(set(pattern) - set(kinds))
         if unknown:
@@ -102,27 +113,46 @@ class PatternLayerStack(nn.ModuleList):
 
 
 @registry.layers.register("registry_xf.LayerStack.v1")
-def layer_stack(layer: nn.Module, n_layers: LayerCount) -> nn.Module:
-    """``n_layers`` copies of ``layer``, each with its own weights."""
-    return LayerStack(within_size_bound(layer, n_layers), n_layers)
+def layer_stack(
+    layer: nn.Module, n_layers: LayerCount, token_merging: TokenMerging | None = None
+) -> nn.Module:
+    """``n_layers`` copies of ``layer``, each with its own weights; ``token_merging``
+    shortens an encoder's sequences between layers."""
+    stack = LayerStack(within_size_bound(layer, n_layers), n_layers)
+    return with_merging(stack, token_merging, n_layers)
 
 
 @registry.layers.register("registry_xf.SharedLayerStack.v1")
 def shared_layer_stack(
-    layer: nn.Module, n_layers: LayerCount, n_groups: LayerCount = 1
+    layer: nn.Module,
+    n_layers: LayerCount,
+    n_groups: LayerCount = 1,
+    token_merging: TokenMerging | None = None,
 ) -> nn.Module:
     """``n_layers`` layer applications sharing the weights of ``n_groups`` layers (ALBERT)."""
-    return SharedLayerStack(within_size_bound(layer, n_groups), n_layers, n_groups)
+    stack = SharedLayerStack(within_size_bound(layer, n_groups), n_layers, n_groups)
+    return with_merging(stack, token_merging, n_layers)
 
 
 @registry.layers.register("registry_xf.PatternLayerStack.v1")
 def pattern_layer_stack(
-    kinds: dict[str, nn.Module], pattern: list[str], n_layers: LayerCount
+    kinds: dict[str, nn.Module],
+    pattern: list[str],
+    n_layers: LayerCount,
+    token_merging: TokenMerging | None = None,
 ) -> nn.Module:
     """Layers whose kind follows ``pattern`` cyclically (alternating attention, as Gemma 2)."""
     for kind in kinds.values():
         within_size_bound(kind, n_layers)
-    return PatternLayerStack(kinds, pattern, n_layers)
+    return with_merging(PatternLayerStack(kinds, pattern, n_layers), token_merging, n_layers)
+
+
+def with_merging(stack: nn.Module, merging: TokenMerging | None, n_layers: int) -> nn.Module:
+    """``stack`` carrying ``merging`` (checked against its layers), or as it is."""
+    check_layers(merging, n_layers)
+    if merging is not None:
+        stack.token_merging = merging
+    return stack
 
 
 def within_size_bound(layer: nn.Module, copies: int) -> nn.Module:
