@@ -53,7 +53,7 @@ class Encoder(Assembly):
         layers = self.layers.applied()
         merging = getattr(self.layers, "token_merging", None)  # a stack of a plugin: none
         if merging is not None and merging.enabled:
-            merged = merging.start(input_ids, mask.key_mask, positions)
+            merged = merging.start(input_ids, mask, positions)
         else:
             merging = merged = None
         for i, layer in enumerate(layers):

@@ -7,10 +7,10 @@ from .cross_attention import CrossAttention, EncoderMemory
 from .embeddings import TransformerEmbeddings
 from .feedforward import FeedForward
 from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
-from .token_merging import TokenMerging
 from .norms import LayerNorm, RMSNorm
 from .positions import ALiBi, LearnedPositions, RotaryEmbeddings, SinusoidalPositions
 from .relative_bias import RelativePositionBias
+from .token_merging import TokenMerging
 from .transformer_layer import TransformerLayer
 
 __all__ = [

@@ -39,6 +39,7 @@ class MergeState:
     token, 0 for columns that only pad a row that merged more than another), ``real`` (a
     token to attend to), ``protected`` (never merged: special tokens and padding) and
     ``positions`` (the original position of the token that received the merges).
+    ``shared_bias`` is the unmerged pass's bias (T5's relative positions), if any.
     """
 
     source: torch.Tensor
@@ -46,6 +47,7 @@ class MergeState:
     real: torch.Tensor
     protected: torch.Tensor
     positions: torch.Tensor
+    shared_bias: torch.Tensor | None = None
     merged: bool = False
 
 
@@ -80,18 +82,15 @@ class TokenMerging:
         return layer in self.layers
 
     def start(
-        self,
-        input_ids: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        positions: torch.Tensor | None,
+        self, input_ids: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None
     ) -> MergeState:
         """The state before any merge: every token its own group."""
         b, n = input_ids.shape
         device = input_ids.device
         real = (
             torch.ones(b, n, dtype=torch.bool, device=device)
-            if key_mask is None
-            else key_mask.to(device=device, dtype=torch.bool)
+            if mask.key_mask is None
+            else mask.key_mask.to(device=device, dtype=torch.bool)
         )
         if positions is None:
             positions = torch.arange(n, device=device)[None, :]
@@ -101,6 +100,7 @@ class TokenMerging:
             real=real,
             protected=~real | special_tokens(input_ids, real),
             positions=positions.to(device).expand(b, n),
+            shared_bias=mask.bias,
         )
 
     def tokens_to_merge(self, state: MergeState) -> torch.Tensor:
@@ -115,13 +115,18 @@ class TokenMerging:
         return torch.where(n_real >= self.min_length, torch.minimum(wanted, room), 0)
 
     def merge(
-        self, x: torch.Tensor, state: MergeState, mask: AttentionMask
+        self,
+        x: torch.Tensor,
+        state: MergeState,
+        mask: AttentionMask,
+        metric: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MergeState, AttentionMask]:
-        """Merge ``x`` (batch, seq, width) once; the new states, state and attention mask."""
+        """Merge ``x`` (batch, seq, width) once, matching tokens by ``metric`` (default: the
+        states themselves); the new states, state and attention mask."""
         counts = self.tokens_to_merge(state)
         if x.shape[1] < 2 or not bool(counts.any()):
             return x, state, mask
-        x, state = bipartite_merge(x, state, counts)
+        x, state = bipartite_merge(x, state, counts, metric)
         return x, state, merged_mask(state, mask)
 
     def unmerge(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:
@@ -148,7 +153,7 @@ def special_tokens(input_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_merge(
-    x: torch.Tensor, state: MergeState, counts: torch.Tensor
+    x: torch.Tensor, state: MergeState, counts: torch.Tensor, metric: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, MergeState]:
     """Merge ``counts[i]`` tokens of row ``i`` by bipartite soft matching (at most the
     number of A tokens that have an unprotected B partner), keeping the order of the rest.
@@ -160,7 +165,7 @@ def bipartite_merge(
     device = x.device
     index = torch.arange(n, device=device)
     a_index, b_index = index[0::2], index[1::2]
-    metric = F.normalize(x, dim=-1)
+    metric = F.normalize(x if metric is None else metric, dim=-1)
     scores = metric[:, a_index] @ metric[:, b_index].transpose(1, 2)  # (batch, A, B)
     blocked = state.protected[:, a_index, None] | state.protected[:, None, b_index]
     scores = scores.masked_fill(blocked, float("-inf"))
@@ -200,6 +205,7 @@ def bipartite_merge(
         real=state.real.gather(1, kept) & filled,
         protected=state.protected.gather(1, kept) | ~filled,
         positions=torch.where(filled, state.positions.gather(1, kept), 0),
+        shared_bias=state.shared_bias,
         merged=True,
     )
 
@@ -210,8 +216,8 @@ def merged_mask(state: MergeState, before: AttentionMask) -> AttentionMask:
     positions, looked up at the tokens' original positions)."""
     log_sizes = state.sizes.clamp(min=1).log()[:, None, None, :]
     bias = log_sizes
-    if before.bias is not None:
-        bias = bias + _gathered_bias(before.bias, state.positions)
+    if state.shared_bias is not None:
+        bias = bias + _gathered_bias(state.shared_bias, state.positions)
     return AttentionMask(state.real, causal=before.causal, bias=bias)
 
 
@@ -224,21 +230,28 @@ def _gathered_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return rows.gather(3, positions[:, None, None, :].expand(b, heads, s, s))
 
 
+DEFAULT_FRACTION = 0.1
+"""Share of a sequence's real tokens merged after each layer when neither ``r`` nor
+``fraction`` is given; chosen from bench/bench_token_merging.py (docs/token-merging.md)."""
+DEFAULT_MIN_LENGTH = 32
+"""Real tokens below which a sequence is not merged (short texts lose the most)."""
+
+
 @registry.layers.register("registry_xf.TokenMerging.v1")
 def token_merging(
-    r: int = 0,
+    r: int | None = None,
     fraction: Fraction | None = None,
     layers: list[int] | None = None,
-    min_length: PositionCount = 32,
+    min_length: PositionCount = DEFAULT_MIN_LENGTH,
 ) -> TokenMerging:
     """Token Merging for an encoder's layer stack (its ``token_merging`` setting): merge ``r``
-    tokens per sequence, or ``fraction`` of its real tokens, after each layer in ``layers``
-    (0-based; default every layer but the last); sequences stay at least ``min_length``
-    real tokens long, and shorter ones are not merged."""
+    tokens per sequence, or ``fraction`` of its real tokens (default 0.1), after each layer
+    in ``layers`` (0-based; default every layer but the last); sequences stay at least
+    ``min_length`` real tokens long, and shorter ones are not merged. ``r = 0`` turns it off."""
     problems = []
-    if r < 0:
+    if r is not None and r < 0:
         problems.append(ConfigProblem("r", "expected 0 or more tokens per layer", r, True))
-    if r and fraction:
+    if r is not None and fraction is not None:
         problems.append(
             ConfigProblem("fraction", f"give r ({r}) or fraction, not both", fraction, True)
         )
@@ -246,7 +259,9 @@ def token_merging(
         problems.append(ConfigProblem("layers", "expected 0-based layer indices", layers, True))
     if problems:
         raise ConfigError(problems)
-    return TokenMerging(r=r, fraction=fraction, layers=layers, min_length=min_length)
+    if r is None and fraction is None:
+        fraction = DEFAULT_FRACTION
+    return TokenMerging(r=r or 0, fraction=fraction, layers=layers, min_length=min_length)
 
 
 def check_layers(merging: TokenMerging | None, n_layers: int) -> None:
