@@ -163,11 +163,10 @@ def bipartite_merge(
     """
     b, n, width = x.shape
     device = x.device
-    index = torch.arange(n, device=device)
-    a_index, b_index = index[0::2], index[1::2]
     metric = F.normalize(x if metric is None else metric, dim=-1)
-    scores = metric[:, a_index] @ metric[:, b_index].transpose(1, 2)  # (batch, A, B)
-    blocked = state.protected[:, a_index, None] | state.protected[:, None, b_index]
+    # A: even positions, B: odd ones (slices are views: no copies)
+    scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)  # (batch, A, B)
+    blocked = state.protected[:, 0::2, None] | state.protected[:, None, 1::2]
     scores = scores.masked_fill(blocked, float("-inf"))
     best, partner = scores.max(-1)  # each A token's closest B token
     available = torch.isfinite(best)
@@ -179,8 +178,8 @@ def bipartite_merge(
     merged_a = (rank < counts[:, None]) & available  # (batch, A)
 
     # Every token's destination: itself, or the B token it merges into.
-    destination = index.expand(b, n).clone()
-    destination[:, a_index] = torch.where(merged_a, b_index[partner], a_index)
+    destination = torch.arange(n, device=device).expand(b, n).clone()
+    destination[:, 0::2] = torch.where(merged_a, 2 * partner + 1, destination[:, 0::2])
     sizes = state.sizes
     weighted = torch.zeros_like(x).scatter_add_(
         1, destination[..., None].expand(-1, -1, width), x * sizes[..., None].to(x.dtype)
@@ -188,7 +187,7 @@ def bipartite_merge(
     totals = torch.zeros_like(sizes).scatter_add_(1, destination, sizes)
 
     keep = torch.ones(b, n, dtype=torch.bool, device=device)
-    keep[:, a_index] = ~merged_a
+    keep[:, 0::2] = ~merged_a
     new_width = n - int(counts.min())
     kept = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :new_width]
     filled = torch.arange(new_width, device=device)[None, :] < keep.sum(1, keepdim=True)
