@@ -53,7 +53,7 @@ class MergeState:
 
 class TokenMerging:
     """Merge ``r`` tokens per sequence (or ``fraction`` of its real tokens) after each layer
-    in ``layers`` (0-based; None: every layer but the last), never below ``min_length``
+    in ``layers`` (0-based; None: from the first third on, but the last), never below ``min_length``
     real tokens; a sequence shorter than that is left whole.
 
     A plain object, not a module: it holds no weights and sits beside a stack's layers.
@@ -76,9 +76,10 @@ class TokenMerging:
         return bool(self.r) or bool(self.fraction)
 
     def merges_after(self, layer: int, n_layers: int) -> bool:
-        """Whether the output of layer ``layer`` (0-based) of ``n_layers`` is merged."""
+        """Whether the output of layer ``layer`` (0-based) of ``n_layers`` is merged; by
+        default every layer from the first third on but the last (2, 3, 4 of 6)."""
         if self.layers is None:
-            return layer < n_layers - 1
+            return n_layers // 3 <= layer < n_layers - 1
         return layer in self.layers
 
     def start(
@@ -229,7 +230,7 @@ def _gathered_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return rows.gather(3, positions[:, None, None, :].expand(b, heads, s, s))
 
 
-DEFAULT_FRACTION = 0.1
+DEFAULT_FRACTION = 0.2
 """Share of a sequence's real tokens merged after each layer when neither ``r`` nor
 ``fraction`` is given; chosen from bench/bench_token_merging.py (docs/token-merging.md)."""
 DEFAULT_MIN_LENGTH = 32
@@ -244,8 +245,8 @@ def token_merging(
     min_length: PositionCount = DEFAULT_MIN_LENGTH,
 ) -> TokenMerging:
     """Token Merging for an encoder's layer stack (its ``token_merging`` setting): merge ``r``
-    tokens per sequence, or ``fraction`` of its real tokens (default 0.1), after each layer
-    in ``layers`` (0-based; default every layer but the last); sequences stay at least
+    tokens per sequence, or ``fraction`` of its real tokens (default 0.2), after each layer
+    in ``layers`` (0-based; default from the first third on, but the last); sequences stay at least
     ``min_length`` real tokens long, and shorter ones are not merged. ``r = 0`` turns it off."""
     problems = []
     if r is not None and r < 0:
