@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, ConfigProblem, InputError
 from ..layers.attention_mask import AttentionMask
 from ..layers.cross_attention import EncoderMemory
 from ..layers.kv_cache import KVCache
@@ -269,7 +269,23 @@ def decoder(
 ) -> Decoder:
     """A causal decoder; ``max_positions`` bounds the positions it accepts;
     ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
+    refuse_token_merging(layers)
     return within_size_bound(Decoder(embeddings, layers, final_norm, max_positions, attention_bias))
+
+
+def refuse_token_merging(layers: nn.Module) -> None:
+    """Token Merging averages tokens of different positions into one, which a causal
+    decoder cannot allow: each position may only see those before it."""
+    if getattr(layers, "token_merging", None) is not None:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "layers.token_merging",
+                    "Token Merging is for encoders only: merging tokens breaks a decoder's "
+                    "causal order (a merged token mixes earlier and later positions); remove it",
+                )
+            ]
+        )
 
 
 @registry.architectures.register("registry_xf.CausalLM.v1")

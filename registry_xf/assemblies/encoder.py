@@ -62,18 +62,29 @@ class Encoder(Assembly):
             mask.relative = self.relative_positions(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
-        unpadded = self._unpadded(attention_mask)
+        layers = self.layers.applied()
+        merging = getattr(self.layers, "token_merging", None)  # a stack of a plugin: none
+        if merging is not None and merging.enabled:
+            merged = merging.start(input_ids, mask, positions)
+        else:
+            merging = merged = None
+        # Merging works on the padded batch: the layers run unpadded only without it.
+        unpadded = None if merged else self._unpadded(attention_mask)
         if unpadded is not None:
             mask.unpadded = unpadded
             h = unpadded.pack(h)
-        for layer in self.layers.applied():
-            h = layer(h, mask, positions)
+        for i, layer in enumerate(layers):
+            h = layer(h, mask, merged.positions if merged else positions)
+            if merged and merging.merges_after(i, len(layers)):
+                h, merged, mask = merging.merge(h, merged, mask)
             if output_hidden_states:
-                states.append(h)
+                states.append(merging.unmerge(h, merged) if merged else h)
         if self.final_norm is not None:
             h = self.final_norm(h)
-            if output_hidden_states:
-                states[-1] = h
+        if merged:
+            h = merging.unmerge(h, merged)  # every original token, in order
+        if output_hidden_states and self.final_norm is not None:
+            states[-1] = h
         if unpadded is not None:
             h = unpadded.unpack(h)
             states = states[:1] + [unpadded.unpack(state) for state in states[1:]]

@@ -12,6 +12,7 @@ from .layer_stacks import LayerStack, PatternLayerStack, SharedLayerStack
 from .norms import LayerNorm, RMSNorm
 from .positions import ALiBi, LearnedPositions, RotaryEmbeddings, SinusoidalPositions
 from .relative_bias import RelativePositionBias
+from .token_merging import TokenMerging
 from .transformer_layer import TransformerLayer
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SelfAttention",
     "SharedLayerStack",
     "SinusoidalPositions",
+    "TokenMerging",
     "TransformerEmbeddings",
     "TransformerLayer",
 ]

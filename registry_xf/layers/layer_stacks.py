@@ -16,6 +16,7 @@ from torch import nn
 
 from ..registry import registry
 from ..types import MAX_PARAMETERS, LayerCount
+from .token_merging import TokenMerging, check_layers
 
 
 def clone(module: nn.Module) -> nn.Module:
@@ -73,7 +74,13 @@ def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
 
 
 class LayerStack(nn.ModuleList):
-    """``n_layers`` independent copies of one layer."""
+    """``n_layers`` independent copies of one layer.
+
+    Every stack may carry a ``token_merging`` (encoders only): a plain attribute, since
+    a module there would be iterated as one of the layers.
+    """
+
+    token_merging: TokenMerging | None = None
 
     def __init__(self, layer: nn.Module, n_layers: int):
         super().__init__(clones(layer, n_layers))
@@ -84,6 +91,8 @@ class LayerStack(nn.ModuleList):
 
 class SharedLayerStack(nn.ModuleList):
     """``n_groups`` distinct layers, each run ``n_layers / n_groups`` times in turn (ALBERT)."""
+
+    token_merging: TokenMerging | None = None
 
     def __init__(self, layer: nn.Module, n_layers: int, n_groups: int = 1):
         if n_layers % n_groups:
@@ -102,6 +111,8 @@ class PatternLayerStack(nn.ModuleList):
     ``first`` names a kind for the first layer in place of the pattern's (ModernBERT's
     first layer has no attention norm); the pattern goes on as if it were its own.
     """
+
+    token_merging: TokenMerging | None = None
 
     def __init__(
         self,
@@ -125,17 +136,25 @@ class PatternLayerStack(nn.ModuleList):
 
 
 @registry.layers.register("registry_xf.LayerStack.v1")
-def layer_stack(layer: nn.Module, n_layers: LayerCount) -> nn.Module:
-    """``n_layers`` copies of ``layer``, each with its own weights."""
-    return LayerStack(within_size_bound(layer, n_layers), n_layers)
+def layer_stack(
+    layer: nn.Module, n_layers: LayerCount, token_merging: TokenMerging | None = None
+) -> nn.Module:
+    """``n_layers`` copies of ``layer``, each with its own weights; ``token_merging``
+    shortens an encoder's sequences between layers."""
+    stack = LayerStack(within_size_bound(layer, n_layers), n_layers)
+    return with_merging(stack, token_merging, n_layers)
 
 
 @registry.layers.register("registry_xf.SharedLayerStack.v1")
 def shared_layer_stack(
-    layer: nn.Module, n_layers: LayerCount, n_groups: LayerCount = 1
+    layer: nn.Module,
+    n_layers: LayerCount,
+    n_groups: LayerCount = 1,
+    token_merging: TokenMerging | None = None,
 ) -> nn.Module:
     """``n_layers`` layer applications sharing the weights of ``n_groups`` layers (ALBERT)."""
-    return SharedLayerStack(within_size_bound(layer, n_groups), n_layers, n_groups)
+    stack = SharedLayerStack(within_size_bound(layer, n_groups), n_layers, n_groups)
+    return with_merging(stack, token_merging, n_layers)
 
 
 @registry.layers.register("registry_xf.PatternLayerStack.v1")
@@ -144,12 +163,21 @@ def pattern_layer_stack(
     pattern: list[str],
     n_layers: LayerCount,
     first: str | None = None,
+    token_merging: TokenMerging | None = None,
 ) -> nn.Module:
     """Layers whose kind follows ``pattern`` cyclically (alternating attention, as Gemma 2
     and ModernBERT); ``first``, if given, is the kind of the first layer instead."""
     for kind in kinds.values():
         within_size_bound(kind, n_layers)
-    return PatternLayerStack(kinds, pattern, n_layers, first)
+    return with_merging(PatternLayerStack(kinds, pattern, n_layers, first), token_merging, n_layers)
+
+
+def with_merging(stack: nn.Module, merging: TokenMerging | None, n_layers: int) -> nn.Module:
+    """``stack`` carrying ``merging`` (checked against its layers), or as it is."""
+    check_layers(merging, n_layers)
+    if merging is not None:
+        stack.token_merging = merging
+    return stack
 
 
 def within_size_bound(layer: nn.Module, copies: int) -> nn.Module:
