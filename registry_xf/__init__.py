@@ -35,6 +35,7 @@ from .loading import weights as _weights  # noqa: F401
 from .loading.hf import export_hf
 from .loading.hub import fetch
 from .loading.load import build, load
+from .loading.onnx_export import ExportError, export_onnx
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
 from .pipelines import (
@@ -62,6 +63,7 @@ __all__ = [
     "Embedder",
     "Encoder",
     "EncoderWithHead",
+    "ExportError",
     "GenerationSettings",
     "Generator",
     "HFTokenizer",
@@ -84,6 +86,7 @@ __all__ = [
     "build",
     "config_from_hf",
     "export_hf",
+    "export_onnx",
     "fetch",
     "fill",
     "load",
