@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generation import GenerationSettings, Generator, SettingsError
+from .layers.int8_linear import quantize_int8
 from .loading import weights as _weights  # noqa: F401
 from .loading.hf import export_hf
 from .loading.hub import fetch
@@ -90,6 +91,7 @@ __all__ = [
     "fetch",
     "fill",
     "load",
+    "quantize_int8",
     "read_config",
     "registry",
     "resolve",
