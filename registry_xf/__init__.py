@@ -32,10 +32,12 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generation import GenerationSettings, Generator, SettingsError
+from .layers.int8_linear import quantize_int8
 from .loading import weights as _weights  # noqa: F401
 from .loading.hf import export_hf
 from .loading.hub import fetch
 from .loading.load import build, load
+from .loading.onnx_export import ExportError, export_onnx
 from .loading.save import save
 from .loading.sources import DEFAULT_MODEL, config_from_hf
 from .pipelines import (
@@ -63,6 +65,7 @@ __all__ = [
     "Embedder",
     "Encoder",
     "EncoderWithHead",
+    "ExportError",
     "GenerationSettings",
     "Generator",
     "HFTokenizer",
@@ -86,9 +89,11 @@ __all__ = [
     "build",
     "config_from_hf",
     "export_hf",
+    "export_onnx",
     "fetch",
     "fill",
     "load",
+    "quantize_int8",
     "read_config",
     "registry",
     "resolve",

@@ -390,6 +390,15 @@ def _cmd_fetch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_export_onnx(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .loading.onnx_export import export_onnx
+
+    model = _load_model(args, overrides, head=False)
+    path = export_onnx(model, args.out, pooled=args.pooled, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .loading.sources import DEFAULT_MODEL
 
@@ -592,6 +601,26 @@ def make_parser() -> argparse.ArgumentParser:
         "--keep-variables", action="store_true", help="keep ${hyper.*} variables in the output"
     )
     config.set_defaults(func=_cmd_config)
+
+    export = sub.add_parser(
+        "export-onnx",
+        help="write an encoder as ONNX (dynamic batch and sequence axes)",
+        description="Export an encoder to ONNX; config overrides may follow as --section.key V.",
+    )
+    export.add_argument("out", help="the .onnx file to write")
+    export.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a Hub id (org/name[@revision]), a model directory, a package or a .cfg",
+    )
+    export.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
+    export.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    export.add_argument("--dtype", default=None, help="auto (default), float32, float16, bfloat16")
+    export.add_argument(
+        "--pooled", action="store_true", help="add the output sentence_embedding (pooled)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export.set_defaults(func=_cmd_export_onnx)
     return parser
 
 
@@ -607,7 +636,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     where = ""
     try:
-        if overrides and args.command not in ("embed", "config", "generate", "classify", "rerank"):
+        if overrides and args.command not in (
+            "embed",
+            "config",
+            "generate",
+            "classify",
+            "rerank",
+            "export-onnx",
+        ):
             raise RegistryXFError(f"'{args.command}' takes no config overrides")
         if args.command not in SHARDED_COMMANDS:
             return int(args.func(args, overrides))

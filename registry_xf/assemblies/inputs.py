@@ -96,17 +96,22 @@ def check_attention_mask(
 def check_ids_like(name: str, value: Any, input_ids: torch.Tensor, *, batch_of_one: bool) -> None:
     """``token_type_ids`` or ``positions``: integer ids of ``input_ids``' shape (or, with
     ``batch_of_one``, one row shared by the whole batch)."""
-    batch, seq = int(input_ids.shape[0]), int(input_ids.shape[1])
-    allowed = f"({batch}, {seq})" + (f" or (1, {seq})" if batch_of_one else "")
+    # Sizes stay symbolic under torch.compile and export (int() would fix them); the
+    # message that names them is made only for an error.
+    batch, seq = input_ids.shape[0], input_ids.shape[1]
+
+    def allowed() -> str:
+        return f"({batch}, {seq})" + (f" or (1, {seq})" if batch_of_one else "")
+
     if not isinstance(value, torch.Tensor):
-        raise InputError(f"{name} must be a torch tensor {allowed}; found {_kind(value)}")
+        raise InputError(f"{name} must be a torch tensor {allowed()}; found {_kind(value)}")
     if value.dtype not in ID_DTYPES:
         raise InputError(f"{name} must be torch.int64 or torch.int32; found dtype {value.dtype}")
     rows_ok = value.dim() == 2 and (
         value.shape[0] == batch or (batch_of_one and value.shape[0] == 1)
     )
     if not rows_ok or value.shape[1] != seq:
-        raise InputError(f"{name} must have shape {allowed}, as input_ids; found {_shape(value)}")
+        raise InputError(f"{name} must have shape {allowed()}, as input_ids; found {_shape(value)}")
     if value.device != input_ids.device:
         raise InputError(
             f"{name} is on {value.device} and input_ids on {input_ids.device}: put both on "

@@ -360,24 +360,46 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf8")
 
 
-@contextmanager
-def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``target``; on success it becomes ``target``.
-
-    The file is flushed to disk, then renamed over ``target``: the path holds the old file
-    or the whole new one at every instant, crash or not. On any error the temporary file
-    is removed and ``target`` is untouched; filesystem errors are raised as SaveError.
-    """
+def check_file_target(target: str | Path, *, overwrite: bool = False) -> Path:
+    """The absolute path ``atomic_file`` would write; a SaveError if it cannot (checked
+    before long work, so that none is lost)."""
     target = _where(target)
-    tmp = target.parent / f".{_short(target.name)}.registry_xf-tmp-{secrets.token_hex(4)}"
+    if target.is_dir():
+        raise SaveError(f"{target} is a folder; give a file name inside it")
+    if not target.parent.is_dir():
+        raise SaveError(f"{target}: the folder {target.parent} does not exist")
+    if os.path.lexists(target) and not overwrite:
+        raise SaveError(f"{target} exists; pass overwrite=True to replace it")
+    return target
+
+
+@contextmanager
+def atomic_file(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden directory beside ``target`` to write ``target.name`` into (and any
+    side files named after it); on success those files take their places, the file
+    ``target`` itself last, so that ``target`` is the old file or the whole new one.
+
+    An existing ``target`` is replaced only with ``overwrite=True``; on any error nothing
+    is left behind. Filesystem errors are raised as :class:`SaveError` naming the path.
+    """
+    target = check_file_target(target, overwrite=overwrite)
+    tmp: Path | None = None
     try:
+        tmp = _new_hidden(target, "new")
         yield tmp
-        _fsync(str(tmp), os.O_RDWR if os.name == "nt" else os.O_RDONLY)
-        os.replace(tmp, target)
+        written = tmp / target.name
+        if not written.is_file():
+            raise SaveError(f"{target}: nothing was written")
+        _fsync_tree(tmp)
+        sides = sorted(p for p in tmp.iterdir() if p.name != target.name)
+        for side in sides:  # data files first: the model file commits the whole
+            os.replace(side, target.parent / side.name)
+        os.replace(written, target)
         _fsync_directory(target.parent)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, RegistryXFError):
-            raise SaveError(f"{target}: cannot be written: {_describe(e)}") from e
+            raise SaveError(f"{target}: the save failed: {_describe(e)}") from e
         raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

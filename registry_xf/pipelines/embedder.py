@@ -41,7 +41,9 @@ class Embedder:
     add to and override those of the model's ``[embedding]`` section (read from
     sentence-transformers' config_sentence_transformers.json). ``truncate_dim`` keeps the
     first dimensions of every embedding (Matryoshka models), renormalised where the model
-    normalises; it overrides the model's own setting.
+    normalises; it overrides the model's own setting. ``quantize="int8"`` makes every
+    linear layer multiply in int8 on the CPU (``registry_xf.layers.int8_linear``; changes
+    the model in place).
     """
 
     def __init__(
@@ -57,12 +59,19 @@ class Embedder:
         dtype: torch.dtype | str | None = None,
         batch_tokens: int = 2048,
         max_batch_size: int = 256,
+        quantize: str | None = None,
     ):
+        if quantize not in (None, "int8"):
+            raise InputError(f"quantize={quantize!r}: expected None or 'int8'")
         self.model = (
             model
             if isinstance(model, nn.Module)
             else load(model, device=device, dtype=dtype, head=False)  # a task head is unused
         )
+        if quantize == "int8":
+            from ..layers.int8_linear import quantize_int8
+
+            quantize_int8(self.model)
         self.tokenizer = getattr(self.model, "tokenizer", None)
         if self.tokenizer is None:
             raise RegistryXFError("this model has no tokenizer: its source needs a tokenizer.json")

@@ -3,7 +3,7 @@
 The corpus is a text file (one text a line), or a column of a Parquet or JSONL file. The
 driver reads it (so a remote cluster needs no access to the file) and cuts it into blocks
 that the actors share; the embeddings come back in order and are written by the driver
-into a hidden file beside the destination, which replaces the destination only once
+into a hidden folder beside the destination, whose file replaces the destination only once
 whole: a failed or killed run leaves the old file as it was.
 
 The Parquet file has three columns: ``id`` (the text's position in the corpus, from 0;
@@ -153,7 +153,8 @@ def write_parquet(ds: ray.data.Dataset, out: str | Path, *, column: str = "embed
 
     ray = import_ray()
     written = 0
-    with atomic_file(out) as tmp:
+    with atomic_file(out, overwrite=True) as folder:
+        tmp = folder / Path(out).name
         writer: pq.ParquetWriter | None = None
         try:
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

