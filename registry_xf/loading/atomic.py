@@ -31,7 +31,6 @@ directory therefore run one after the other.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import hashlib
