@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -41,17 +43,28 @@ class Encoder(Assembly):
         positions: torch.Tensor | None = None,
         *,
         output_hidden_states: bool = False,
+        output_positions: Sequence[int] | None = None,
     ) -> ModelOutput:
-        """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens."""
+        """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens.
+
+        ``output_positions`` (token positions) makes the last layer compute only those
+        positions (from keys and values of all): ``last_hidden_state`` is then (batch,
+        len(output_positions), width). A reader of the first token alone (a [CLS] head or
+        pooler) saves most of a layer's work."""
         self.check_inputs(input_ids, attention_mask, token_type_ids, positions)
+        query_index = self._output_index(output_positions, input_ids.shape[1], input_ids.device)
         self.embeddings.check(input_ids, token_type_ids, positions)
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         if self.attention_bias is not None:
             mask.bias = self.attention_bias(input_ids.shape[1], input_ids.shape[1])
         h = self.embeddings(input_ids, token_type_ids, positions)
         states = [h] if output_hidden_states else []
-        for layer in self.layers.applied():
-            h = layer(h, mask, positions)
+        applied = self.layers.applied()
+        for i, layer in enumerate(applied):
+            if query_index is not None and i == len(applied) - 1:
+                h = layer(h, mask, positions, query_index=query_index)
+            else:
+                h = layer(h, mask, positions)
             if output_hidden_states:
                 states.append(h)
         if self.final_norm is not None:
@@ -59,6 +72,21 @@ class Encoder(Assembly):
             if output_hidden_states:
                 states[-1] = h
         return ModelOutput(last_hidden_state=h, hidden_states=states)
+
+    @staticmethod
+    def _output_index(
+        output_positions: Sequence[int] | None, seq_len: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if output_positions is None:
+            return None
+        positions = list(output_positions)
+        if not positions or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < seq_len for p in positions
+        ):
+            raise InputError(
+                f"output_positions={positions!r}: expected token positions 0 to {seq_len - 1}"
+            )
+        return torch.tensor(positions, dtype=torch.long, device=device)
 
     def check_inputs(
         self,

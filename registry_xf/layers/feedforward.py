@@ -9,6 +9,7 @@ from ..registry import registry
 from ..types import Probability, Width
 from .activations import Activation
 from .linear_rows import split_rows
+from .packed_linear import linear_then_activation
 
 
 class FeedForward(nn.Module):
@@ -60,7 +61,7 @@ class FeedForward(nn.Module):
         elif self.gated:
             h = self.activation(self.gate_proj(x)) * self.up_proj(x)
         else:
-            h = self.activation(self.up_proj(x))
+            h = linear_then_activation(self.up_proj, self.activation, x)
         return self.dropout(self.down_proj(h))
 
 

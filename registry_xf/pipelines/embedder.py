@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..assemblies.encoder import Encoder
 from ..config.resolve import interpolate
 from ..errors import InputError, RegistryXFError, did_you_mean
 from ..loading.load import load
@@ -126,6 +127,9 @@ class Embedder:
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         device = self.model.device
+        # [CLS] pooling reads one position: the encoder's last layer need compute no other
+        first_only = self.pooler.mode == "cls" and (not prompt_length or self.pooler.include_prompt)
+        only = {"output_positions": (0,)} if first_only and isinstance(self.model, Encoder) else {}
         out = np.zeros((len(texts), width), dtype=np.float32)
         bar = _progress(len(texts), progress)
         for batch in self.batches(lengths):
@@ -134,7 +138,7 @@ class Embedder:
                     bar.update(len(batch))
                 continue
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
-            hidden = self.model(**inputs.model_inputs()).last_hidden_state
+            hidden = self.model(**inputs.model_inputs(), **only).last_hidden_state
             pooled = self.pooler.pool(hidden, inputs.attention_mask, prompt_length)[:, :width]
             if self.pooler.normalize:
                 pooled = nn.functional.normalize(pooled, p=2, dim=-1)
