@@ -16,6 +16,7 @@ from registry_xf.errors import InputError
 from registry_xf.layers.attention import SelfAttention
 from registry_xf.layers.attention_mask import AttentionMask
 from registry_xf.layers.feedforward import FeedForward
+from registry_xf.layers.packed_linear import pack_linear_weights
 from registry_xf.layers.positions import ALiBi, RotaryEmbeddings
 from registry_xf.layers.transformer_layer import TransformerLayer
 
@@ -53,11 +54,18 @@ def test_a_layer_computes_the_selected_positions_exactly(
     _, key_mask = random_batch(3, batch=3, seq=9)
     x = torch.randn(3, 9, WIDTH)
     index = torch.tensor([0, 4, 8])
+    relative = torch.randn(1, HEADS, 9, 9) if bias else None
     with torch.inference_mode():
-        relative = torch.randn(1, HEADS, 9, 9) if bias else None
         full = chosen(x, AttentionMask(key_mask.bool(), bias=relative))
         some = chosen(x, AttentionMask(key_mask.bool(), bias=relative), query_index=index)
     torch.testing.assert_close(some, full[:, index], atol=1e-6, rtol=0)
+    # packed weights: activation and residual sums inside the multiplies, the same numbers
+    assert pack_linear_weights(chosen) == 4  # qkv, o, up, down
+    with torch.inference_mode():
+        packed = chosen(x, AttentionMask(key_mask.bool(), bias=relative))
+        packed_some = chosen(x, AttentionMask(key_mask.bool(), bias=relative), query_index=index)
+    torch.testing.assert_close(packed, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed_some, full[:, index], atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

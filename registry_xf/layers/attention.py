@@ -14,6 +14,7 @@ from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probabil
 from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
 from .linear_rows import split_rows
+from .packed_linear import linear_plus
 from .positions import ALiBi, RotaryEmbeddings
 
 Backend = Literal["sdpa", "eager"]
@@ -28,9 +29,11 @@ class SelfAttention(nn.Module):
 
     ``query_index`` (positions) computes the output at those positions only, from keys and
     values of every position: a last layer whose head reads one token needs no more.
+    ``residual`` is added to the output (inside the output projection where it can).
     """
 
     selects_queries = True  # forward takes query_index
+    adds_residual = True  # forward takes residual
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class SelfAttention(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LayerCache | None = None,
         query_index: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.rotary is not None and self.fused:
             q, k, v = self._project_rotated(x, mask, positions)
@@ -117,7 +121,10 @@ class SelfAttention(nn.Module):
             k, v = cache.update(k, v)
         out = self.attend(q, k, v, mask, query_index)
         b, _, s, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        if residual is not None:  # added inside the projection where its weight is packed
+            return linear_plus(self.o_proj, out, residual)
+        return self.o_proj(out)
 
     def _cos_sin(
         self, x: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None

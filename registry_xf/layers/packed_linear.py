@@ -132,6 +132,26 @@ def linear_then_activation(
     return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, *post_op)
 
 
+def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
+    saving a pass over the output (a residual connection's sum)."""
+    if (
+        type(linear) is not PackedLinear
+        or not linear.uses_packed(x)
+        or torch.compiler.is_compiling()
+        or x.numel() == x.shape[-1]
+        or residual.shape[:-1] != x.shape[:-1]
+        or residual.dtype != x.dtype
+    ):
+        return linear(x) + residual
+    packed = packed_weight(linear.weight)
+    if packed is None:
+        return linear(x) + residual
+    return torch.ops.mkldnn._linear_pointwise.binary(
+        x, residual.contiguous(), packed, linear.bias, "add"
+    )
+
+
 def _packed_linear_shape(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:

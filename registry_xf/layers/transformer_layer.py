@@ -70,6 +70,11 @@ class TransformerLayer(nn.Module):
         memory: EncoderMemory | None = None,
         query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.residual == "post" and self._fuses_residuals():
+            # inference: the residual sums happen inside the output projections
+            attn = self._attend(x, mask, positions, cache, query_index, _rows(x, query_index))
+            x = self.attention_norm(attn)
+            return self.feed_forward_norm(self.feed_forward(x, residual=x))
         if self.residual == "post":
             attn = self._attend(x, mask, positions, cache, query_index)
             x = self.attention_norm(_rows(x, query_index) + self.dropout(attn))
@@ -97,12 +102,25 @@ class TransformerLayer(nn.Module):
         positions: torch.Tensor | None,
         cache: LayerCache | None,
         query_index: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        extra = {"residual": residual} if residual is not None else {}
         if query_index is None:
-            return self.attention(h, mask, positions, cache)
+            return self.attention(h, mask, positions, cache, **extra)
         if getattr(self.attention, "selects_queries", False):
-            return self.attention(h, mask, positions, cache, query_index=query_index)
-        return self.attention(h, mask, positions, cache).index_select(1, query_index)
+            return self.attention(h, mask, positions, cache, query_index=query_index, **extra)
+        out = self.attention(h, mask, positions, cache).index_select(1, query_index)
+        return out if residual is None else out + residual
+
+    def _fuses_residuals(self) -> bool:
+        """Whether attention and feed-forward add the residual themselves: in inference
+        (dropout does nothing), without cross-attention, where both parts can."""
+        return (
+            not self.training
+            and self.cross_attention is None
+            and getattr(self.attention, "adds_residual", False)
+            and getattr(self.feed_forward, "adds_residual", False)
+        )
 
     @staticmethod
     def _memory(memory: EncoderMemory | None) -> EncoderMemory:
