@@ -10,7 +10,8 @@ the tokenizer (512-token limit). Both libraries load that same directory and sco
 Pairs/s is timed as ``registry_xf.CrossEncoder(dir).score(pairs)`` against
 ``sentence_transformers.CrossEncoder(dir).predict(pairs)`` at its default batch size (32),
 in one process, one warm-up call each, then the sides alternate run by run; the table gives
-medians and ranges. The largest score difference between the two is checked too. Run
+medians and ranges, then each round's ratio and the load average around the timed runs.
+The largest score difference between the two is checked too. Run
 ``python bench/bench_rerank.py --help``.
 """
 
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             run(pairs[:64])
         difference = float(np.abs(score["ours"](pairs[:200]) - score["st"](pairs[:200])).max())
         fns = {name: (lambda run=run: run(pairs)) for name, run in score.items()}
+        load_before = os.getloadavg()
         times = alternate(fns, args.runs)
+        load_after = os.getloadavg()
     rates = {name: [args.pairs / s for s in t] for name, t in times.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}
     ratio = medians["ours"] / medians["st"]
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": TARGET,
         "met": ratio >= TARGET,
         "max_score_difference": difference,
+        "round_ratios": [st / ours for ours, st in zip(times["ours"], times["st"], strict=True)],
+        "load_average": {"before": load_before, "after": load_after},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -164,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ratio {ratio:.2f}x (target >= {TARGET}x: {'met' if results['met'] else 'NOT met'}); "
         f"largest score difference {difference:.2e}"
+    )
+    rounds = ", ".join(f"{r:.2f}x" for r in results["round_ratios"])
+    print(
+        f"per-round ratios {rounds}; load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
+        f"{'/'.join(f'{x:.1f}' for x in load_after)} after, on {os.cpu_count()} CPUs"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

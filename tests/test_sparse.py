@@ -28,13 +28,17 @@ TEXTS = [
 ]
 
 
-def st_sparse_encoder(mlm: Path, directory: Path, **pooling: str) -> Path:
-    """Save ``mlm`` as sentence-transformers' SparseEncoder with SpladePooling(**pooling)."""
+def st_sparse_encoder(
+    mlm: Path, directory: Path, *, settings: dict | None = None, **pooling: str
+) -> Path:
+    """Save ``mlm`` as sentence-transformers' SparseEncoder with SpladePooling(**pooling);
+    ``settings`` go to the SparseEncoder (prompts, default_prompt_name)."""
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
 
     transformer = Transformer(str(mlm), transformer_task="fill-mask")
-    model = SparseEncoder(modules=[transformer, SpladePooling(**pooling)], device="cpu")
+    modules = [transformer, SpladePooling(**pooling)]
+    model = SparseEncoder(modules=modules, device="cpu", **(settings or {}))
     model.save(str(directory))
     return directory
 
@@ -146,6 +150,76 @@ def test_save_keeps_the_pooler(mlm: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(
         saved.encode(TEXTS).to_dense(), rx.SparseEncoder(model).encode(TEXTS).to_dense()
     )
+
+
+PROMPTS = {"query": "query: ", "passage": "passage: ", "title": "title of the world: "}
+
+
+@pytest.fixture(scope="module")
+def prompted(mlm: Path) -> Path:
+    settings = {"prompts": PROMPTS, "default_prompt_name": "title"}
+    return st_sparse_encoder(mlm, mlm.parent / "prompted", settings=settings)
+
+
+def test_prompts_match_sentence_transformers(prompted: Path) -> None:
+    ours = rx.SparseEncoder(prompted)
+    ref = reference(prompted)
+    assert ours.prompts == {"document": "", **PROMPTS} and ours.default_prompt_name == "title"
+    cases = [  # (ours, sentence-transformers): the same arguments
+        ({}, {}),  # the default prompt
+        ({"prompt_name": "query"}, {"prompt_name": "query"}),
+        ({"prompt": "a cat: "}, {"prompt": "a cat: "}),
+        ({"prompt": ""}, {"prompt": ""}),  # no prompt at all, over the default
+    ]
+    for settings, st_settings in cases:
+        got = ours.encode(TEXTS, **settings).to_dense()
+        expected = ref.encode(TEXTS, convert_to_sparse_tensor=False, **st_settings)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=str(settings))
+    plain = ref.encode(TEXTS, prompt="", convert_to_sparse_tensor=False)
+    assert not torch.allclose(ours.encode(TEXTS).to_dense(), plain)  # the prompt counts
+    for ours_fn, st_fn in (
+        (ours.encode_query, ref.encode_query),
+        (ours.encode_document, ref.encode_document),  # "passage": the first one present
+    ):
+        torch.testing.assert_close(
+            ours_fn(TEXTS, max_active_dims=4).to_dense(),
+            st_fn(TEXTS, max_active_dims=4, convert_to_sparse_tensor=False),
+            atol=ATOL,
+            rtol=0,
+        )
+    [(ids, _)] = ours.encode_indices(TEXTS[:1], prompt_name="query", max_active_dims=3)
+    assert len(ids) == 3
+
+
+def test_constructor_prompts_override_the_checkpoint(prompted: Path) -> None:
+    ours = rx.SparseEncoder(prompted, prompts={"query": "q: "}, default_prompt_name="query")
+    assert ours.prompts["query"] == "q: " and ours.prompts["title"] == PROMPTS["title"]
+    ref = reference(prompted)
+    torch.testing.assert_close(
+        ours.encode(TEXTS[:3]).to_dense(),
+        ref.encode(TEXTS[:3], prompt="q: ", convert_to_sparse_tensor=False),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def test_bad_prompts_get_typed_errors(prompted: Path) -> None:
+    ours = rx.SparseEncoder(prompted)
+    with pytest.raises(rx.InputError, match=r"prompt_name='querry': no such prompt.*'query'"):
+        ours.encode(TEXTS, prompt_name="querry")
+    with pytest.raises(rx.InputError, match="give one or the other"):
+        ours.encode_query(TEXTS, prompt="a", prompt_name="query")
+    with pytest.raises(rx.InputError, match="default_prompt_name='nope': no such prompt"):
+        rx.SparseEncoder(prompted, default_prompt_name="nope")
+    with pytest.raises(rx.InputError, match="prompts must map prompt names to texts"):
+        rx.SparseEncoder(prompted, prompts={"query": 3})  # type: ignore[dict-item]
+    with pytest.raises(rx.InputError, match="prompt must be a str"):
+        ours.encode(TEXTS, prompt=["x"])  # type: ignore[arg-type]
+    with pytest.raises(rx.InputError, match="texts must be a str or a list of str"):
+        ours.encode(42)  # type: ignore[arg-type]
+    for dense in ({"truncate_dim": 8}, {"precision": "binary"}):  # settings of dense vectors
+        with pytest.raises(rx.InputError, match=f"{next(iter(dense))}: not a setting of sparse"):
+            ours.encode_query(TEXTS, **dense)
 
 
 def test_bad_inputs_get_typed_errors(splade: Path, mlm: Path) -> None:

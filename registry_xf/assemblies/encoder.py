@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -51,9 +53,16 @@ class Encoder(Assembly):
         positions: torch.Tensor | None = None,
         *,
         output_hidden_states: bool = False,
+        output_positions: Sequence[int] | None = None,
     ) -> ModelOutput:
-        """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens."""
+        """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens.
+
+        ``output_positions`` (token positions) makes the last layer compute only those
+        positions (from keys and values of all): ``last_hidden_state`` is then (batch,
+        len(output_positions), width). A reader of the first token alone (a [CLS] head or
+        pooler) saves most of a layer's work."""
         self.check_inputs(input_ids, attention_mask, token_type_ids, positions)
+        query_index = self._output_index(output_positions, input_ids.shape[1], input_ids.device)
         self.embeddings.check(input_ids, token_type_ids, positions)
         mask = AttentionMask(attention_mask.bool() if attention_mask is not None else None)
         if self.attention_bias is not None:
@@ -73,8 +82,13 @@ class Encoder(Assembly):
         if unpadded is not None:
             mask.unpadded = unpadded
             h = unpadded.pack(h)
+        # The last layer computes the output positions alone, unless tokens moved.
+        last_only = query_index is not None and not merged and unpadded is None
         for i, layer in enumerate(layers):
-            h = layer(h, mask, merged.positions if merged else positions)
+            if last_only and i == len(layers) - 1:
+                h = layer(h, mask, positions, query_index=query_index)
+            else:
+                h = layer(h, mask, merged.positions if merged else positions)
             if merged and merging.merges_after(i, len(layers)):
                 h, merged, mask = merging.merge(h, merged, mask)
             if output_hidden_states:
@@ -88,6 +102,8 @@ class Encoder(Assembly):
         if unpadded is not None:
             h = unpadded.unpack(h)
             states = states[:1] + [unpadded.unpack(state) for state in states[1:]]
+        if query_index is not None and not last_only:
+            h = h.index_select(1, query_index)
         return ModelOutput(last_hidden_state=h, hidden_states=states)
 
     def _unpadded(self, attention_mask: torch.Tensor | None) -> Unpadded | None:
@@ -98,6 +114,21 @@ class Encoder(Assembly):
         if bool(attention_mask.all()):
             return None
         return Unpadded.from_mask(attention_mask.bool())
+
+    @staticmethod
+    def _output_index(
+        output_positions: Sequence[int] | None, seq_len: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if output_positions is None:
+            return None
+        positions = list(output_positions)
+        if not positions or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < seq_len for p in positions
+        ):
+            raise InputError(
+                f"output_positions={positions!r}: expected token positions 0 to {seq_len - 1}"
+            )
+        return torch.tensor(positions, dtype=torch.long, device=device)
 
     def check_inputs(
         self,

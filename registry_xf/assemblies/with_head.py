@@ -43,14 +43,21 @@ class EncoderWithHead(Assembly):
         positions: torch.Tensor | None = None,
         *,
         output_hidden_states: bool = False,
+        head_positions_only: bool = False,
     ) -> HeadOutput:
-        """The encoder's output for ``input_ids`` (batch, seq) with the head's logits."""
+        """The encoder's output for ``input_ids`` (batch, seq) with the head's logits.
+
+        ``head_positions_only`` lets the last layer compute only the positions the head
+        reads (``head.reads_positions``, e.g. the first token): the same logits for less
+        work, with ``last_hidden_state`` holding those positions only."""
+        reads = getattr(self.head, "reads_positions", None) if head_positions_only else None
         out = self.encoder(
             input_ids,
             attention_mask,
             token_type_ids,
             positions,
             output_hidden_states=output_hidden_states,
+            output_positions=reads,
         )
         logits = self.head(out.last_hidden_state, attention_mask)
         return HeadOutput(

@@ -29,6 +29,7 @@ class SequenceClassificationHead(nn.Module):
     """
 
     task = "sequence_classification"
+    reads_positions = (0,)  # the first token only: the encoder may compute no other
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probabil
 from .attention_mask import AttentionMask
 from .kv_cache import LayerCache
 from .linear_rows import split_rows
+from .packed_linear import linear_plus
 from .positions import ALiBi, RotaryEmbeddings
 from .unpadding import Unpadded
 
@@ -26,7 +27,14 @@ class SelfAttention(nn.Module):
     ``qkv="fused"`` computes queries, keys and values with one matrix (rows in that
     order), which is faster; ``"separate"`` keeps three. ``backend="sdpa"`` uses PyTorch's
     fused kernels; ``"eager"`` spells the computation out, as a reference.
+
+    ``query_index`` (positions) computes the output at those positions only, from keys and
+    values of every position: a last layer whose head reads one token needs no more.
+    ``residual`` is added to the output (inside the output projection where it can).
     """
+
+    selects_queries = True  # forward takes query_index
+    adds_residual = True  # forward takes residual
 
     def __init__(
         self,
@@ -105,6 +113,8 @@ class SelfAttention(nn.Module):
         mask: AttentionMask,
         positions: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        query_index: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.rotary is not None and self.fused:
             q, k, v = self._project_rotated(x, mask, positions)
@@ -115,11 +125,13 @@ class SelfAttention(nn.Module):
                 q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = self.attend(q, k, v, mask)
+        out = self.attend(q, k, v, mask, query_index)
         b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, -1)
         if mask.unpadded is not None:
             out = mask.unpadded.pack(out)
+        if residual is not None:  # added inside the projection where its weight is packed
+            return linear_plus(self.o_proj, out, residual)
         return self.o_proj(out)
 
     def _projected(self, x: torch.Tensor, unpadded: Unpadded | None) -> torch.Tensor:
@@ -161,12 +173,20 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: AttentionMask,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n_q, n_k = q.shape[2], k.shape[2]
         allowed, dead, is_causal = mask.for_attention(n_q, n_k, q.device, self.window)
         if is_causal and (
-            self.alibi is not None or mask.bias is not None or self.backend == "eager"
+            self.alibi is not None
+            or mask.bias is not None
+            or self.backend == "eager"
+            or query_index is not None
         ):
             allowed, is_causal = mask.bool_mask(n_q, n_k, q.device, self.window), False
         bias = None
@@ -178,6 +198,8 @@ class SelfAttention(nn.Module):
             if allowed is not None:
                 bias = bias.masked_fill(~allowed, float("-inf"))
             bias = bias.to(q.dtype)
+        if query_index is not None:  # the selected queries' rows of everything per query
+            q, allowed, dead, bias = (_rows(t, query_index) for t in (q, allowed, dead, bias))
         dropout = self.dropout_p if self.training else 0.0
         if n_q == 1 and bias is None and not dropout and torch.compiler.is_compiling():
             # One query (a decoding step): a few dot products, which the compiler fuses
@@ -229,6 +251,12 @@ class SelfAttention(nn.Module):
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         probs = F.dropout(probs, dropout, training=dropout > 0)
         return torch.matmul(probs, v)
+
+
+def _rows(t: torch.Tensor | None, query_index: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``query_index`` of a per-query tensor (queries on dim -2); one shared
+    by every query (a padding mask) stays as it is."""
+    return t if t is None or t.shape[-2] == 1 else t.index_select(-2, query_index)
 
 
 @registry.layers.register("registry_xf.SelfAttention.v1")

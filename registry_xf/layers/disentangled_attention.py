@@ -128,6 +128,9 @@ class DisentangledSelfAttention(SelfAttention):
     encoder's ``RelativeEmbeddings`` through the attention mask (``mask.relative``).
     """
 
+    selects_queries = False  # its forward computes every query (no query_index)
+    adds_residual = False  # nor adds the layer's residual inside its projection
+
     def __init__(
         self,
         width: int,

@@ -9,9 +9,11 @@ from ..registry import registry
 from ..types import Probability, Width
 from .activations import Activation
 from .linear_rows import split_rows
+from .packed_linear import linear_plus, linear_then_activation
 
 
 class FeedForward(nn.Module):
+    adds_residual = True  # forward takes residual
     """``down(act(up(x)))``, or gated: ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU).
 
     A gated layer with ``fused=True`` computes gate and up with one matrix ``gate_up_proj``
@@ -53,15 +55,20 @@ class FeedForward(nn.Module):
         self.up_proj, self.gate_proj = up, gate
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output, plus ``residual`` if given (added inside the last multiply
+        where the weights are packed; in inference only, as dropout then does nothing)."""
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = self.activation(gate) * up
         elif self.gated:
             h = self.activation(self.gate_proj(x)) * self.up_proj(x)
         else:
-            h = self.activation(self.up_proj(x))
-        return self.dropout(self.down_proj(h))
+            h = linear_then_activation(self.up_proj, self.activation, x)
+        if residual is not None and not self.training:
+            return linear_plus(self.down_proj, h, residual)
+        out = self.dropout(self.down_proj(h))
+        return out if residual is None else out + residual
 
 
 @registry.layers.register("registry_xf.FeedForward.v1")

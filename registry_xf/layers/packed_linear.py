@@ -102,6 +102,56 @@ def _packed_linear(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
+    """oneDNN's post-op for ``activation`` (its name, scalars, algorithm), where it has one
+    that computes the same function: exact and tanh GELU, ReLU."""
+    if type(activation) is nn.GELU:
+        return "gelu", [], activation.approximate
+    if type(activation) is nn.ReLU:
+        return "relu", [], ""
+    return None
+
+
+def linear_then_activation(
+    linear: nn.Module, activation: nn.Module, x: torch.Tensor
+) -> torch.Tensor:
+    """``activation(linear(x))``; a packed layer applies a GELU or ReLU inside its multiply
+    (a oneDNN post-op), so the wide intermediate is written once and not read again."""
+    post_op = _fused_activation(activation)
+    if (
+        post_op is None
+        or type(linear) is not PackedLinear
+        or not linear.uses_packed(x)
+        or torch.compiler.is_compiling()
+        or x.numel() == x.shape[-1]
+    ):
+        return activation(linear(x))
+    packed = packed_weight(linear.weight)
+    if packed is None:
+        return activation(linear(x))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, *post_op)
+
+
+def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
+    saving a pass over the output (a residual connection's sum)."""
+    if (
+        type(linear) is not PackedLinear
+        or not linear.uses_packed(x)
+        or torch.compiler.is_compiling()
+        or x.numel() == x.shape[-1]
+        or residual.shape[:-1] != x.shape[:-1]
+        or residual.dtype != x.dtype
+    ):
+        return linear(x) + residual
+    packed = packed_weight(linear.weight)
+    if packed is None:
+        return linear(x) + residual
+    return torch.ops.mkldnn._linear_pointwise.binary(
+        x, residual.contiguous(), packed, linear.bias, "add"
+    )
+
+
 def _packed_linear_shape(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -128,15 +178,20 @@ class PackedLinear(nn.Linear):
         super().__setstate__(state)
         register_packed_linear()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is multiplied with the packed weight (CPU inference)."""
         weight = self.weight
-        if (
+        return not (
             torch.is_grad_enabled()
             or x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype
             or weight.dtype not in PACKABLE_DTYPES
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not self.uses_packed(x):
             return F.linear(x, weight, self.bias)
         if torch.compiler.is_compiling():  # the operator: opaque to the compiler
             return torch.ops.registry_xf.packed_linear(x, weight, self.bias)

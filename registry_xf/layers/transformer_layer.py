@@ -28,6 +28,9 @@ class TransformerLayer(nn.Module):
     A decoder layer of an encoder-decoder adds ``cross_attention`` (to the encoder's
     states, passed as ``memory``) between attention and feed-forward, with its own
     ``cross_attention_norm`` placed as ``residual`` says ("pre" or "post").
+
+    ``query_index`` computes the layer's output at those positions only (keys and values
+    still from every position): for a last layer whose reader needs a few tokens.
     """
 
     def __init__(
@@ -65,29 +68,69 @@ class TransformerLayer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LayerCache | None = None,
         memory: EncoderMemory | None = None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.residual == "post" and self._fuses_residuals():
+            # inference: the residual sums happen inside the output projections
+            attn = self._attend(x, mask, positions, cache, query_index, _rows(x, query_index))
+            x = self.attention_norm(attn)
+            return self.feed_forward_norm(self.feed_forward(x, residual=x))
         if self.residual == "post":
-            x = self.attention_norm(x + self.dropout(self.attention(x, mask, positions, cache)))
+            attn = self._attend(x, mask, positions, cache, query_index)
+            x = self.attention_norm(_rows(x, query_index) + self.dropout(attn))
             if self.cross_attention is not None:
                 cross = self.cross_attention(x, self._memory(memory))
                 x = self.cross_attention_norm(x + self.dropout(cross))
             return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))
         if self.residual == "pre":
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask, positions, cache))
+            attn = self._attend(self.attention_norm(x), mask, positions, cache, query_index)
+            x = _rows(x, query_index) + self.dropout(attn)
             if self.cross_attention is not None:
                 h = self.cross_attention_norm(x)
                 x = x + self.dropout(self.cross_attention(h, self._memory(memory)))
             return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
         h = self.attention_norm(x)
         h_ff = self.feed_forward_norm(x) if self.feed_forward_norm is not None else h
-        attn = self.attention(h, mask, positions, cache)
-        return x + self.dropout(attn) + self.dropout(self.feed_forward(h_ff))
+        attn = self._attend(h, mask, positions, cache, query_index)
+        h_ff = _rows(h_ff, query_index)
+        return _rows(x, query_index) + self.dropout(attn) + self.dropout(self.feed_forward(h_ff))
+
+    def _attend(
+        self,
+        h: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None,
+        cache: LayerCache | None,
+        query_index: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {"residual": residual} if residual is not None else {}
+        if query_index is None:
+            return self.attention(h, mask, positions, cache, **extra)
+        if getattr(self.attention, "selects_queries", False):
+            return self.attention(h, mask, positions, cache, query_index=query_index, **extra)
+        out = self.attention(h, mask, positions, cache).index_select(1, query_index)
+        return out if residual is None else out + residual
+
+    def _fuses_residuals(self) -> bool:
+        """Whether attention and feed-forward add the residual themselves: in inference
+        (dropout does nothing), without cross-attention, where both parts can."""
+        return (
+            not self.training
+            and self.cross_attention is None
+            and getattr(self.attention, "adds_residual", False)
+            and getattr(self.feed_forward, "adds_residual", False)
+        )
 
     @staticmethod
     def _memory(memory: EncoderMemory | None) -> EncoderMemory:
         if memory is None:
             raise InputError("this decoder layer cross-attends: it needs the encoder's memory")
         return memory
+
+
+def _rows(x: torch.Tensor, query_index: torch.Tensor | None) -> torch.Tensor:
+    return x if query_index is None else x.index_select(1, query_index)
 
 
 @registry.layers.register("registry_xf.TransformerLayer.v1")

@@ -31,6 +31,7 @@ from .checkpoint import checkpoint_files, open_checkpoint, stored_shapes
 from .hf_generation import generation_section
 from .materialise import parameter_slots
 from .paths import safe_join
+from .sentence_transformers_files import sentence_transformers_files
 from .written import EXPORTED_KIND, WRITER, WRITER_KEY, is_exported_hf
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def _sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
 
 
 def _sentence_transformers_embedding(directory: Path) -> dict[str, Any] | None:
-    """The ``[embedding]`` section (named prompts, default prompt name, Matryoshka width) from
+    """The ``[embedding]`` section (named prompts, default prompt name, Matryoshka width,
+    similarity function) from
     config_sentence_transformers.json, if the directory has one."""
     path = directory / "config_sentence_transformers.json"
     if not path.is_file():
@@ -115,7 +117,7 @@ def _sentence_transformers_embedding(directory: Path) -> dict[str, Any] | None:
                 "variable; give it as embed(texts, prompt=...) instead"
             )
     section: dict[str, Any] = {"prompts": {k: v or "" for k, v in prompts.items()}}
-    for key in ("default_prompt_name", "truncate_dim"):
+    for key in ("default_prompt_name", "truncate_dim", "similarity_fn_name"):
         if settings.get(key) is not None:
             section[key] = settings[key]
     return section
@@ -322,6 +324,10 @@ def export_hf(
                 name = conv.heads.export_name(ours, name)
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
+    tokenizer = getattr(model, "tokenizer", None)
+    st_files = sentence_transformers_files(
+        interpolate(model.config), model.width, getattr(tokenizer, "max_length", None)
+    )
     target = Path(path)
     with atomic_directory(
         target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
@@ -332,6 +338,9 @@ def export_hf(
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for name, data in st_files.items():  # the pooler, prompts: a sentence-transformers model
+            (tmp / name).parent.mkdir(exist_ok=True)
+            write_json(tmp / name, data)
     return target
 
 

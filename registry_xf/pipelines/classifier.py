@@ -130,5 +130,5 @@ class Classifier:
         for batch in length_batches(lengths, self.batch_tokens, MAX_BATCH_ROWS):
             chosen = [encodings[i] for i in batch]
             inputs = self.tokenizer.pad(chosen).to(device)
-            logits = self.model(**inputs.model_inputs()).logits
+            logits = self.model(**inputs.model_inputs(), head_positions_only=True).logits
             yield batch, chosen, self.model.head.scores(logits.float()).cpu()

@@ -135,7 +135,7 @@ class CrossEncoder:
         device = self.model.device
         for batch in length_batches(lengths, self.batch_tokens, self.max_batch_size):
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
-            logits = self.model(**inputs.model_inputs()).logits
+            logits = self.model(**inputs.model_inputs(), head_positions_only=True).logits
             yield batch, self.activation(logits.float()).cpu()
 
 

@@ -11,24 +11,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config.resolve import interpolate
-from ..errors import InputError, RegistryXFError, did_you_mean
+from ..assemblies.encoder import Encoder
+from ..errors import InputError, RegistryXFError
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .batching import length_batches
 from .poolers import Pooler
+from .prompts import (
+    DOCUMENT_PROMPT_NAMES,
+    QUERY_PROMPT_NAMES,
+    Prompting,
+    check_texts,
+    embedding_settings,
+)
 from .quantization import check_precision, quantize_embeddings
 from .splade_pooler import SpladePooler
-
-# The prompt names that embed_query and embed_document try, in order (sentence-transformers'
-# encode_query / encode_document); "query" and "document" always exist, empty unless set.
-QUERY_PROMPT_NAMES = ("query",)
-DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 logger = logging.getLogger(__name__)
 
 
-class Embedder:
+class Embedder(Prompting):
     """One vector per text from an encoder, its tokenizer and a pooler.
 
     Texts are sorted by length and grouped into batches of about ``batch_tokens`` tokens
@@ -86,13 +88,8 @@ class Embedder:
         self.pooler = pooler
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
-        settings = _embedding_settings(self.model)
-        self.prompts: dict[str, str] = {"query": "", "document": ""}
-        self.prompts.update(settings.get("prompts") or {})
-        self.prompts.update(prompts or {})
-        self.default_prompt_name = default_prompt_name or settings.get("default_prompt_name")
-        if self.default_prompt_name is not None:
-            self._named_prompt(self.default_prompt_name, "default_prompt_name")
+        settings = embedding_settings(self.model)
+        self.init_prompts(settings, prompts, default_prompt_name)
         if truncate_dim is None:
             truncate_dim = settings.get("truncate_dim")
         self.truncate_dim = self._check_truncate_dim(truncate_dim)
@@ -128,13 +125,16 @@ class Embedder:
         check_precision(precision)
         prompt = self.resolve_prompt(prompt, prompt_name)
         width = self._check_truncate_dim(truncate_dim) or self.truncate_dim or self.model.width
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = check_texts(texts)
         prompt_length = self.prompt_length(prompt) if prompt else 0
         if prompt:
             texts = [prompt + text for text in texts]
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         device = self.model.device
+        # [CLS] pooling reads one position: the encoder's last layer need compute no other
+        first_only = self.pooler.mode == "cls" and (not prompt_length or self.pooler.include_prompt)
+        only = {"output_positions": (0,)} if first_only and isinstance(self.model, Encoder) else {}
         out = np.zeros((len(texts), width), dtype=np.float32)
         bar = _progress(len(texts), progress)
         for batch in self.batches(lengths):
@@ -143,7 +143,7 @@ class Embedder:
                     bar.update(len(batch))
                 continue
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
-            hidden = self.model(**inputs.model_inputs()).last_hidden_state
+            hidden = self.model(**inputs.model_inputs(), **only).last_hidden_state
             pooled = self.pooler.pool(hidden, inputs.attention_mask, prompt_length)[:, :width]
             if self.pooler.normalize:
                 pooled = nn.functional.normalize(pooled, p=2, dim=-1)
@@ -160,33 +160,12 @@ class Embedder:
 
     def embed_query(self, texts: Sequence[str], **settings: Any) -> np.ndarray:
         """``embed`` with the "query" prompt unless ``prompt`` or ``prompt_name`` is given."""
-        return self.embed(texts, **self._task_prompt(QUERY_PROMPT_NAMES, settings))
+        return self.embed(texts, **self.task_prompt(QUERY_PROMPT_NAMES, settings))
 
     def embed_document(self, texts: Sequence[str], **settings: Any) -> np.ndarray:
         """``embed`` with the first of the "document", "passage", "corpus" prompts (the
         first always exists) unless ``prompt`` or ``prompt_name`` is given."""
-        return self.embed(texts, **self._task_prompt(DOCUMENT_PROMPT_NAMES, settings))
-
-    def _task_prompt(self, names: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
-        if settings.get("prompt") is None and settings.get("prompt_name") is None:
-            found = next((n for n in names if n in self.prompts), None)
-            if found is not None:
-                settings = {**settings, "prompt_name": found}
-        return settings
-
-    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
-        """The prompt text that ``embed`` prepends for these arguments (None: no prompt)."""
-        if prompt is not None and prompt_name is not None:
-            raise InputError(
-                f"prompt={prompt!r} and prompt_name={prompt_name!r}: give one or the other"
-            )
-        if prompt is not None:
-            return prompt
-        if prompt_name is not None:
-            return self._named_prompt(prompt_name, "prompt_name")
-        if self.default_prompt_name is not None:
-            return self.prompts.get(self.default_prompt_name)
-        return None
+        return self.embed(texts, **self.task_prompt(DOCUMENT_PROMPT_NAMES, settings))
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens of ``prompt`` at the start of a prompted text: the prompt encoded alone,
@@ -198,15 +177,6 @@ class Embedder:
                 length -= 1
             self._prompt_lengths[prompt] = length
         return self._prompt_lengths[prompt]
-
-    def _named_prompt(self, name: str, argument: str) -> str:
-        if name not in self.prompts:
-            known = ", ".join(repr(n) for n in self.prompts)
-            raise InputError(
-                f"{argument}={name!r}: no such prompt; this model knows {known}."
-                + did_you_mean(name, self.prompts)
-            )
-        return self.prompts[name]
 
     def _check_truncate_dim(self, truncate_dim: Any) -> int | None:
         if truncate_dim is None:
@@ -225,15 +195,6 @@ class Embedder:
         vectors = self.embed(texts)
         vectors = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
         return vectors @ vectors.T
-
-
-def _embedding_settings(model: nn.Module) -> Mapping[str, Any]:
-    """The model config's ``[embedding]`` section (prompts, default prompt, truncate_dim)."""
-    config = getattr(model, "config", None)
-    if not isinstance(config, Mapping) or "embedding" not in config:
-        return {}
-    section = interpolate(config).get("embedding")  # variables and escapes read as values
-    return section if isinstance(section, Mapping) else {}
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,18 @@ import torch
 from ..assemblies.with_head import EncoderWithHead
 from ..errors import InputError
 from .batching import length_batches
+from .prompts import (
+    DOCUMENT_PROMPT_NAMES,
+    QUERY_PROMPT_NAMES,
+    Prompting,
+    check_texts,
+    embedding_settings,
+)
 from .splade_pooler import SpladePooler
 from .task_model import model_with_head
 
 
-class SparseEncoder:
+class SparseEncoder(Prompting):
     """Sparse vectors of texts from a masked-LM model and a SPLADE pooler, as
     sentence-transformers' ``SparseEncoder`` computes them.
 
@@ -25,6 +32,11 @@ class SparseEncoder:
     log(1 + ReLU(logits))). ``max_active_dims`` keeps each vector's largest weights only
     (per call, or for every call). Texts are sorted by length and batched under a token
     budget; vectors come back in input order.
+
+    Prompts work as the dense ``Embedder``'s: named prompts and the default prompt from
+    the model's config_sentence_transformers.json, added to and overridden by ``prompts``
+    and ``default_prompt_name``; a prompt's tokens count in the vector (SPLADE pools every
+    token). ``encode_query`` / ``encode_document`` pick the "query" / "document" prompt.
     """
 
     def __init__(
@@ -33,6 +45,8 @@ class SparseEncoder:
         *,
         pooler: SpladePooler | None = None,
         max_active_dims: int | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         batch_tokens: int = 2048,
@@ -55,6 +69,7 @@ class SparseEncoder:
         self.max_batch_size = _check_positive("max_batch_size", max_batch_size)
         positions = int(loaded.max_positions)
         self.max_length = min(self.tokenizer.max_length or positions, positions)
+        self.init_prompts(embedding_settings(loaded), prompts, default_prompt_name)
 
     @property
     def vocab_size(self) -> int:
@@ -62,13 +77,30 @@ class SparseEncoder:
         return int(self.model.head.decoder.out_features)
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], *, max_active_dims: int | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        max_active_dims: int | None = None,
+        **unsupported: Any,
+    ) -> torch.Tensor:
         """Sparse vectors of ``texts``: a coalesced sparse COO tensor (n_texts, vocab_size),
-        float32, on the CPU. ``max_active_dims`` keeps each vector's largest weights."""
+        float32, on the CPU. ``prompt`` (a text) or ``prompt_name`` (one of ``self.prompts``)
+        is prepended to every text; with neither, the default prompt, if any.
+        ``max_active_dims`` keeps each vector's largest weights."""
+        if unsupported:  # dense settings (truncate_dim, precision) above all: say why not
+            raise InputError(
+                f"{', '.join(sorted(unsupported))}: not a setting of sparse vectors (they have "
+                "one entry per vocabulary id; max_active_dims prunes them); expected prompt, "
+                "prompt_name or max_active_dims"
+            )
         keep = _check_positive("max_active_dims", max_active_dims) or self.max_active_dims
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        texts = check_texts(texts)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if prompt:
+            texts = [prompt + text for text in texts]
         encodings = self.tokenizer.encode(texts, max_length=self.max_length)
         lengths = [len(e.ids) for e in encodings]
         rows, columns, values = [], [], []
@@ -93,12 +125,22 @@ class SparseEncoder:
         shape = (len(texts), self.vocab_size)
         return torch.sparse_coo_tensor(indices, data, shape, check_invariants=False).coalesce()
 
+    def encode_query(self, texts: Sequence[str], **settings: Any) -> torch.Tensor:
+        """``encode`` with the "query" prompt unless ``prompt`` or ``prompt_name`` is given."""
+        return self.encode(texts, **self.task_prompt(QUERY_PROMPT_NAMES, settings))
+
+    def encode_document(self, texts: Sequence[str], **settings: Any) -> torch.Tensor:
+        """``encode`` with the first of the "document", "passage", "corpus" prompts (the
+        first always exists) unless ``prompt`` or ``prompt_name`` is given."""
+        return self.encode(texts, **self.task_prompt(DOCUMENT_PROMPT_NAMES, settings))
+
     def encode_indices(
-        self, texts: Sequence[str], *, max_active_dims: int | None = None
+        self, texts: Sequence[str], **settings: Any
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each text's vector as (vocabulary ids, weights), heaviest first: int64 and
-        float32 arrays, as search engines index sparse vectors."""
-        vectors = self.encode(texts, max_active_dims=max_active_dims)
+        float32 arrays, as search engines index sparse vectors. ``settings`` are
+        ``encode``'s (``prompt``, ``prompt_name``, ``max_active_dims``)."""
+        vectors = self.encode(texts, **settings)
         return [_heaviest_first(vectors[i]) for i in range(vectors.shape[0])]
 
     def decode(
