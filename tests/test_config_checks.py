@@ -472,6 +472,7 @@ def valid_arguments() -> dict[tuple[str, str], Any]:
         ("layers", "registry_xf.TransformerEmbeddings.v1"): lambda: {"vocab_size": 99, "width": 32},
         ("layers", "registry_xf.DisentangledSelfAttention.v1"): lambda: {"width": 32, "n_heads": 4},
         ("layers", "registry_xf.RelativeEmbeddings.v1"): lambda: {"width": 32, "max_distance": 64},
+        ("layers", "registry_xf.TokenMerging.v1"): lambda: {"fraction": 0.2},
         ("layers", "registry_xf.FirstConvLayerStack.v1"): lambda: {
             "layer": _layer(),
             "n_layers": 2,
