@@ -112,6 +112,14 @@ def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
+def _fusable(linear: nn.Module) -> bool:
+    """Whether a post-op may replace calling ``linear``: a packed layer without hooks (a
+    hook, such as a tensor-parallel all-reduce, must see the layer's own output)."""
+    return (
+        type(linear) is PackedLinear and not linear._forward_hooks and not linear._forward_pre_hooks
+    )
+
+
 def linear_then_activation(
     linear: nn.Module, activation: nn.Module, x: torch.Tensor
 ) -> torch.Tensor:
@@ -120,7 +128,7 @@ def linear_then_activation(
     post_op = _fused_activation(activation)
     if (
         post_op is None
-        or type(linear) is not PackedLinear
+        or not _fusable(linear)
         or not linear.uses_packed(x)
         or torch.compiler.is_compiling()
         or x.numel() == x.shape[-1]
@@ -136,7 +144,7 @@ def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> t
     """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
     saving a pass over the output (a residual connection's sum)."""
     if (
-        type(linear) is not PackedLinear
+        not _fusable(linear)
         or not linear.uses_packed(x)
         or torch.compiler.is_compiling()
         or x.numel() == x.shape[-1]
