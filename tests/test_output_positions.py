@@ -114,3 +114,47 @@ def test_output_positions_are_checked(classifiers: dict[str, Path]) -> None:
     for bad in ([], [12], [-1], [True]):
         with pytest.raises(InputError, match="output_positions"):
             encoder(ids, mask, output_positions=bad)
+
+
+# Every encoder path that moves tokens (unpadded layers, merged tokens) or whose attention
+# computes every query (DeBERTa's) still gives the selected positions of the full output.
+def _first_positions_equal_full(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    with torch.inference_mode():
+        full = model(ids, mask).last_hidden_state
+        some = model(ids, mask, output_positions=[0, 2]).last_hidden_state
+    assert some.shape == (ids.shape[0], 2, full.shape[-1])
+    torch.testing.assert_close(some, full[:, [0, 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_deberta_encoder_and_classifier_select_positions(tmp_path: Path) -> None:
+    from test_deberta import write_checkpoint as write_deberta
+
+    path = write_deberta(tmp_path / "deberta", "v3")
+    ids, mask = random_batch(5, seq=12)
+    _first_positions_equal_full(rx.load(path), ids, mask)
+    classifier = write_deberta(tmp_path / "deberta-cls", "v3", task="sequence_classification")
+    model = rx.load(classifier)
+    with torch.inference_mode():
+        full = model(ids, mask).logits
+        first = model(ids, mask, head_positions_only=True).logits
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+
+
+def test_unpadded_modernbert_selects_positions(tmp_path: Path) -> None:
+    from test_modernbert import batch as modernbert_batch
+    from test_modernbert import write_checkpoint as write_modernbert
+
+    model = rx.load(write_modernbert(tmp_path / "modernbert"))
+    assert model.unpad
+    _first_positions_equal_full(model, *modernbert_batch(3))
+
+
+def test_merged_tokens_select_positions() -> None:
+    from test_token_merging import tiny_bert
+
+    from registry_xf.layers.token_merging import token_merging
+
+    model = tiny_bert()
+    model.layers.token_merging = token_merging(fraction=0.3, min_length=4)
+    ids, mask = random_batch(7, seq=20)
+    _first_positions_equal_full(model, ids, mask)
