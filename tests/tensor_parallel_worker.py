@@ -98,6 +98,7 @@ def config_plan(path: str, mesh: Any) -> dict[str, Any]:
         "embedding_rows": embedding.weight.shape[0],
         "logits_diff": diff,
         "save": error_of(lambda: rx.save(sharded, Path(path).parent / "never-written")),
+        "export": error_of(lambda: rx.export_hf(sharded, Path(path).parent / "never-exported")),
     }
 
 

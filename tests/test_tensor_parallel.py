@@ -250,10 +250,11 @@ def test_the_config_names_the_plan(ranks: list[dict[str, Any]]) -> None:
         assert found["logits_diff"] <= TOLERANCE
 
 
-def test_a_shard_is_not_saved(ranks: list[dict[str, Any]]) -> None:
+def test_a_shard_is_not_saved_or_exported(ranks: list[dict[str, Any]]) -> None:
     for rank in ranks:
-        error = rank["config_plan"]["save"]
-        assert error["typed"] and "tensor-parallel" in error["message"]
+        for action in ("save", "export"):
+            error = rank["config_plan"][action]
+            assert error["typed"] and "tensor-parallel" in error["message"], action
 
 
 # The plan on models built on meta, in this process: what it shards, and what it refuses.

@@ -289,6 +289,16 @@ def converter_of(model: nn.Module) -> HFConverter:
     return registry.converters.get(name)()
 
 
+def refuse_shard(model: nn.Module, action: str) -> None:
+    """A RegistryXFError for one rank's part of a tensor-parallel model: written out, it
+    would be a model of wrong sizes."""
+    if getattr(getattr(model, "record", None), "parallel", None) is not None:
+        raise RegistryXFError(
+            f"this model is one rank's shard of a tensor-parallel model: {action} the "
+            "model loaded without device_mesh"
+        )
+
+
 def export_hf(
     model: nn.Module,
     path: str | Path,
@@ -301,6 +311,7 @@ def export_hf(
     The result loads in HF transformers with the family's ``*Model`` class, or for a model
     with a head, its ``*For<Task>`` class (labels, problem type and tying included).
     """
+    refuse_shard(model, "export")
     conv = registry.converters.get(converter)() if converter else converter_of(model)
     hyper = dict(interpolate(model.config)["hyper"])
     hf_config = conv.hyper_to_hf(hyper)

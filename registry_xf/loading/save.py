@@ -14,7 +14,7 @@ from ..config.resolve import fill
 from ..errors import RegistryXFError
 from ..types import dtype_name
 from .atomic import atomic_directory, flushing, write_json
-from .hf import converter_of
+from .hf import converter_of, refuse_shard
 from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
 from .sources import META_FILE, SAVED_CONFIG
@@ -37,11 +37,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
         raise RegistryXFError(
             "this model has no config on record: build or load it with registry_xf"
         )
-    if getattr(getattr(model, "record", None), "parallel", None) is not None:
-        raise RegistryXFError(
-            "this model is one rank's shard of a tensor-parallel model: save the model "
-            "loaded without device_mesh"
-        )
+    refuse_shard(model, "save")
     tensors = {}
     for name, places in parameter_slots(model).items():
         module, attr = places[0]
