@@ -806,3 +806,15 @@ def test_generation_settings_are_read_as_hf_reads_them(
     generator = Generator(rx.load(path))
     with pytest.raises(SettingsError, match="forced_bos_token_id"):
         generator.generate_ids([[5, 6, 2]], max_new_tokens=3)
+
+
+def test_export_keeps_the_generation_settings(bart_forced: Path, tmp_path: Path) -> None:
+    """export_hf writes generation_config.json: the exported BART keeps its forced tokens,
+    end ids and minimum length, for HF and for registry_xf alike."""
+    ours = rx.load(bart_forced)
+    out = rx.export_hf(ours, tmp_path / "exported")
+    assert rx.load(out).config["generation"] == ours.config["generation"]
+    hf = hf_bart_like(out, "bart")
+    assert hf.generation_config.forced_bos_token_id == 0
+    assert hf.generation_config.forced_eos_token_id == 2
+    assert hf.generation_config.min_length == 12

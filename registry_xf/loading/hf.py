@@ -28,7 +28,7 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .checkpoint import checkpoint_files, open_checkpoint, stored_shapes
-from .hf_generation import generation_section
+from .hf_generation import GENERATION_CONFIG, generation_config_json, generation_section
 from .materialise import parameter_slots
 from .paths import safe_join
 from .sentence_transformers_files import sentence_transformers_files
@@ -339,11 +339,14 @@ def export_hf(
     st_files = sentence_transformers_files(
         interpolate(model.config), model.width, getattr(tokenizer, "max_length", None)
     )
+    generation = generation_config_json(interpolate(model.config).get("generation") or {})
     target = Path(path)
     with atomic_directory(
         target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
     ) as tmp:
         write_json(tmp / "config.json", hf_config)
+        if generation:  # HF then reads these settings from this file alone, as we do
+            write_json(tmp / GENERATION_CONFIG, generation)
         metadata = {"format": "pt", WRITER_KEY: WRITER}
         save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         tokenizer = getattr(model, "tokenizer", None)

@@ -161,3 +161,23 @@ def _warn_not_applied(where: str, source: Mapping[str, Any]) -> None:
             where,
             ", ".join(differing),
         )
+
+
+def generation_config_json(section: Mapping[str, Any]) -> dict[str, Any]:
+    """An HF generation_config.json holding a ``[generation]`` section's values (what
+    ``generation_section`` reads back): an exported model generates as the loaded one."""
+    out: dict[str, Any] = {}
+
+    def one_or_list(ids: list[int]) -> int | list[int]:
+        return ids[0] if len(ids) == 1 else list(ids)
+
+    if section.get("eos_token_ids"):
+        out["eos_token_id"] = one_or_list(section["eos_token_ids"])
+    for key in ("decoder_start_token_id", "pad_token_id", "forced_bos_token_id", *COUNTS):
+        if section.get(key) is not None:
+            out[key] = section[key]
+    if section.get("forced_eos_token_ids"):
+        out["forced_eos_token_id"] = one_or_list(section["forced_eos_token_ids"])
+    if section.get("suppress_token_ids"):
+        out["suppress_tokens"] = list(section["suppress_token_ids"])
+    return out
