@@ -82,6 +82,11 @@ class TransformerLayer(nn.Module):
                 cross = self.cross_attention(x, self._memory(memory))
                 x = self.cross_attention_norm(x + self.dropout(cross))
             return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))
+        if self.residual == "pre" and self._fuses_residuals():
+            # inference: each residual sum happens inside its output projection
+            h = self.attention_norm(x)
+            x = self._attend(h, mask, positions, cache, query_index, _rows(x, query_index))
+            return self.feed_forward(self.feed_forward_norm(x), residual=x)
         if self.residual == "pre":
             attn = self._attend(self.attention_norm(x), mask, positions, cache, query_index)
             x = _rows(x, query_index) + self.dropout(attn)
