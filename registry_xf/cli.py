@@ -197,18 +197,9 @@ def _read_calibration(name: str) -> Any:
 
 def _read_text_file(name: str) -> str:
     """The UTF-8 text of ``--file``; a missing, unreadable or binary file is a user error."""
-    try:
-        return Path(name).read_text(encoding="utf8")
-    except FileNotFoundError:
-        raise RegistryXFError(f"--file {name}: no such file") from None
-    except IsADirectoryError:
-        raise RegistryXFError(f"--file {name}: is a directory, not a text file") from None
-    except UnicodeDecodeError as e:
-        raise RegistryXFError(
-            f"--file {name}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise RegistryXFError(f"--file {name}: cannot be read ({e.strerror or e})") from None
+    from .pipelines.text_files import read_text
+
+    return read_text(name, f"--file {name}")
 
 
 def _writable_out(name: str) -> Path:

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import RegistryXFError
 from ..loading.atomic import atomic_file
 from .ray_data import embed_dataset, import_ray, registry_error
+from .text_files import read_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -63,15 +64,7 @@ def read_corpus(path: str | Path, fmt: str, column: str = "text") -> list[str]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf8")
-    except UnicodeDecodeError as e:
-        raise RegistryXFError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise RegistryXFError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in read_text(path, str(path)).splitlines() if line.strip()]
 
 
 def _read_parquet(path: Path, column: str) -> list[str]:
