@@ -80,9 +80,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def alternate(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """One warm-up call of each, then ``runs`` rounds calling each once per round."""
-    for fn in fns.values():
+def alternate(
+    fns: dict[str, Callable[[], Any]], runs: int, *, warm_up: bool = True
+) -> dict[str, list[float]]:
+    """One warm-up call of each (unless ``warm_up`` is false: the caller warmed them up),
+    then ``runs`` rounds calling each once per round."""
+    for fn in fns.values() if warm_up else ():
         timed(fn)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):

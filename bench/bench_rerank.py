@@ -18,7 +18,6 @@ The largest score difference between the two is checked too. Run
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import math
@@ -28,16 +27,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 # Before transformers (or anything that imports huggingface_hub) is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from words import WORDS  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from bench_encoder import alternate  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from words import WORDS  # noqa: E402
 
 TARGET = 1.5  # ours / sentence-transformers, pairs/s
 TOKENIZER_FILES = (
@@ -89,18 +86,6 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return [(text(2, 16), text(5, 400)) for _ in range(n)]
 
 
-def alternate(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """``runs`` rounds calling each once per round (warmed up before)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -127,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         difference = float(np.abs(score["ours"](pairs[:200]) - score["st"](pairs[:200])).max())
         fns = {name: (lambda run=run: run(pairs)) for name, run in score.items()}
         load_before = os.getloadavg()
-        times = alternate(fns, args.runs)
+        times = alternate(fns, args.runs, warm_up=False)
         load_after = os.getloadavg()
     rates = {name: [args.pairs / s for s in t] for name, t in times.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_encoder import load_average  # noqa: E402  (bench/ is on sys.path)
 
 VOCAB = 32128
 EOS = 1
@@ -77,13 +78,6 @@ def generate(side: str, model, prompts: torch.Tensor, new_tokens: int) -> tuple[
         )
         out = generated[:, 1:].tolist()  # after the decoder start token
     return time.perf_counter() - start, out
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

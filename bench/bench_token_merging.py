@@ -19,15 +19,13 @@ import logging
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench_encoder import load_average, make_corpus, revision  # noqa: E402  (bench/ is on sys.path)
+from bench_encoder import load_average, make_corpus, revision, timed  # noqa: E402  (bench/ is on sys.path)
 
 logger = logging.getLogger("bench_token_merging")
 SHORT = 32  # pieces: a text this long or shorter is short
@@ -80,12 +78,6 @@ def merging_overrides(setting: str, min_length: int) -> dict[str, Any]:
             section["layers"] = [int(i) for i in layers.split(",")]
         section["min_length"] = min_length
     return {"model.layers.token_merging": section}
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def neighbours(vectors: Any, k: int) -> Any:
