@@ -27,7 +27,7 @@ from ..errors import (
 from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
-from .checkpoint import checkpoint_files, open_checkpoint, stored_shapes
+from .checkpoint import open_checkpoint, stored_shapes
 from .hf_generation import GENERATION_CONFIG, generation_config_json, generation_section
 from .materialise import parameter_slots
 from .paths import safe_join
@@ -194,8 +194,9 @@ def hf_config(
         family_config_text(converter.family_for(hf) if converter.family_for else converter.family),
         {f"hyper.{k}": v for k, v in hyper.items()},
     )
-    check_config_against_weights(directory, hf, converter, interpolate(config).get("hyper", {}))
-    if _stored_head_differs(directory, converter, interpolate(config).get("hyper", {})):
+    family_hyper = interpolate(config).get("hyper", {})
+    check_config_against_weights(directory, hf, converter, family_hyper)
+    if _stored_head_differs(directory, converter, family_hyper):
         config["hyper"]["tie_embeddings"] = False
     task = hf_task(hf, converter) if head else None
     if task is not None and not _holds_head(directory, converter, task):
@@ -260,14 +261,10 @@ def _holds_head(directory: Path, converter: HFConverter, task: str) -> bool:
 
 
 def _checkpoint_keys(directory: Path) -> list[str] | None:
-    """Tensor names of the directory's safetensors (headers only); None where it has none
-    or they cannot be read (loading the weights then reports what is wrong)."""
-    try:
-        checkpoint_files(directory)
-        with open_checkpoint(directory, "cpu") as ckpt:
-            return list(ckpt.keys())
-    except CheckpointError:
-        return None
+    """Tensor names of the directory's safetensors (headers only, read as JSON); None where
+    it has none or they cannot be read (loading the weights then reports what is wrong)."""
+    stored = stored_shapes(directory)
+    return None if stored is None else list(stored)
 
 
 def converter_of(model: nn.Module) -> HFConverter:
