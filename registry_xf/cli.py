@@ -143,7 +143,8 @@ def _cmd_embed_corpus(args: argparse.Namespace, overrides: dict[str, Any]) -> in
         )
     ranges = quantization_ranges(_read_calibration(args.calibration)) if args.calibration else None
     fmt = ray_corpus.corpus_format(args.input, args.format)
-    texts = ray_corpus.read_corpus(args.input, fmt, args.column)  # its errors before Ray starts
+    # the file's errors before Ray starts
+    texts, ids = ray_corpus.read_corpus_with_ids(args.input, fmt, args.column, args.id_column)
     if not texts:
         raise RegistryXFError(f"{args.input}: nothing to embed, the corpus has no texts")
     ray = ray_data.import_ray()
@@ -158,6 +159,7 @@ def _cmd_embed_corpus(args: argparse.Namespace, overrides: dict[str, Any]) -> in
             texts,
             out,
             args.model,
+            ids=ids,
             revision=args.revision,
             device=args.device,
             dtype=args.dtype,
@@ -442,6 +444,9 @@ def make_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--out", required=True, help="the Parquet file to write")
     corpus.add_argument("--format", choices=("lines", "parquet", "jsonl"), help="(default: suffix)")
     corpus.add_argument("--column", default="text", help="the text column of a Parquet/JSONL file")
+    corpus.add_argument(
+        "--id-column", help="a Parquet/JSONL column of unique ids (default: the row positions)"
+    )
     corpus.add_argument("--model", default=DEFAULT_MODEL, help="as for embed; on every node")
     corpus.add_argument("--revision", help="the Hub revision (branch, tag or commit) to load")
     corpus.add_argument("--device", default=None, help="cpu, cuda (default: cuda if Ray has GPUs)")

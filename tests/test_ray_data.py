@@ -7,6 +7,7 @@ that hangs fails its test instead of the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -272,6 +273,65 @@ def test_a_failed_run_leaves_the_existing_destination_as_it_was(
         within(JOB_TIMEOUT_S, lambda: ray_corpus.write_parquet(embedded, out))
     assert out.read_bytes() == b"the previous file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.parquet", "embeddings.parquet"]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_ids_of_an_id_column_travel_with_their_texts(
+    source: str, embedder: rx.Embedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = [text for text in corpus(40, seed=3) if text]
+    keys = [f"doc-{len(texts) - i}" for i in range(len(texts))]  # not sorted as the texts
+    jsonl = tmp_path / "corpus.jsonl"
+    rows = [json.dumps({"key": k, "body": t}) for k, t in zip(keys, texts, strict=True)]
+    jsonl.write_text("\n".join(rows) + "\n", "utf8")
+    out = tmp_path / "embeddings.parquet"
+    argv = ["embed-corpus", str(jsonl), "--out", str(out), "--model", source]
+    argv += ["--column", "body", "--id-column", "key", "--concurrency", "1", "--batch-size", "8"]
+    assert within(JOB_TIMEOUT_S, lambda: main(argv)) == 0, capsys.readouterr().err
+    ids, written, vectors = read_parquet(out)
+    assert ids == keys and written == texts
+    assert_same_embeddings(vectors, embedder.embed(texts))
+
+
+def test_id_columns_are_read_and_checked(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    read = ray_corpus.read_corpus_with_ids
+    parquet = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "n": pa.array([7, 3], pa.int32())}), parquet)
+    assert read(parquet, "parquet", id_column="n") == (["a", "b"], [7, 3])
+    assert read(parquet, "parquet") == (["a", "b"], None)
+    with pytest.raises(RegistryXFError, match=r"no column 'key' \(--id-column\); it has text, n"):
+        read(parquet, "parquet", id_column="key")
+    with pytest.raises(RegistryXFError, match=r"'text' is also the text column"):
+        read(parquet, "parquet", id_column="text")
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "n": [1.0, 2.0, 3.0]}), parquet)
+    with pytest.raises(RegistryXFError, match=r"id column 'n' holds double, expected integers"):
+        read(parquet, "parquet", id_column="n")
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "n": ["x", None, "y"]}), parquet)
+    with pytest.raises(RegistryXFError, match=r"column 'n', row 1: a null, expected an id"):
+        read(parquet, "parquet", id_column="n")
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "n": ["x", "y", "x"]}), parquet)
+    with pytest.raises(RegistryXFError, match=r"'x' at rows 0 and 2; expected every id once"):
+        read(parquet, "parquet", id_column="n")
+
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text('{"text": "a", "id": 1}\n\n{"text": "b", "id": 2}\n', "utf8")
+    assert read(jsonl, "jsonl", id_column="id") == (["a", "b"], [1, 2])
+    jsonl.write_text('{"text": "a", "id": 1}\n{"text": "b", "id": "2"}\n', "utf8")
+    with pytest.raises(RegistryXFError, match=r"line 2: id 'id' is str, expected an integer \(as"):
+        read(jsonl, "jsonl", id_column="id")
+    jsonl.write_text('{"text": "a", "id": true}\n', "utf8")
+    with pytest.raises(RegistryXFError, match=r"line 1: id 'id' is bool, expected an integer or"):
+        read(jsonl, "jsonl", id_column="id")
+    jsonl.write_text('{"text": "a", "id": 1}\n{"text": "b"}\n', "utf8")
+    with pytest.raises(RegistryXFError, match=r"line 2: no id 'id' \(--id-column\)"):
+        read(jsonl, "jsonl", id_column="id")
+    lines = tmp_path / "corpus.txt"
+    lines.write_text("a\nb\n", "utf8")
+    with pytest.raises(RegistryXFError, match=r"needs a Parquet or JSONL corpus"):
+        read(lines, "lines", id_column="id")
 
 
 def test_corpus_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
