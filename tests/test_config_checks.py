@@ -584,3 +584,29 @@ def test_logits_processors_refuse_non_finite_settings(
 ) -> None:
     with pytest.raises(rx.ConfigError, match=rf"\[{argument}\].*finite"):
         rx.registry.logits_processors.get(name)(**{argument: value})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    index=st.sampled_from(["0", "7", "12", "x", "1a", "weight"]),
+    template=st.sampled_from(
+        [t for c in all_converters() for r in c.rules for t in r.hf if "{i}" in t]
+    ),
+)
+def test_layer_index_pattern_agrees_with_each_template(index: str, template: str) -> None:
+    """The one pattern of the config.json layer check finds the layer index exactly where
+    the first template (in order) whose ``{i}`` is a number matches the name."""
+    from registry_xf.converters.base import layer_index_regex, template_regex
+
+    converter = next(c for c in all_converters() if any(template in r.hf for r in c.rules))
+    templates = tuple(t for r in converter.rules for t in r.hf if "{i}" in t)
+    name = template.replace("{i}", index).replace("{p}", "weight")
+    name = name.replace("{", "").replace("}", "")  # any other placeholder: a plain word
+    expected = None
+    for pattern in map(template_regex, templates):
+        m = pattern.match(name)
+        if m is not None and m.group("i").isdigit():
+            expected = m.group("i")
+            break
+    found = layer_index_regex(templates).match(name)
+    assert (found.group(found.lastgroup) if found else None) == expected

@@ -82,7 +82,10 @@ def within_size_bound(model: nn.Module) -> nn.Module:
     config with sizes that are each plausible but together absurd is refused before a
     single byte of weights is allocated.
     """
-    count = sum(p.numel() for p in model.parameters())
+    # Without torch's function dispatch: the build's device mode would otherwise route
+    # each ``numel`` through Python (a tenth of building a small model).
+    with torch._C.DisableTorchFunction():
+        count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         raise ValueError(
             f"the model would have {count:,} parameters, more than the {MAX_PARAMETERS:,} "

@@ -321,12 +321,12 @@ class _Walker:
         schema = schema_for(func)
         converted, problems = schema.check(args, path, base_dir=self.base_dir)
         self.problems += problems
+        if self.build:  # the filled config is only wanted without building (``fill``)
+            return _Deferred(path, schema, converted), filled
         for name, default in schema.defaults().items():
             if name not in filled and _serialisable(default):
                 filled[name] = default
-        if not self.build:
-            return Unbuilt(path), filled
-        return _Deferred(path, schema, converted), filled
+        return Unbuilt(path), filled
 
 
 def _realise(value: Any, problems: list[ConfigProblem]) -> Any:

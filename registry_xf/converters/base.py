@@ -21,11 +21,28 @@ from .hf_values import checked_hf_values
 
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=4096)
 def template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
     pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>[^.]+)", pattern)
     return re.compile(pattern + r"\Z")
+
+
+@functools.lru_cache(maxsize=256)
+def layer_index_regex(templates: tuple[str, ...]) -> re.Pattern[str]:
+    """One pattern for names made by any of ``templates`` (each with an ``{i}``) whose
+    ``{i}`` is a number; the first template that fits wins, as in a loop over them. The
+    number is the match's only named group (``match.lastgroup`` names it): one match per
+    name instead of one per template."""
+    alternatives = []
+    for n, template in enumerate(templates):
+        pattern = re.escape(template)
+        pattern = re.sub(
+            r"\\\{(\w+)\\\}",
+            lambda m, n=n: rf"(?P<i{n}>\d+)" if m.group(1) == "i" else "[^.]+",
+            pattern,
+        )
+        alternatives.append(f"(?:{pattern}\\Z)")
+    return re.compile("|".join(alternatives))
 
 
 @dataclass(frozen=True)

@@ -47,22 +47,32 @@ def _all_meta(module: nn.Module) -> bool:
 
 
 _CONTAINER_BASES = (dict, list, set)
-_CONTAINERS = {dict, list, set, OrderedDict}
+# Whether a type's values are containers that a clone copies (a dict, list or set,
+# subclasses included), by type: asked once per type, not once per attribute.
+_IS_CONTAINER: dict[type, bool] = {dict: True, list: True, set: True, OrderedDict: True}
 
 
 def _clone_meta(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]  # type: ignore[return-value]
     new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {
-        k: v.copy() if type(v) in _CONTAINERS or isinstance(v, _CONTAINER_BASES) else v
-        for k, v in module.__dict__.items()
-    }
+    state = module.__dict__.copy()
+    for k, v in state.items():
+        container = _IS_CONTAINER.get(type(v))
+        if container is None:
+            container = _IS_CONTAINER[type(v)] = isinstance(v, _CONTAINER_BASES)
+        if container:
+            state[k] = v.copy()
+    new.__dict__.update(state)  # not nn.Module.__setattr__, which would check the name
     memo[id(module)] = new
     for name, p in module._parameters.items():
         if p is not None:
             if id(p) not in memo:  # a new Parameter object; meta tensors hold no data
-                memo[id(p)] = nn.Parameter(p, requires_grad=p.requires_grad)
+                memo[id(p)] = (
+                    torch.Tensor._make_subclass(nn.Parameter, p, p.requires_grad)
+                    if type(p) is nn.Parameter  # what nn.Parameter() does, without its checks
+                    else nn.Parameter(p, requires_grad=p.requires_grad)
+                )
             new._parameters[name] = memo[id(p)]  # type: ignore[assignment]
     for name, b in module._buffers.items():
         if b is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from ..assemblies.with_head import EncoderWithHead
 from ..config.families import family_config_text
 from ..config.resolve import interpolate, read_config
-from ..converters.base import HFConverter, converter_for_model_type, template_regex
+from ..converters.base import HFConverter, converter_for_model_type, layer_index_regex
 from ..converters.heads import HF_SUFFIX, TASKS, labels_to_hf
 from ..errors import (
     CheckpointError,
@@ -536,21 +536,16 @@ class _WeightFacts:
         setting = self.converter.layer_index_setting
         expected = self.hyper.get(setting)
         per_layer: dict[int, set[str]] = {}
-        patterns = [
-            template_regex(template)
-            for rule in self.converter.rules
-            for template in rule.hf
-            if "{i}" in template
-        ]
-        for name in self.names:
-            if not any(c.isdigit() for c in name):
-                continue
-            for pattern in patterns:
-                m = pattern.match(name)
-                if m is not None and m.group("i").isdigit():
-                    rest = name.replace(f".{m.group('i')}.", ".{i}.", 1)
-                    per_layer.setdefault(int(m.group("i")), set()).add(rest)
-                    break
+        templates = tuple(
+            template for rule in self.converter.rules for template in rule.hf if "{i}" in template
+        )
+        pattern = layer_index_regex(templates)
+        for name in self.names if templates else ():
+            m = pattern.match(name)
+            if m is not None:
+                index = m.group(m.lastgroup)  # type: ignore[arg-type]
+                rest = name.replace(f".{index}.", ".{i}.", 1)
+                per_layer.setdefault(int(index), set()).add(rest)
         if not per_layer or expected is None:
             return []
         count = len(per_layer)

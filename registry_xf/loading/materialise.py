@@ -77,7 +77,10 @@ def parameter_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     lives in (tied weights live in several)."""
     by_id: dict[int, list[tuple[nn.Module, str, str]]] = defaultdict(list)
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, tensor in list(module._parameters.items()) + _persistent_buffers(module):
+        tensors = module._parameters.items()
+        if module._buffers:
+            tensors = [*tensors, *_persistent_buffers(module)]
+        for attr, tensor in tensors:
             if tensor is not None:
                 name = f"{prefix}.{attr}" if prefix else attr
                 by_id[id(tensor)].append((module, attr, name))
@@ -121,9 +124,10 @@ def assign(places: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
 def init_buffers(model: nn.Module, device: torch.device) -> None:
     """Compute non-persistent buffers (rotary tables, ALiBi slopes) on ``device``."""
     for module in model.modules():
-        hook = getattr(module, "init_buffers", None)
-        if callable(hook):
-            hook(device)
+        # Looked up on the class: a module without the hook would otherwise go through
+        # nn.Module.__getattr__ and an AttributeError, once per module at every load.
+        if callable(getattr(type(module), "init_buffers", None)):
+            module.init_buffers(device)  # type: ignore[operator]
 
 
 def meta_tensors(model: nn.Module) -> Iterator[str]:

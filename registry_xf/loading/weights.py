@@ -266,11 +266,11 @@ def _dtype_problems(ours: str, expected: torch.dtype, entries: list[TensorEntry]
     """Where a stored dtype cannot become the model's tensor (an integer in a weight's place
     would otherwise crash in torch, or be converted silently as a part of a fused matrix)."""
     kind = _expected_kind(expected)
-    wanted = f"a floating-point tensor ({', '.join(FLOAT_DTYPES)})" if kind == "float" else kind
     problems = []
     for e in entries:
         if e.kind == kind:
             continue
+        wanted = f"a floating-point tensor ({', '.join(FLOAT_DTYPES)})" if kind == "float" else kind
         why = {
             "low-precision float": "a quantised format whose scales registry_xf does not read",
             "unknown": "a dtype registry_xf does not know",
@@ -293,11 +293,11 @@ def _shape_problems(
     """Where the stored shapes do not make the model's tensor. The parts of a fused matrix
     are checked one by one, against the rows the config gives each (the owning module's
     ``split``, as export writes them), so that parts cannot trade rows or broadcast."""
-    names = ", ".join(e.name for e in entries)
     if len(entries) == 1 or rule is None:
         found = _joined_shape(rule, [entries[0].shape])
         if found == expected:
             return []
+        names = ", ".join(e.name for e in entries)
         where = f" (from {names})" if names != ours else ""
         return [f"{ours}: model expects {list(expected)}, checkpoint has {list(found)}{where}"]
     joined = tuple(reversed(expected)) if rule.transpose else expected
@@ -315,6 +315,7 @@ def _shape_problems(
         ):
             return []
         found = " + ".join(str(list(s)) for s in shapes)
+        names = ", ".join(e.name for e in entries)
         return [f"{ours}: model expects {list(expected)}, checkpoint has {found} (from {names})"]
     problems = []
     for e, size in zip(entries, sizes, strict=True):
