@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,9 @@ class MergeState:
     token, 0 for columns that only pad a row that merged more than another), ``real`` (a
     token to attend to), ``protected`` (never merged: special tokens and padding) and
     ``positions`` (the original position of the token that received the merges).
-    ``shared_bias`` is the unmerged pass's bias (T5's relative positions), if any.
+    ``shared_bias`` is the unmerged pass's bias (T5's relative positions), if any, and
+    ``shared_relative`` its relative rows (DeBERTa's), which merged tokens read at their
+    ``positions``.
     """
 
     source: torch.Tensor
@@ -48,6 +51,7 @@ class MergeState:
     protected: torch.Tensor
     positions: torch.Tensor
     shared_bias: torch.Tensor | None = None
+    shared_relative: Any = None
     merged: bool = False
 
 
@@ -102,6 +106,7 @@ class TokenMerging:
             protected=~real | special_tokens(input_ids, real),
             positions=positions.to(device).expand(b, n),
             shared_bias=mask.bias,
+            shared_relative=mask.relative,
         )
 
     def tokens_to_merge(self, state: MergeState) -> torch.Tensor:
@@ -206,6 +211,7 @@ def bipartite_merge(
         protected=state.protected.gather(1, kept) | ~filled,
         positions=torch.where(filled, state.positions.gather(1, kept), 0),
         shared_bias=state.shared_bias,
+        shared_relative=state.shared_relative,
         merged=True,
     )
 
@@ -213,12 +219,16 @@ def bipartite_merge(
 def merged_mask(state: MergeState, before: AttentionMask) -> AttentionMask:
     """The attention mask for the merged tokens: their key mask, and proportional attention
     (log of each key's size added to its logits) beside any shared bias (T5's relative
-    positions, looked up at the tokens' original positions)."""
+    positions, looked up at the tokens' original positions), and DeBERTa's relative rows
+    at the same positions."""
     log_sizes = state.sizes.clamp(min=1).log()[:, None, None, :]
     bias = log_sizes
     if state.shared_bias is not None:
         bias = bias + _gathered_bias(state.shared_bias, state.positions)
-    return AttentionMask(state.real, causal=before.causal, bias=bias)
+    relative = state.shared_relative
+    if relative is not None:
+        relative = relative.at(state.positions)
+    return AttentionMask(state.real, causal=before.causal, bias=bias, relative=relative)
 
 
 def _gathered_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
