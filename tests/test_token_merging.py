@@ -410,3 +410,150 @@ def test_token_classification_gets_a_label_per_original_token(tmp_path) -> None:
             assert torch.equal(
                 logits[row, members], logits[row, members[:1]].expand(len(members), -1)
             )
+
+
+# --- DeBERTa-v2/v3: relative positions follow the merged tokens, the convolution ------------
+
+DEBERTA_VARIANTS = ["v3", "v2", "v2-xlarge"]  # log buckets; clipped distances; convolution
+
+
+@pytest.fixture(scope="module")
+def deberta_dirs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from test_deberta import write_checkpoint
+
+    root = tmp_path_factory.mktemp("tome-deberta")
+    return {v: write_checkpoint(root / v, v, max_position_embeddings=96) for v in DEBERTA_VARIANTS}
+
+
+def deberta_pair(path, **settings_):  # type: ignore[no-untyped-def]
+    """The checkpoint with merging (``settings_``) and without."""
+    merging = {"@layers": MERGING, **settings_}
+    return rx.load(path, overrides={"model.layers.token_merging": merging}), rx.load(path)
+
+
+def deberta_batch(variant: str, lengths: list[int], seed: int):  # type: ignore[no-untyped-def]
+    ids, mask = batch_of(lengths, seed)
+    types = None
+    if variant == "v2":  # its checkpoint has token types
+        types = (torch.arange(ids.shape[1])[None, :] >= 10).long().expand_as(ids) * mask
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("variant", DEBERTA_VARIANTS)
+def test_deberta_without_merges_equals_the_unmerged_model(deberta_dirs, variant: str) -> None:  # type: ignore[no-untyped-def]
+    """r = 0, and merging on but every text under min_length: the same numbers."""
+    ids, mask, types = deberta_batch(variant, [40, 23, 31], seed=9)
+    _, plain = deberta_pair(deberta_dirs[variant], r=0)
+    with torch.no_grad():
+        expected = plain(ids, mask, token_type_ids=types).last_hidden_state
+        for settings_ in ({"r": 0}, {"r": 4, "min_length": 41}):
+            model, _ = deberta_pair(deberta_dirs[variant], **settings_)
+            got = model(ids, mask, token_type_ids=types).last_hidden_state
+            assert torch.equal(got, expected), settings_
+
+
+@pytest.mark.parametrize("variant", DEBERTA_VARIANTS)
+def test_deberta_merges_each_padded_row_as_alone(deberta_dirs, variant: str) -> None:  # type: ignore[no-untyped-def]
+    """Each row's merged tokens read their relative rows at their own positions: a padded
+    batch gives every text what it gets alone, and the outputs stay close to unmerged."""
+    model, plain = deberta_pair(deberta_dirs[variant], r=5, layers=[0], min_length=8)
+    ids, mask, types = deberta_batch(variant, [40, 23, 31], seed=10)
+    with torch.no_grad():
+        together = model(ids, mask, token_type_ids=types).last_hidden_state
+        unmerged = plain(ids, mask, token_type_ids=types).last_hidden_state
+        for row in range(3):
+            n = int(mask[row].sum())
+            ids_1, mask_1, types_1 = (
+                t[row : row + 1, :n] if t is not None else None for t in (ids, mask, types)
+            )
+            alone = model(ids_1, mask_1, token_type_ids=types_1).last_hidden_state
+            torch.testing.assert_close(together[row, :n], alone[0], atol=1e-5, rtol=1e-5)
+    assert together.shape == unmerged.shape
+    real = mask.bool()
+    assert not torch.allclose(together[real], unmerged[real])
+    pooled = [
+        (o * mask[..., None]).sum(1) / mask.sum(1, keepdim=True) for o in (unmerged, together)
+    ]
+    assert float(nn.functional.cosine_similarity(*pooled).min()) > 0.9
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_relative_rows_at_merged_positions_are_the_original_distances(
+    deberta_dirs, variant
+) -> None:  # type: ignore[no-untyped-def]
+    """A merged token's row for each pair is the table's row for the two tokens' original
+    distance (bucketed or clipped as in the unmerged sequence), row by row of the batch."""
+    from registry_xf.layers.disentangled_attention import log_buckets
+
+    table = rx.load(deberta_dirs[variant]).relative_positions.eval()
+    n = 40
+    positions = torch.tensor([[0, 1, 5, 6, 17, 30, 39], [0, 2, 3, 11, 12, 25, 33]])
+    with torch.no_grad():
+        rows = table(n, n).at(positions)
+        normed = table.weight if table.norm is None else table.norm(table.weight)
+    distance = positions[:, :, None] - positions[:, None, :]
+    if table.n_buckets:
+        distance = log_buckets(distance, table.n_buckets, table.max_distance)
+    expected = normed[(distance + table.span).clamp(0, 2 * table.span - 1)]
+    assert rows.index.shape == (2, 7, 7) and not rows.shifted
+    torch.testing.assert_close(rows.rows[rows.index], expected)
+
+
+def test_deberta_convolution_sees_every_token(deberta_dirs) -> None:  # type: ignore[no-untyped-def]
+    """deberta-v2-xlarge's convolution joins the first layer, before any merge: after a
+    merge following that layer, every token left alone has exactly its unmerged state."""
+    model, plain = deberta_pair(deberta_dirs["v2-xlarge"], r=6, layers=[0], min_length=8)
+    assert model.layers.convolution is not None
+    ids, mask, _ = deberta_batch("v2-xlarge", [36, 28], seed=11)
+    seen: list[MergeState] = []
+    merge = model.layers.token_merging.merge
+
+    def recording_merge(*args, **kwargs):  # type: ignore[no-untyped-def]
+        x, state, attention_mask = merge(*args, **kwargs)
+        seen.append(state)
+        return x, state, attention_mask
+
+    model.layers.token_merging.merge = recording_merge
+    with torch.no_grad():
+        merged = model(ids, mask, output_hidden_states=True).hidden_states[1]
+        expected = plain(ids, mask, output_hidden_states=True).hidden_states[1]
+    sizes = seen[0].sizes.gather(1, seen[0].source)  # each original token's group size
+    alone = (sizes == 1) & mask.bool()
+    assert int((sizes > 1).sum()) > 0 and int(alone.sum()) > 20
+    torch.testing.assert_close(merged[alone], expected[alone], atol=1e-6, rtol=0)
+
+
+def test_an_attention_that_cannot_follow_merges_is_refused_by_name() -> None:
+    """An encoder whose attention is not registry_xf's SelfAttention (a plugin's) cannot
+    take the log-size bias or the merged positions: a ConfigError at the stack's setting."""
+    import catalogue
+
+    class PlainAttention(nn.Module):
+        def forward(self, x, mask, positions=None):  # type: ignore[no-untyped-def]
+            return x
+
+    def plain_attention(width: int, n_heads: int) -> nn.Module:
+        return PlainAttention()
+
+    name = "test_token_merging.PlainAttention.v1"
+    rx.registry.layers.register(name, func=plain_attention)
+    try:
+        config = family_config_text("bert").replace('"registry_xf.SelfAttention.v1"', f'"{name}"')
+        config = "\n".join(
+            line
+            for line in config.splitlines()
+            if not line.startswith(("qkv =", "backend =", "dropout = ${hyper.attention"))
+        )
+        with pytest.raises(ConfigError) as error:
+            rx.build(
+                config,
+                overrides={
+                    "hyper.n_layers": 2,
+                    "model.layers.token_merging": {"@layers": MERGING, "r": 2},
+                },
+            )
+    finally:
+        del catalogue.REGISTRY[("registry_xf", "layers", name)]
+    message = str(error.value)
+    assert "[model.layers.token_merging]" in message and "LayerStack" in message
+    assert "PlainAttention" in message

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import ConfigError, ConfigProblem, InputError
 from ..layers.attention import SelfAttention
 from ..layers.attention_mask import AttentionMask
+from ..layers.disentangled_attention import RelativeEmbeddings
 from ..layers.unpadding import Unpadded
 from ..registry import registry
 from .base import Assembly, within_size_bound
@@ -199,6 +200,38 @@ def encoder(
                     )
                 ]
             )
+    check_token_merging(layers, relative_positions)
     return within_size_bound(
         Encoder(embeddings, layers, final_norm, attention_bias, unpad, relative_positions)
     )
+
+
+def check_token_merging(layers: nn.Module, relative_positions: nn.Module | None) -> None:
+    """Refuse Token Merging where merged tokens could not be attended to as they should:
+    every layer's attention must add the shared bias (proportional attention) and read
+    positions per token, as ``SelfAttention`` does, and relative positions must follow the
+    merged tokens (``RelativeEmbeddings``)."""
+    if getattr(layers, "token_merging", None) is None:
+        return
+    others = sorted(
+        {
+            type(module.attention).__name__
+            for module in layers.modules()
+            if isinstance(getattr(module, "attention", None), nn.Module)
+            and not isinstance(module.attention, SelfAttention)
+        }
+    )
+    if relative_positions is not None and not isinstance(relative_positions, RelativeEmbeddings):
+        others.append(f"relative_positions {type(relative_positions).__name__}")
+    if others:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "layers.token_merging",
+                    f"the stack {type(layers).__name__} cannot merge tokens here: it needs "
+                    "registry_xf.SelfAttention (or a subclass) in every layer and, for "
+                    "relative positions, registry_xf.RelativeEmbeddings; found "
+                    + ", ".join(others),
+                )
+            ]
+        )

@@ -18,7 +18,8 @@ from ..registry import registry
 from ..types import Eps, LayerCount, Probability, Width
 from .activations import Activation
 from .attention_mask import AttentionMask
-from .layer_stacks import LayerStack, within_size_bound
+from .layer_stacks import LayerStack, with_merging, within_size_bound
+from .token_merging import TokenMerging
 
 
 class InputConvolution(nn.Module):
@@ -100,10 +101,13 @@ def first_conv_layer_stack(
     activation: Activation = "tanh",  # type: ignore[assignment]
     eps: Eps = 1e-7,
     dropout: Probability = 0.0,
+    token_merging: TokenMerging | None = None,
 ) -> nn.Module:
     """``n_layers`` copies of ``layer``; with ``kernel_size`` > 0 the first layer's input is
     convolved (``groups``), activated and added to its output, then normed (DeBERTa-v2's
-    ConvLayer); ``kernel_size = 0``: no convolution."""
+    ConvLayer); ``kernel_size = 0``: no convolution. ``token_merging`` shortens the
+    sequences between layers: merges come after a layer, so the convolution always sees
+    every token."""
     problems = []
     if kernel_size < 0 or kernel_size > 63 or (kernel_size and kernel_size % 2 == 0):
         # an even kernel would shorten the sequence by one (the padding is (k - 1) // 2)
@@ -121,4 +125,5 @@ def first_conv_layer_stack(
         if kernel_size
         else None
     )
-    return FirstConvLayerStack(within_size_bound(layer, n_layers), n_layers, convolution)
+    stack = FirstConvLayerStack(within_size_bound(layer, n_layers), n_layers, convolution)
+    return with_merging(stack, token_merging, n_layers)

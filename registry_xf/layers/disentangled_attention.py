@@ -31,7 +31,8 @@ _INDEX_CACHE = 8  # sequence lengths whose bucket index a table keeps
 @dataclass(frozen=True)
 class RelativeRows:
     """What every layer of one pass shares: the table rows that some (query, key) pair
-    uses (normalised), and for each pair the row it uses, (queries, keys).
+    uses (normalised), and for each pair the row it uses, (queries, keys), or (batch,
+    queries, keys) once tokens are merged (``at``).
 
     ``shifted``: the row of (i, j) is ``i - j + n - 1`` for every pair (no distance is
     bucketed or clipped), so attention reads the terms as strided views, without a gather.
@@ -40,6 +41,14 @@ class RelativeRows:
     rows: torch.Tensor
     index: torch.Tensor
     shifted: bool = False
+
+    def at(self, positions: torch.Tensor) -> RelativeRows:
+        """The rows of tokens at ``positions`` (batch, seq), indices into this pass's
+        sequence: after Token Merging each token keeps the original position of the token
+        that received the merges, and its distances (and buckets) are those of the
+        original sequence."""
+        index = self.index[positions[:, :, None], positions[:, None, :]]
+        return RelativeRows(self.rows, index, shifted=False)
 
 
 def log_buckets(relative: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:
@@ -212,7 +221,9 @@ class DisentangledSelfAttention(SelfAttention):
                 (b, h, n, n), (n * r, b * n * r, *strides), full.storage_offset() + n - 1
             )
         by_row = full.view(h, b, n, r).transpose(0, 1)
-        index = relative.index.t() if keys_first else relative.index
+        index = relative.index.transpose(-1, -2) if keys_first else relative.index
+        if index.dim() == 3:  # one index per sequence (merged tokens)
+            index = index[:, None]
         out = by_row.gather(-1, index.expand(b, h, n, index.shape[-1]))
         return out.transpose(-1, -2) if keys_first else out
 
@@ -232,7 +243,10 @@ class DisentangledSelfAttention(SelfAttention):
         if cache is not None:
             raise InputError("DisentangledSelfAttention is an encoder's: it keeps no cache")
         q, k, v = self.project(x)
-        bias = self.position_scores(q, k, relative)
+        bias = self.position_scores(q, k, relative)  # a new tensor: may be changed in place
+        if mask.bias is not None:  # Token Merging's proportional attention
+            shared = mask.bias.to(q.dtype)
+            bias = shared.clone() if bias is None else bias.add_(shared)
         n_q, n_k = q.shape[2], k.shape[2]
         allowed, dead, _ = mask.for_attention(n_q, n_k, q.device)
         if bias is not None and allowed is not None:
