@@ -59,6 +59,10 @@ def test_bfloat16_products_keep_float32_parts(tiny_dir: Path) -> None:
     assert cosines(got, exact).min() > 0.999
     assert not np.allclose(got, exact, atol=1e-6)  # the products did run in bfloat16
     assert rx.Embedder(mixed.model, matmul_dtype=torch.bfloat16).matmul_dtype == torch.bfloat16
+    # compiled: weights frozen into the graph as packed bfloat16 copies, the same products
+    compiled = rx.Embedder(mixed.model, matmul_dtype="bfloat16", compile=True)
+    assert cosines(compiled.embed(TEXTS), got).min() > 0.9999
+    assert compiled._forward.compiled is not None and compiled._forward.frozen
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._inductor import config as inductor_config
 
 from ..errors import InputError, RegistryXFError
 
@@ -76,13 +77,16 @@ class CompiledForward:
             logger.warning("compile=True: running eagerly (%s)", reason)
             self.compiled: Callable[..., torch.Tensor] | None = None
             return
-        options = {"freezing": True} if frozen else {}
-        self.compiled = torch.compile(forward, fullgraph=True, dynamic=True, options=options)
+        self.frozen = frozen
+        self.compiled = torch.compile(forward, fullgraph=True, dynamic=True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(*args, **kwargs)
+                # Freezing is read from inductor's global config when a graph compiles
+                # (compile options do not reach it): set only while this pass runs.
+                with inductor_config.patch(freezing=self.frozen):
+                    return self.compiled(*args, **kwargs)
             except RegistryXFError:
                 raise
             except Exception as e:  # a compiler failure: the eager pass still works
