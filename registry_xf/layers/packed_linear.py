@@ -187,10 +187,12 @@ class PackedLinear(nn.Linear):
         register_packed_linear()
 
     def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is multiplied with the packed weight (CPU inference)."""
+        """Whether ``x`` is multiplied with the packed weight (CPU inference). Not under
+        CPU autocast, which casts the inputs of a plain ``F.linear`` only."""
         weight = self.weight
         return not (
             torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
             or x.device.type != "cpu"
             or weight.device.type != "cpu"
             or x.dtype != weight.dtype

@@ -16,6 +16,7 @@ from ..errors import InputError, RegistryXFError
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .batching import length_batches
+from .compiled_forward import CompiledForward, autocast, check_compile, check_matmul_dtype
 from .poolers import Pooler
 from .prompts import (
     DOCUMENT_PROMPT_NAMES,
@@ -46,6 +47,16 @@ class Embedder(Prompting):
     normalises; it overrides the model's own setting. ``quantize="int8"`` makes every
     linear layer multiply in int8 on the CPU (``registry_xf.layers.int8_linear``; changes
     the model in place).
+
+    ``compile=True`` runs the encoder, pooling and normalisation through
+    ``torch.compile`` (one graph, dynamic shapes; the first batch compiles, tens of
+    seconds on a CPU, and a batch of one text once more), which cuts the per-layer Python
+    overhead that dominates short inputs. ``matmul_dtype="bfloat16"`` multiplies in
+    bfloat16 (CPU autocast; fast on CPUs with AVX512-BF16 or AMX) while layer norms,
+    softmax, the residual stream and pooling stay in float32: closer to float32 than a
+    bfloat16 model (``dtype="bfloat16"``). With ``compile=True`` as well, the bfloat16
+    weights are made and packed once, at compile time; eagerly, at every batch. Where
+    compiling is unavailable or fails, the reason is logged and the pass runs eagerly.
     """
 
     def __init__(
@@ -62,9 +73,13 @@ class Embedder(Prompting):
         batch_tokens: int = 2048,
         max_batch_size: int = 256,
         quantize: str | None = None,
+        compile: bool = False,
+        matmul_dtype: str | torch.dtype | None = None,
     ):
         if quantize not in (None, "int8"):
             raise InputError(f"quantize={quantize!r}: expected None or 'int8'")
+        compile = check_compile(compile)
+        self.matmul_dtype = check_matmul_dtype(matmul_dtype)
         self.model = (
             model
             if isinstance(model, nn.Module)
@@ -94,6 +109,33 @@ class Embedder(Prompting):
             truncate_dim = settings.get("truncate_dim")
         self.truncate_dim = self._check_truncate_dim(truncate_dim)
         self._prompt_lengths: dict[str, int] = {}
+        if self.matmul_dtype is not None and self.model.device.type != "cpu":
+            raise InputError(
+                f"matmul_dtype={matmul_dtype!r} is for models on the CPU; this one is on "
+                f"{self.model.device} (load it with dtype= instead)"
+            )
+        self.compiled = compile
+        self._forward: Any = (
+            CompiledForward(self._pooled, frozen=self.matmul_dtype is not None)
+            if compile
+            else self._pooled
+        )
+
+    def _pooled(
+        self,
+        inputs: dict[str, torch.Tensor | None],
+        attention_mask: torch.Tensor,
+        only: dict[str, Any],
+        prompt_length: int,
+        width: int,
+    ) -> torch.Tensor:
+        """One batch's pooled (and normalised) float32 embeddings: the part that compiles."""
+        with autocast(self.matmul_dtype):
+            hidden = self.model(**inputs, **only).last_hidden_state
+        pooled = self.pooler.pool(hidden.float(), attention_mask, prompt_length)[:, :width]
+        if self.pooler.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
 
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices of texts grouped by similar length under the token budget."""
@@ -143,11 +185,10 @@ class Embedder(Prompting):
                     bar.update(len(batch))
                 continue
             inputs = self.tokenizer.pad([encodings[i] for i in batch]).to(device)
-            hidden = self.model(**inputs.model_inputs(), **only).last_hidden_state
-            pooled = self.pooler.pool(hidden, inputs.attention_mask, prompt_length)[:, :width]
-            if self.pooler.normalize:
-                pooled = nn.functional.normalize(pooled, p=2, dim=-1)
-            out[batch] = pooled.float().cpu().numpy()
+            pooled = self._forward(
+                inputs.model_inputs(), inputs.attention_mask, only, prompt_length, width
+            )
+            out[batch] = pooled.cpu().numpy()
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
