@@ -40,6 +40,8 @@ _LIMIT = 127.0  # symmetric int8: -127..127, so that negation never overflows
 # Rows (tokens) from which the compiled element-wise loops beat plain torch operations
 # (measured on a 2-core AVX-512 CPU: about 60 µs of overhead per compiled call)
 FUSE_FROM_ROWS = 32
+# Up to this many torch threads the compiled loops run on one thread (see ``_Fused``)
+SERIAL_UP_TO_THREADS = 2
 
 
 @functools.cache
@@ -119,21 +121,28 @@ def _activation_name(activation: nn.Module) -> str | None:
 
 class _Fused:
     """The element-wise steps compiled (once per process, on first use), or the plain
-    functions where compiling failed."""
+    functions where compiling failed.
+
+    With one or two threads the loops run on one thread: every parallel loop ends at a
+    barrier, and on a 2-core machine that also runs other work a barrier often waits for
+    a descheduled thread; int8 has three loops per layer where float32 has one. Measured
+    on a busy 2-core CPU: 1.35x float32's speed with single-threaded loops, 0.70x with
+    parallel ones. With more threads the loops are parallel."""
 
     failed: str | None = None
 
     @staticmethod
     @functools.cache
-    def compiled(fn: Callable) -> Callable:
-        return torch.compile(fn, dynamic=True, fullgraph=True)
+    def compiled(fn: Callable, serial: bool) -> Callable:
+        options = {"cpp.threads": 1} if serial else None
+        return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
     @classmethod
     def run(cls, fn: Callable, *args: Any) -> Any:
         if cls.failed is not None or torch.compiler.is_compiling():
             return fn(*args)  # under an outer compile, the outer graph fuses it
         try:
-            return cls.compiled(fn)(*args)
+            return cls.compiled(fn, torch.get_num_threads() <= SERIAL_UP_TO_THREADS)(*args)
         except Exception as e:  # no C++ compiler, an unsupported torch build...
             cls.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             logger.warning(
