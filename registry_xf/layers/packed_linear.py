@@ -151,16 +151,10 @@ def linear_then_activation(
 def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
     saving a pass over the output (a residual connection's sum); so does an int8 layer."""
-    if (
-        type(linear) is Int8Linear
-        and not _hooked(linear)
-        and residual.shape
-        == (
-            *x.shape[:-1],
-            linear.out_features,
-        )
-    ):
-        return linear(x, residual=residual)
+    if type(linear) is Int8Linear and not _hooked(linear):
+        out_shape = (*x.shape[:-1], linear.out_features)
+        if residual.shape == out_shape:
+            return linear(x, residual=residual)
     if (
         not _fusable(linear)
         or not linear.uses_packed(x)
