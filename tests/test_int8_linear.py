@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_dir, requires_minilm
+from conftest import minilm_dir, random_batch, requires_minilm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import registry_xf as rx
 from registry_xf.layers.int8_linear import Int8Linear, int8_unavailable
+from registry_xf.layers.packed_linear import linear_plus, linear_then_activation
 
 pytestmark = pytest.mark.skipif(int8_unavailable() is not None, reason=str(int8_unavailable()))
 
@@ -44,6 +45,66 @@ def test_empty_batch_and_bfloat16() -> None:
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(layer(x).float(), linear(x).float())
     assert layer(x).dtype == torch.bfloat16 and cosine.min() >= 0.99
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 57])  # 3 * rows: unfused below 32
+def test_fused_steps_match_the_plain_ones(rows: int) -> None:
+    """The compiled quantise/dequantise loops compute what the plain torch steps do, for
+    every batch size (one row, none), 3-D inputs, with the activation and residual sum
+    fused after the multiply, or applied after it where no fused form exists."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(48, 40)
+    fused, plain = Int8Linear(linear), Int8Linear(linear, fused=False)
+    x, residual = torch.randn(3, rows, 48), torch.randn(3, rows, 40)
+    # (fused: one compiled GELU loop and the plain one, to keep compiling short)
+    activations = [torch.nn.GELU(), torch.nn.GELU("tanh"), torch.nn.ReLU(), torch.nn.Softplus()]
+    with torch.inference_mode():
+        for activation in activations:
+            expected = activation(linear(x))
+            fusable = activation is activations[0] or type(activation) is torch.nn.Softplus
+            for layer in (fused, plain) if fusable else (plain,):
+                got = linear_then_activation(layer, activation, x)
+                assert got.shape == (3, rows, 40)
+                torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+        expected = linear(x) + residual
+        for layer in (fused, plain):
+            got = linear_plus(layer, x, residual)
+            assert got.shape == (3, rows, 40)
+            torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_steps_compile_once_for_all_shapes() -> None:
+    """Dynamic shapes: new batch sizes and widths reuse the compiled loops."""
+    from torch._dynamo.utils import counters
+
+    layers = [Int8Linear(torch.nn.Linear(n_in, n_out)) for n_in, n_out in [(32, 24), (24, 72)]]
+    with torch.inference_mode():
+        for layer in layers:
+            layer(torch.randn(40, layer.in_features))  # compiled here if not yet
+        before = counters["stats"]["unique_graphs"]
+        for rows in (33, 19, 130):
+            for layer in layers:
+                layer(torch.randn(2, rows, layer.in_features))
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_tiny_bert_int8_stays_close(checkpoints) -> None:  # type: ignore[no-untyped-def]
+    exact, model = rx.load(checkpoints["bert"]), rx.load(checkpoints["bert"])
+    rx.quantize_int8(model)
+    ids, mask = random_batch(seed=1, batch=5, seq=14)
+    with torch.inference_mode():
+        expected = exact(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    cosine = torch.nn.functional.cosine_similarity(got[real], expected[real], dim=-1)
+    assert cosine.min() >= 0.99, cosine
+
+
+def test_quantize_int8_refuses_layers_off_the_cpu(checkpoints) -> None:  # type: ignore[no-untyped-def]
+    model = rx.load(checkpoints["bert"]).to("meta")
+    with pytest.raises(rx.RegistryXFError, match="runs on the CPU; layer .* is on meta"):
+        rx.quantize_int8(model)
 
 
 def test_quantize_int8_swaps_every_linear(checkpoints) -> None:  # type: ignore[no-untyped-def]

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_linear import Int8Linear
+
 logger = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -112,19 +114,25 @@ def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
+def _hooked(linear: nn.Module) -> bool:
+    """Whether ``linear`` has hooks (a hook, such as a tensor-parallel all-reduce, must see
+    the layer's own output, so no post-op may be fused into it)."""
+    return bool(linear._forward_hooks or linear._forward_pre_hooks)
+
+
 def _fusable(linear: nn.Module) -> bool:
-    """Whether a post-op may replace calling ``linear``: a packed layer without hooks (a
-    hook, such as a tensor-parallel all-reduce, must see the layer's own output)."""
-    return (
-        type(linear) is PackedLinear and not linear._forward_hooks and not linear._forward_pre_hooks
-    )
+    """Whether a post-op may replace calling ``linear``: a packed layer without hooks."""
+    return type(linear) is PackedLinear and not _hooked(linear)
 
 
 def linear_then_activation(
     linear: nn.Module, activation: nn.Module, x: torch.Tensor
 ) -> torch.Tensor:
     """``activation(linear(x))``; a packed layer applies a GELU or ReLU inside its multiply
-    (a oneDNN post-op), so the wide intermediate is written once and not read again."""
+    (a oneDNN post-op), so the wide intermediate is written once and not read again; an
+    int8 layer applies it where it turns its products back into floats."""
+    if type(linear) is Int8Linear and not _hooked(linear):
+        return linear(x, activation=activation)
     post_op = _fused_activation(activation)
     if (
         post_op is None
@@ -142,7 +150,11 @@ def linear_then_activation(
 
 def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
-    saving a pass over the output (a residual connection's sum)."""
+    saving a pass over the output (a residual connection's sum); so does an int8 layer."""
+    if type(linear) is Int8Linear and not _hooked(linear):
+        out_shape = (*x.shape[:-1], linear.out_features)
+        if residual.shape == out_shape:
+            return linear(x, residual=residual)
     if (
         not _fusable(linear)
         or not linear.uses_packed(x)
