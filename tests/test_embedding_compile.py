@@ -99,20 +99,23 @@ def test_a_failing_compiler_falls_back_to_eager(
 
 
 def test_without_a_cpp_compiler_runs_eagerly(
-    tiny_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from torch._inductor import config
 
     from registry_xf.pipelines.compiled_forward import compile_unavailable
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, "/nonexistent/g++"))
+    # inductor's own patching: a monkeypatch undo would delete (hide) the setting
     compile_unavailable.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="registry_xf.pipelines.compiled_forward"):
+        with (
+            config.patch({"cpp.cxx": (None, "/nonexistent/g++")}),
+            caplog.at_level(logging.WARNING, logger="registry_xf.pipelines.compiled_forward"),
+        ):
             embedder = rx.Embedder(str(tiny_dir), compile=True)
     finally:
-        monkeypatch.undo()
         compile_unavailable.cache_clear()
+    assert config.cpp.cxx != (None, "/nonexistent/g++")
     assert "compile=True: running eagerly (torch.compile is unavailable" in caplog.text
     assert embedder._forward.compiled is None
     np.testing.assert_allclose(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -204,14 +203,10 @@ class Embedder(Prompting):
             if bar is not None:
                 bar.update(len(batch))
 
-        batches = self.batches(lengths)
-        if self.streams > 1:
-            # the first batch alone: what compiles lazily (a compiled pass, int8 loops)
-            # compiles once, before the streams start
-            for batch in itertools.islice(batches, 1):
-                embed_batch(batch)
+        batches = list(self.batches(lengths))
+        if self.streams > 1 and len(batches) > 1:
             run_in_streams(embed_batch, batches, self.streams)
-        else:
+        else:  # one batch (a single text's latency) keeps all of torch's threads
             for batch in batches:
                 embed_batch(batch)
         if bar is not None:

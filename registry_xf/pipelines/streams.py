@@ -39,8 +39,10 @@ def run_in_streams(work: Callable[[Item], None], items: Iterable[Item], streams:
 
     torch's thread count is one setting for the whole process: while this runs it is the
     count it was, divided among the streams (at least 1 each), and it is restored after.
-    The first error raised by ``work`` stops the other streams after their current item
-    and is raised here."""
+    The first item runs alone on the calling thread, already with the divided count, so
+    that what compiles at its first call (a compiled pass, int8 loops) compiles once and
+    for the threads it will run with. The first error raised by ``work`` stops the other
+    streams after their current item and is raised here."""
     pending = iter(items)
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -61,6 +63,10 @@ def run_in_streams(work: Callable[[Item], None], items: Iterable[Item], streams:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // streams))
     try:
+        first = next(pending, _DONE)
+        if first is not _DONE:
+            with torch.inference_mode():
+                work(first)  # type: ignore[arg-type]
         workers = [
             threading.Thread(target=stream, name=f"registry_xf-stream-{k}", daemon=True)
             for k in range(streams)
