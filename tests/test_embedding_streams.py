@@ -91,3 +91,17 @@ def test_bad_stream_counts_are_input_errors(tiny_dir: Path, bad: object) -> None
         check_streams(bad)
     with pytest.raises(InputError, match=r"streams="):
         rx.Embedder(str(tiny_dir), streams=bad)  # type: ignore[arg-type]
+
+
+def test_int8_loops_stay_compiled_when_streams_change_the_thread_count(tiny_dir: Path) -> None:
+    """Each thread count in use gets graphs of its own: alternating one and two streams
+    must not exhaust torch.compile's recompilation limit (which would fall back to the
+    slower unfused steps for the whole process)."""
+    from registry_xf.layers.int8_linear import _Fused
+
+    one = rx.Embedder(str(tiny_dir), batch_tokens=64, quantize="int8")
+    two = rx.Embedder(one.model, batch_tokens=64, streams=2)
+    texts = corpus(60, seed=2)
+    for _ in range(3):
+        np.testing.assert_allclose(two.embed(texts), one.embed(texts), rtol=0, atol=1e-5)
+    assert _Fused.failed is None

@@ -102,6 +102,28 @@ def dequantize_products(
     return y.to(dtype)
 
 
+# One entry per kind of call (plain, activated, plus a residual): torch.compile keeps its
+# graphs, and counts its recompilations against a limit, per function, and every kind
+# gets a graph per torch thread count in use (streams change it), so one function for all
+# kinds would reach the limit and fall back to the unfused steps.
+def _dequantize(*args: Any) -> torch.Tensor:
+    return dequantize_products(*args)
+
+
+def _dequantize_activated(*args: Any) -> torch.Tensor:
+    return dequantize_products(*args)
+
+
+def _dequantize_plus(*args: Any) -> torch.Tensor:
+    return dequantize_products(*args)
+
+
+def _dequantize_entry(activation: str | None, residual: torch.Tensor | None) -> Callable:
+    if activation is not None:
+        return _dequantize_activated if residual is None else dequantize_products
+    return _dequantize if residual is None else _dequantize_plus
+
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
@@ -200,7 +222,7 @@ class Int8Linear(nn.Module):
         late = activation is not None and name is None  # applied after, and the sum too
         plus = None if residual is None or late else residual.reshape(-1, self.out_features)
         y = run(
-            dequantize_products,
+            _dequantize_entry(name, plus),
             products,
             x_scale,
             shift,
