@@ -1,0 +1,537 @@
+// Encoder attention on AVX-512 CPUs: softmax(q k^T * scale) v for every (batch, head), with
+// an optional key padding mask (one row of booleans per batch entry, shared by every query).
+//
+// Built by registry_xf/layers/cpu_attention.py with the system C++ compiler on first use;
+// no torch headers: pointers, sizes and strides (in elements) come from Python.
+//
+// Per (batch, head): the keys that the mask allows are gathered (masked keys add nothing to
+// a softmax, so dropping them is exact), keys are packed transposed and values packed row by
+// row, then for each block of 8 or 12 queries the scores of every allowed key are computed by a
+// register-blocked micro-kernel into a small buffer (L1), turned into probabilities in
+// place and multiplied by the packed values by a second micro-kernel. Nothing bigger than
+// one head's keys and values (L2) is touched twice. A batch entry with no allowed key gets
+// zeros. Work is shared among threads by (batch, head) pairs taken from a counter.
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+
+#ifndef __AVX512F__
+#error "this kernel needs AVX-512 (compile with -march=native on a CPU that has it)"
+#endif
+// bfloat16 inputs need AVX512-BF16's dot products; without them only float32 is built.
+#ifdef __AVX512BF16__
+#define RX_BF16 1
+#else
+#define RX_BF16 0
+#endif
+
+namespace {
+
+// Queries per block, and 16-key vectors per score tile: 8 x 48 scores in registers for heads
+// up to 32 wide, 12 x 32 for wider ones (whose value step then takes 6 rows at a time).
+constexpr int kRows = 12;  // the most of either
+template <int VECS>
+constexpr int block_rows = VECS > 2 ? 12 : 8;
+template <int VECS>
+constexpr int key_vecs = VECS > 2 ? 2 : 3;
+
+struct Problem {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    const uint8_t* mask;  // may be null: every key allowed
+    int64_t batch, heads, kv_heads, n_q, n_k, dim;
+    int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, position
+    int64_t mask_batch_stride, mask_key_stride;
+    float scale;
+    int bf16;
+    std::atomic<int64_t> next;
+};
+
+// Keys and values of one (batch, head), packed. For float32 keys are stored transposed
+// (dim x padded keys); for bfloat16, transposed by pairs of dims (dim/2 x padded keys x 2)
+// so that one dot-product instruction takes two dims at once; values likewise by pairs of
+// keys (padded keys/2 x dim x 2) for bfloat16, plain rows (keys x dim) for float32.
+// Probabilities are rows of bfloat16 for bfloat16 values, so that keys j and j+1 of a row
+// are one 32-bit pair.
+struct Scratch {
+    float* keys_f = nullptr;
+    float* values_f = nullptr;
+    uint16_t* keys_h = nullptr;
+    uint16_t* values_h = nullptr;
+    float* scores = nullptr;       // kRows x padded keys
+    uint16_t* probs_h = nullptr;   // kRows x padded keys (bfloat16)
+    int32_t* index = nullptr;      // allowed keys
+    bool ok = false;
+
+    Scratch(int64_t n_k, int64_t dim, bool bf16) {
+        int64_t padded = (n_k + 31) / 32 * 32;
+        size_t f = sizeof(float);
+        scores = static_cast<float*>(aligned_alloc(64, kRows * padded * f));
+        index = static_cast<int32_t*>(aligned_alloc(64, ((n_k * 4 + 63) / 64) * 64 + 64));
+        if (bf16) {
+            keys_h = static_cast<uint16_t*>(aligned_alloc(64, dim * padded * 2));
+            values_h = static_cast<uint16_t*>(aligned_alloc(64, dim * padded * 2));
+            probs_h = static_cast<uint16_t*>(aligned_alloc(64, kRows * padded * 2));
+            ok = keys_h && values_h && probs_h;
+        } else {
+            keys_f = static_cast<float*>(aligned_alloc(64, dim * padded * f));
+            values_f = static_cast<float*>(aligned_alloc(64, dim * padded * f));
+            ok = keys_f && values_f;
+        }
+        ok = ok && scores && index;
+    }
+    ~Scratch() {
+        free(keys_f);
+        free(values_f);
+        free(keys_h);
+        free(values_h);
+        free(scores);
+        free(probs_h);
+        free(index);
+    }
+};
+
+// exp(x) for x <= 0: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 7
+// (relative error near 1e-8, below float32's rounding).
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Scores of `ROWS` queries against `VECS` x 16 packed keys (float32).
+template <int ROWS, int VECS, int DIM>
+inline void score_tile_f(const float* q, int64_t q_row, const float* keys, int64_t padded,
+                         float* out, int64_t out_row) {
+    __m512 acc[ROWS][VECS];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int i = 0; i < DIM; ++i) {
+        __m512 key[VECS];
+        for (int c = 0; c < VECS; ++c) key[c] = _mm512_loadu_ps(keys + i * padded + 16 * c);
+        for (int r = 0; r < ROWS; ++r) {
+            __m512 qi = _mm512_set1_ps(q[r * q_row + i]);
+            for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(qi, key[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(out + r * out_row + 16 * c, acc[r][c]);
+}
+
+// The same for bfloat16: two dims per instruction, float32 sums.
+template <int ROWS, int VECS, int DIM>
+inline void score_tile_h(const uint16_t* q, int64_t q_row, const uint16_t* keys,
+                         int64_t padded, float* out, int64_t out_row) {
+#if RX_BF16
+    __m512 acc[ROWS][VECS];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int i = 0; i < DIM / 2; ++i) {
+        __m512bh key[VECS];
+        for (int c = 0; c < VECS; ++c)
+            key[c] = (__m512bh)_mm512_loadu_si512(keys + (i * padded + 16 * c) * 2);
+        for (int r = 0; r < ROWS; ++r) {
+            uint32_t pair;
+            memcpy(&pair, q + r * q_row + 2 * i, 4);
+            __m512bh qi = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+            for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qi, key[c]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(out + r * out_row + 16 * c, acc[r][c]);
+#endif
+}
+
+template <int ROWS, bool BF16, int DIM>
+void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, float* out) {
+    constexpr int kKeyVecs = key_vecs<DIM / 16>;
+    int64_t j = 0;
+    for (; j + 16 * kKeyVecs <= padded; j += 16 * kKeyVecs) {
+        if (BF16)
+            score_tile_h<ROWS, kKeyVecs, DIM>(static_cast<const uint16_t*>(q), q_row,
+                                              s.keys_h + 2 * j, padded, out + j, padded);
+        else
+            score_tile_f<ROWS, kKeyVecs, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j,
+                                              padded, out + j, padded);
+    }
+    for (; j < padded; j += 16) {
+        if (BF16)
+            score_tile_h<ROWS, 1, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
+                                       padded, out + j, padded);
+        else
+            score_tile_f<ROWS, 1, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j, padded,
+                                       out + j, padded);
+    }
+}
+
+// Scores to probabilities in place over the `n` allowed keys; returns 1 / sum of exps.
+inline float softmax_row(float* row, int64_t n, float scale) {
+    __m512 top = _mm512_set1_ps(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
+    __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+    if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, row + j));
+    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * scale);
+    __m512 scl = _mm512_set1_ps(scale);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+        __m512 e = exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), scl, shift));
+        _mm512_storeu_ps(row + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+        __m512 e = exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), scl, shift));
+        e = _mm512_maskz_mov_ps(tail, e);
+        _mm512_storeu_ps(row + j, e);  // zeros past the allowed keys, up to 16 x ceil(n/16)
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// out rows = probabilities (ROWS x n) times packed values (n x 16 VECS), times 1/sums.
+template <int ROWS, int VECS>
+inline void weigh_values_f(const float* probs, int64_t prob_row, const float* values,
+                           int64_t n, const float* inv, float* out, int64_t out_row) {
+    __m512 acc[ROWS][VECS];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        __m512 val[VECS];
+        for (int c = 0; c < VECS; ++c) val[c] = _mm512_loadu_ps(values + j * 16 * VECS + 16 * c);
+        for (int r = 0; r < ROWS; ++r) {
+            __m512 p = _mm512_set1_ps(probs[r * prob_row + j]);
+            for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(p, val[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+        __m512 w = _mm512_set1_ps(inv[r]);
+        for (int c = 0; c < VECS; ++c)
+            _mm512_storeu_ps(out + r * out_row + 16 * c, _mm512_mul_ps(acc[r][c], w));
+    }
+}
+
+// bfloat16: keys j and j+1 per instruction (n even: a zero pair pads an odd count).
+template <int ROWS, int VECS>
+inline void weigh_values_h(const uint16_t* probs, int64_t prob_row, const uint16_t* values,
+                           int64_t n, const float* inv, uint16_t* out, int64_t out_row) {
+#if RX_BF16
+    __m512 acc[ROWS][VECS];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 2) {
+        __m512bh val[VECS];
+        for (int c = 0; c < VECS; ++c)
+            val[c] = (__m512bh)_mm512_loadu_si512(values + (j / 2) * 32 * VECS + 32 * c);
+        for (int r = 0; r < ROWS; ++r) {
+            uint32_t pair;
+            memcpy(&pair, probs + r * prob_row + j, 4);
+            __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+            for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, val[c]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+        __m512 w = _mm512_set1_ps(inv[r]);
+        for (int c = 0; c < VECS; ++c)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_row + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], w)));
+    }
+#endif
+}
+
+template <int ROWS, int VECS>
+void weigh_rows(bool bf16, const Scratch& s, int row0, int64_t n, int64_t padded,
+                const float* inv, void* out, int64_t out_row) {
+    if (bf16)
+        weigh_values_h<ROWS, VECS>(s.probs_h + row0 * padded, padded, s.values_h, n, inv + row0,
+                                   static_cast<uint16_t*>(out) + row0 * out_row, out_row);
+    else
+        weigh_values_f<ROWS, VECS>(s.scores + row0 * padded, padded, s.values_f, n, inv + row0,
+                                   static_cast<float*>(out) + row0 * out_row, out_row);
+}
+
+// The value step for `rows` rows (at most CHUNK), with the row count a constant.
+template <int VECS, int CHUNK>
+void weigh_chunk(bool bf16, const Scratch& s, int row0, int rows, int64_t n, int64_t padded,
+                 const float* inv, void* out, int64_t out_row) {
+    if (rows == CHUNK)
+        weigh_rows<CHUNK, VECS>(bf16, s, row0, n, padded, inv, out, out_row);
+    else if constexpr (CHUNK > 1)
+        weigh_chunk<VECS, CHUNK - 1>(bf16, s, row0, rows, n, padded, inv, out, out_row);
+}
+
+// The value step for up to kRows rows, in chunks of at most 24 accumulators.
+template <int VECS>
+void weigh_block(bool bf16, const Scratch& s, int rows, int64_t n, int64_t padded,
+                 const float* inv, void* out, int64_t out_row) {
+    constexpr int chunk = VECS > 2 ? block_rows<VECS> / 2 : block_rows<VECS>;
+    for (int row0 = 0; row0 < rows; row0 += chunk) {
+        int count = rows - row0 < chunk ? rows - row0 : chunk;
+        weigh_chunk<VECS, chunk>(bf16, s, row0, count, n, padded, inv, out, out_row);
+    }
+}
+
+// The score step for `rows` rows (at most ROWS), with the row count a constant.
+template <bool BF16, int DIM, int ROWS = block_rows<DIM / 16>>
+void score_block(int rows, const void* q, int64_t q_row, const Scratch& s, int64_t padded,
+                 float* out) {
+    if (rows == ROWS)
+        score_rows<ROWS, BF16, DIM>(q, q_row, s, padded, out);
+    else if constexpr (ROWS > 1)
+        score_block<BF16, DIM, ROWS - 1>(rows, q, q_row, s, padded, out);
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// Gathers the allowed keys and values of one (batch, head) into the packed layouts.
+template <bool BF16>
+void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
+          int64_t padded) {
+    const int64_t dim = p.dim, elem = BF16 ? 2 : 4;
+    const int64_t k_row = p.k_stride[2] * elem, v_row = p.v_stride[2] * elem;
+    if (!BF16) {
+        for (int64_t j = 0; j < n; ++j) {
+            const float* key = reinterpret_cast<const float*>(k + s.index[j] * k_row);
+            for (int64_t i = 0; i < dim; ++i) s.keys_f[i * padded + j] = key[i];
+            memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
+        }
+        for (int64_t i = 0; i < dim; ++i)
+            for (int64_t j = n; j < padded; ++j) s.keys_f[i * padded + j] = 0.0f;
+        return;
+    }
+    const int64_t n_even = (n + 1) / 2 * 2;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint16_t* key = reinterpret_cast<const uint16_t*>(k + s.index[j] * k_row);
+        const uint16_t* value = reinterpret_cast<const uint16_t*>(v + s.index[j] * v_row);
+        for (int64_t i = 0; i < dim; ++i) {
+            s.keys_h[((i / 2) * padded + j) * 2 + (i & 1)] = key[i];
+            s.values_h[((j / 2) * dim + i) * 2 + (j & 1)] = value[i];
+        }
+    }
+    for (int64_t i = 0; i < dim / 2; ++i)
+        for (int64_t j = n; j < padded; ++j) {
+            s.keys_h[(i * padded + j) * 2] = 0;
+            s.keys_h[(i * padded + j) * 2 + 1] = 0;
+        }
+    for (int64_t j = n; j < n_even; ++j)
+        for (int64_t i = 0; i < dim; ++i) s.values_h[((j / 2) * dim + i) * 2 + (j & 1)] = 0;
+}
+
+// Where the rows of q, k and v of one (batch, head) start.
+struct Rows {
+    const char* q;
+    const char* k;
+    const char* v;
+};
+
+inline Rows rows_of(const Problem& p, int64_t b, int64_t h) {
+    const int64_t elem = p.bf16 ? 2 : 4, kv = h / (p.heads / p.kv_heads);
+    return Rows{static_cast<const char*>(p.q) + (b * p.q_stride[0] + h * p.q_stride[1]) * elem,
+                static_cast<const char*>(p.k) + (b * p.k_stride[0] + kv * p.k_stride[1]) * elem,
+                static_cast<const char*>(p.v) + (b * p.v_stride[0] + kv * p.v_stride[1]) * elem};
+}
+
+// A prefetch the compiler keeps (it drops __builtin_prefetch from functions it deems pure).
+inline void prefetch(const char* address) {
+    asm volatile("prefetcht0 %0" : : "m"(*address));
+}
+
+// Asks for positions [from, to) of the next (batch, head)'s rows to be brought into L2:
+// rows are far apart in the fused projection (one cache line or two out of every
+// heads x 3), so each one read when needed would wait for memory.
+inline void prefetch_rows(const Problem& p, const Rows* next, int64_t from, int64_t to) {
+    if (!next) return;
+    const int64_t elem = p.bf16 ? 2 : 4, bytes = p.dim * elem;
+    for (int64_t i = from; i < to; ++i)
+        for (int64_t off = 0; off < bytes; off += 64) {
+            if (i < p.n_q) prefetch(next->q + i * p.q_stride[2] * elem + off);
+            if (i < p.n_k) {
+                prefetch(next->k + i * p.k_stride[2] * elem + off);
+                prefetch(next->v + i * p.v_stride[2] * elem + off);
+            }
+        }
+}
+
+template <bool BF16, int VECS>
+void one_head(const Problem& p, Scratch& s, int64_t b, int64_t h, const Rows* next) {
+    const int64_t elem = BF16 ? 2 : 4, dim = p.dim;
+    char* out = static_cast<char*>(p.out) + (b * p.out_stride[0] + h * p.out_stride[1]) * elem;
+    const int64_t out_row = p.out_stride[2];
+    int64_t n = 0;
+    if (p.mask) {
+        const uint8_t* m = p.mask + b * p.mask_batch_stride;
+        for (int64_t j = 0; j < p.n_k; ++j)
+            if (m[j * p.mask_key_stride]) s.index[n++] = static_cast<int32_t>(j);
+    } else {
+        for (int64_t j = 0; j < p.n_k; ++j) s.index[n++] = static_cast<int32_t>(j);
+    }
+    const int64_t longest = p.n_q > p.n_k ? p.n_q : p.n_k;
+    if (n == 0) {  // nothing to attend to: zeros
+        for (int64_t i = 0; i < p.n_q; ++i) memset(out + i * out_row * elem, 0, dim * elem);
+        prefetch_rows(p, next, 0, longest);
+        return;
+    }
+    const Rows mine = rows_of(p, b, h);
+    const char *q = mine.q, *k = mine.k, *v = mine.v;
+    const int64_t padded = (n + 15) / 16 * 16;
+    pack<BF16>(p, s, k, v, n, padded);
+    const int64_t n_sum = BF16 ? (n + 1) / 2 * 2 : n;
+    constexpr int kBlock = block_rows<VECS>;
+    float inv[kBlock];
+    const int64_t blocks = (p.n_q + kBlock - 1) / kBlock;
+    const int64_t per_block = (longest + blocks - 1) / blocks;
+    for (int64_t i0 = 0; i0 < p.n_q; i0 += kBlock) {
+        const int64_t block = i0 / kBlock;
+        prefetch_rows(p, next, block * per_block, (block + 1) * per_block);
+        const int rows = static_cast<int>(p.n_q - i0 < kBlock ? p.n_q - i0 : kBlock);
+        score_block<BF16, 16 * VECS>(rows, q + i0 * p.q_stride[2] * elem, p.q_stride[2], s,
+                                     padded, s.scores);
+        for (int r = 0; r < rows; ++r) {
+            float* row = s.scores + r * padded;
+            inv[r] = softmax_row(row, n, p.scale);
+#if RX_BF16
+            if (BF16) {
+                uint16_t* dst = s.probs_h + r * padded;
+                for (int64_t j = 0; j < padded; j += 16)
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
+            }
+#endif
+        }
+        weigh_block<VECS>(BF16, s, rows, n_sum, padded, inv, out + i0 * out_row * elem, out_row);
+    }
+}
+
+template <bool BF16>
+void dispatch(const Problem& p, Scratch& s, int64_t b, int64_t h, const Rows* next) {
+    switch (p.dim / 16) {
+        case 1: one_head<BF16, 1>(p, s, b, h, next); break;
+        case 2: one_head<BF16, 2>(p, s, b, h, next); break;
+        case 3: one_head<BF16, 3>(p, s, b, h, next); break;
+        default: one_head<BF16, 4>(p, s, b, h, next); break;
+    }
+}
+
+struct Worker {
+    Problem* problem;
+    int failed;
+};
+
+void* work(void* arg) {
+    Worker* w = static_cast<Worker*>(arg);
+    Problem& p = *w->problem;
+    Scratch s(p.n_k, p.dim, p.bf16 != 0);
+    if (!s.ok) {
+        w->failed = 1;
+        return nullptr;
+    }
+    const int64_t tasks = p.batch * p.heads;
+    // Each thread claims its next (batch, head) before working on the current one, so
+    // that it can fetch the next one's rows meanwhile.
+    int64_t t = p.next.fetch_add(1, std::memory_order_relaxed);
+    while (t < tasks) {
+        const int64_t after = p.next.fetch_add(1, std::memory_order_relaxed);
+        Rows next_rows;
+        const Rows* next = nullptr;
+        if (after < tasks) {
+            next_rows = rows_of(p, after / p.heads, after % p.heads);
+            next = &next_rows;
+        }
+        if (p.bf16)
+            dispatch<true>(p, s, t / p.heads, t % p.heads, next);
+        else
+            dispatch<false>(p, s, t / p.heads, t % p.heads, next);
+        t = after;
+    }
+    return nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build takes bfloat16 inputs (the CPU has AVX512-BF16).
+int rx_attention_bf16(void) { return RX_BF16; }
+
+// sizes: batch, heads, kv_heads, n_q, n_k, dim, mask batch stride, mask key stride.
+// strides: (batch, head, position) in elements for q, k, v and out; each row contiguous.
+// dim is 16, 32, 48 or 64; heads a multiple of kv_heads; bf16 = 1 for bfloat16 q, k, v and
+// out (float32 otherwise). Returns 0; 1 when no thread could allocate its scratch memory
+// (the output is then incomplete; threads that could take over the work of those that
+// could not); 2 for bfloat16 in a build without it.
+int rx_attention(const void* q, const void* k, const void* v, void* out, const uint8_t* mask,
+                 const int64_t* sizes, const int64_t* strides, float scale, int bf16,
+                 int threads) {
+    if (bf16 && !RX_BF16) return 2;
+    Problem p;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.mask = mask;
+    p.batch = sizes[0];
+    p.heads = sizes[1];
+    p.kv_heads = sizes[2];
+    p.n_q = sizes[3];
+    p.n_k = sizes[4];
+    p.dim = sizes[5];
+    p.mask_batch_stride = sizes[6];
+    p.mask_key_stride = sizes[7];
+    for (int i = 0; i < 3; ++i) {
+        p.q_stride[i] = strides[i];
+        p.k_stride[i] = strides[3 + i];
+        p.v_stride[i] = strides[6 + i];
+        p.out_stride[i] = strides[9 + i];
+    }
+    p.scale = scale;
+    p.bf16 = bf16;
+    p.next.store(0);
+    const int64_t tasks = p.batch * p.heads;
+    if (threads > tasks) threads = static_cast<int>(tasks);
+    if (threads < 1) threads = 1;
+    if (threads > 256) threads = 256;
+    Worker workers[256];
+    pthread_t ids[256];
+    bool started[256] = {false};
+    for (int i = 0; i < threads; ++i) workers[i] = Worker{&p, 0};
+    for (int i = 1; i < threads; ++i)
+        started[i] = pthread_create(&ids[i], nullptr, work, &workers[i]) == 0;
+    work(&workers[0]);
+    int failed = workers[0].failed;
+    for (int i = 1; i < threads; ++i) {
+        if (!started[i]) continue;
+        pthread_join(ids[i], nullptr);
+        failed &= workers[i].failed;
+    }
+    return failed;
+}
+
+}  // extern "C"
