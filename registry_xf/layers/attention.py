@@ -12,6 +12,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probability, Width
 from .attention_mask import AttentionMask
+from .cpu_attention import cpu_attention
 from .kv_cache import LayerCache
 from .linear_rows import split_rows
 from .packed_linear import linear_plus
@@ -207,16 +208,22 @@ class SelfAttention(nn.Module):
             # of its own in every layer.
             out = self._one_query(q, k, v, allowed)
         elif self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=bias if bias is not None else allowed,
-                dropout_p=dropout,
-                is_causal=is_causal,
-                scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+            # An encoder's padding-masked attention on an AVX-512 CPU: the compiled kernel
+            # of cpu_attention, where it applies (else None, and torch's kernel runs)
+            out = None
+            if bias is None and not is_causal and not dropout:
+                out = cpu_attention(q, k, v, allowed, self.scale)
+            if out is None:
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=bias if bias is not None else allowed,
+                    dropout_p=dropout,
+                    is_causal=is_causal,
+                    scale=self.scale,
+                    enable_gqa=self.n_kv_heads != self.n_heads,
+                )
         else:
             out = self._eager(q, k, v, allowed, bias, dropout)
         if dead is not None:

@@ -1,0 +1,280 @@
+"""Encoder attention on AVX-512 CPUs, by a small C++ kernel compiled on first use.
+
+On a small encoder (all-MiniLM-L6-v2: 12 heads of 32) torch's fused attention runs at a
+third of the CPU's float32 multiply speed, and its bfloat16 path is slower still. The
+kernel in ``cpu_attention.cpp`` does the whole of one (batch, head) in cache: it gathers
+the keys that the padding mask allows (masked keys add nothing to a softmax, so leaving
+them out is exact), computes scores, softmax and the weighted sum of values with
+register-blocked AVX-512 loops, and reads queries, keys and values where the fused
+projection left them (strided views, no copies). bfloat16 inputs use AVX512-BF16's dot
+products with float32 sums and a float32 softmax.
+
+``cpu_attention(q, k, v, mask, scale)`` returns the result, or None where the kernel does
+not apply, and the caller then uses ``F.scaled_dot_product_attention``: not a CPU tensor,
+not float32 (or bfloat16 on a CPU with AVX512-BF16), a head width other than 16, 32, 48
+or 64, a mask other than one row of key booleans per batch entry (causal, windowed or
+additive masks), autograd, ``torch.compile``, no AVX-512, no C++ compiler. Each reason is
+logged once.
+
+The library is built with the system C++ compiler (``REGISTRY_XF_CXX``, else ``CXX``, else
+``c++``) at the first call in a process that has no cached copy, and cached under
+``$XDG_CACHE_HOME/registry_xf/kernels`` (``~/.cache/...``) by a hash of its source, the
+compiler, the flags and the CPU, so a machine with another CPU never loads it. It is
+written to a temporary file and renamed into place: a concurrent build in another process
+never leaves a half-written library at that name. ``REGISTRY_XF_CPU_ATTENTION=0`` turns
+the kernel off (torch's attention everywhere).
+
+Each call uses at most ``torch.get_num_threads()`` threads of its own (started and joined
+within the call; the GIL is released by ctypes): calls from several Python threads at
+once (``Embedder(streams=N)``, which divides torch's threads among its streams) each use
+their own share, and nothing is shared between calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+SWITCH = "REGISTRY_XF_CPU_ATTENTION"  # "0", "off", "false" or "no": torch's attention
+COMPILER = "REGISTRY_XF_CXX"  # the C++ compiler to build the kernel with
+HEAD_WIDTHS = (16, 32, 48, 64)
+COMPILE_TIMEOUT_S = 300
+# Below this many multiply-adds (about 50 µs of work) one thread does it all: starting
+# and joining another costs more than it saves.
+PARALLEL_FROM = 2_000_000
+
+_lock = threading.Lock()
+_logged: set[str] = set()
+
+
+def enabled() -> bool:
+    """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_ATTENTION``)."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _skip(reason: str, level: int = logging.DEBUG) -> None:
+    """Log why the kernel does not run, once per reason."""
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.log(level, "CPU attention kernel not used: %s; using torch's attention", reason)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _cpu_id() -> str:
+    """The CPU's model name and feature flags: what ``-march=native`` builds for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((ln for ln in lines if ln.startswith("model name")), "")
+    return model + "\n" + " ".join(sorted(_cpu_flags()))
+
+
+def compiler() -> str:
+    """The C++ compiler's name or path, from the environment now."""
+    return os.environ.get(COMPILER) or os.environ.get("CXX") or "c++"
+
+
+def kernels_dir() -> Path:
+    """Where built kernels are cached: ``$XDG_CACHE_HOME/registry_xf/kernels``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "registry_xf" / "kernels"
+
+
+def library_path(program: str) -> Path:
+    """The cached library's path for this source, compiler, flags and CPU."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), program.encode(), " ".join(FLAGS).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    digest.update(_cpu_id().encode())
+    return kernels_dir() / f"cpu_attention-{digest.hexdigest()[:24]}.so"
+
+
+def build(program: str, target: Path) -> None:
+    """Compile the kernel into ``target``: into a temporary file beside it, renamed into
+    place, so the path holds nothing or a whole library. Raises OSError or
+    CalledProcessError (with the compiler's message) when it cannot."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [program, *FLAGS, "-o", temporary, str(SOURCE)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
+        os.chmod(temporary, 0o755)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _unavailable_here() -> str | None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"not an x86-64 Linux machine ({platform.system()} {platform.machine()})"
+    missing = {"avx512f", "avx512bw", "avx512vl"} - _cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+@functools.cache
+def _library(program: str) -> ctypes.CDLL | str:
+    """The loaded kernel for ``program``, or why there is none (built at most once per
+    process and compiler; callers hold ``_lock``)."""
+    reason = _unavailable_here()
+    if reason:
+        return reason
+    if shutil.which(program) is None:
+        return f"no C++ compiler {program!r} (set {COMPILER} to one)"
+    path = library_path(program)
+    if not path.exists():
+        logger.info("Building the CPU attention kernel with %s into %s", program, path)
+        try:
+            build(program, path)
+        except subprocess.CalledProcessError as e:
+            return f"{program} failed to build {SOURCE.name}: {e.stderr.strip()[-2000:]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"could not build {SOURCE.name} with {program}: {e}"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return f"could not load {path}: {e}"
+    lib.rx_attention.argtypes = [ctypes.c_void_p] * 5 + [
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.rx_attention.restype = ctypes.c_int
+    lib.rx_attention_bf16.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | str:
+    """The kernel library, built on first use, or the reason it is unavailable."""
+    with _lock:
+        return _library(compiler())
+
+
+def _shape_problem(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> str | None:
+    """Why these tensors are not a case the kernel computes (None when they are)."""
+    if q.device.type != "cpu" or k.device != q.device or v.device != q.device:
+        return f"tensors on {q.device}"
+    if q.dtype not in (torch.float32, torch.bfloat16) or {k.dtype, v.dtype} != {q.dtype}:
+        return f"dtype {q.dtype}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "inputs that are not (batch, heads, positions, head width)"
+    b, h, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % max(k.shape[1], 1):
+        return "keys and values whose shapes do not match the queries"
+    if d not in HEAD_WIDTHS:
+        return f"head width {d}"
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return "head rows that are not contiguous"
+    if k.shape[2] >= 2**31 or q.numel() == 0 or k.shape[2] == 0:
+        return "an empty or huge sequence"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "autograd"
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.device != q.device:
+            return "a mask that is not boolean (an additive bias)"
+        if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != k.shape[2]:
+            return "a mask other than one row of keys per batch entry (causal or windowed)"
+        if mask.shape[0] not in (1, b):
+            return "a mask whose batch size differs"
+    return None
+
+
+def cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """softmax(q kᵀ · scale, over the keys ``mask`` allows) v, or None where the kernel does
+    not apply (see the module's docstring).
+
+    ``q`` is (batch, heads, queries, width), ``k`` and ``v`` (batch, kv heads, keys, width)
+    with kv heads dividing heads (grouped queries); ``mask`` is None or boolean (batch or
+    1, 1, 1, keys), True = attend. A batch entry with no key allowed gets zeros. The result
+    is (batch, heads, queries, width), a view of a (batch, queries, heads, width) tensor,
+    so that merging the heads after it copies nothing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None  # a graph: torch's operator, which the compiler or exporter knows
+    if not enabled():
+        _skip(f"{SWITCH} turns it off", logging.INFO)
+        return None
+    problem = _shape_problem(q, k, v, mask)
+    if problem:
+        _skip(problem)
+        return None
+    lib = library()
+    if isinstance(lib, str):
+        _skip(lib, logging.INFO)
+        return None
+    bf16 = q.dtype == torch.bfloat16
+    if bf16 and not lib.rx_attention_bf16():
+        _skip("bfloat16 on a CPU without AVX512-BF16")
+        return None
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    out = torch.empty((b, n_q, h, d), dtype=q.dtype).transpose(1, 2)
+    mask_strides = (0, 0)
+    if mask is not None:
+        mask_strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3))
+    sizes = (ctypes.c_int64 * 8)(b, h, k.shape[1], n_q, n_k, d, *mask_strides)
+    strides = (ctypes.c_int64 * 12)(
+        *(s for t in (q, k, v, out) for s in (t.stride(0), t.stride(1), t.stride(2)))
+    )
+    work = b * h * n_q * n_k * d
+    threads = 1 if work < PARALLEL_FROM else torch.get_num_threads()
+    status = lib.rx_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        sizes,
+        strides,
+        float(scale),
+        int(bf16),
+        threads,
+    )
+    if status:
+        _skip(f"the kernel could not run (status {status}: out of memory)", logging.WARNING)
+        return None
+    return out
