@@ -117,13 +117,6 @@ inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 // Scores of `ROWS` queries against `VECS` x 16 packed keys (float32).
 template <int ROWS, int VECS, int DIM>
 inline void score_tile_f(const float* q, int64_t q_row, const float* keys, int64_t padded,
@@ -274,43 +267,6 @@ void weigh_rows(bool bf16, const Scratch& s, int row0, int64_t n, int64_t padded
                                    static_cast<float*>(out) + row0 * out_row, out_row);
 }
 
-// The value step for `rows` rows (at most CHUNK), with the row count a constant.
-template <int VECS, int CHUNK>
-void weigh_chunk(bool bf16, const Scratch& s, int row0, int rows, int64_t n, int64_t padded,
-                 const float* inv, void* out, int64_t out_row) {
-    if (rows == CHUNK)
-        weigh_rows<CHUNK, VECS>(bf16, s, row0, n, padded, inv, out, out_row);
-    else if constexpr (CHUNK > 1)
-        weigh_chunk<VECS, CHUNK - 1>(bf16, s, row0, rows, n, padded, inv, out, out_row);
-}
-
-// The value step for up to kRows rows, in chunks of at most 24 accumulators.
-template <int VECS>
-void weigh_block(bool bf16, const Scratch& s, int rows, int64_t n, int64_t padded,
-                 const float* inv, void* out, int64_t out_row) {
-    constexpr int chunk = VECS > 2 ? block_rows<VECS> / 2 : block_rows<VECS>;
-    for (int row0 = 0; row0 < rows; row0 += chunk) {
-        int count = rows - row0 < chunk ? rows - row0 : chunk;
-        weigh_chunk<VECS, chunk>(bf16, s, row0, count, n, padded, inv, out, out_row);
-    }
-}
-
-// The score step for `rows` rows (at most ROWS), with the row count a constant.
-template <bool BF16, int DIM, int ROWS = block_rows<DIM / 16>>
-void score_block(int rows, const void* q, int64_t q_row, const Scratch& s, int64_t padded,
-                 float* out) {
-    if (rows == ROWS)
-        score_rows<ROWS, BF16, DIM>(q, q_row, s, padded, out);
-    else if constexpr (ROWS > 1)
-        score_block<BF16, DIM, ROWS - 1>(rows, q, q_row, s, padded, out);
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 // Gathers the allowed keys and values of one (batch, head) into the packed layouts.
 template <bool BF16>
 void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
@@ -361,7 +317,7 @@ inline Rows rows_of(const Problem& p, int64_t b, int64_t h) {
 
 // A prefetch the compiler keeps (it drops __builtin_prefetch from functions it deems pure).
 inline void prefetch(const char* address) {
-    asm volatile("prefetcht0 %0" : : "m"(*address));
+    asm volatile("prefetcht1 %0" : : "m"(*address));
 }
 
 // Asks for positions [from, to) of the next (batch, head)'s rows to be brought into L2:
@@ -378,6 +334,34 @@ inline void prefetch_rows(const Problem& p, const Rows* next, int64_t from, int6
                 prefetch(next->v + i * p.v_stride[2] * elem + off);
             }
         }
+}
+
+// Output rows [i0, i0 + ROWS) of one (batch, head) from its packed keys and values: scores,
+// softmax, then the weighted values (in chunks of at most 24 accumulators).
+template <bool BF16, int VECS, int ROWS>
+void query_block(const Problem& p, Scratch& s, const char* q, int64_t i0, int64_t n,
+                 int64_t padded, char* out) {
+    const int64_t elem = BF16 ? 2 : 4, out_row = p.out_stride[2];
+    float inv[ROWS];
+    score_rows<ROWS, BF16, 16 * VECS>(q + i0 * p.q_stride[2] * elem, p.q_stride[2], s, padded,
+                                      s.scores);
+    for (int r = 0; r < ROWS; ++r) {
+        float* row = s.scores + r * padded;
+        inv[r] = softmax_row(row, n, p.scale);
+#if RX_BF16
+        if (BF16) {
+            uint16_t* dst = s.probs_h + r * padded;
+            for (int64_t j = 0; j < padded; j += 16)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
+        }
+#endif
+    }
+    const int64_t n_sum = BF16 ? (n + 1) / 2 * 2 : n;  // bfloat16 takes keys in pairs
+    constexpr int chunk = VECS > 2 && ROWS > 1 ? ROWS / 2 : ROWS;
+    for (int row0 = 0; row0 < ROWS; row0 += chunk)
+        weigh_rows<chunk, VECS>(BF16, s, row0, n_sum, padded, inv, out + i0 * out_row * elem,
+                                out_row);
 }
 
 template <bool BF16, int VECS>
@@ -403,30 +387,18 @@ void one_head(const Problem& p, Scratch& s, int64_t b, int64_t h, const Rows* ne
     const char *q = mine.q, *k = mine.k, *v = mine.v;
     const int64_t padded = (n + 15) / 16 * 16;
     pack<BF16>(p, s, k, v, n, padded);
-    const int64_t n_sum = BF16 ? (n + 1) / 2 * 2 : n;
     constexpr int kBlock = block_rows<VECS>;
-    float inv[kBlock];
     const int64_t blocks = (p.n_q + kBlock - 1) / kBlock;
     const int64_t per_block = (longest + blocks - 1) / blocks;
-    for (int64_t i0 = 0; i0 < p.n_q; i0 += kBlock) {
-        const int64_t block = i0 / kBlock;
+    for (int64_t block = 0; block < blocks; ++block) {
         prefetch_rows(p, next, block * per_block, (block + 1) * per_block);
-        const int rows = static_cast<int>(p.n_q - i0 < kBlock ? p.n_q - i0 : kBlock);
-        score_block<BF16, 16 * VECS>(rows, q + i0 * p.q_stride[2] * elem, p.q_stride[2], s,
-                                     padded, s.scores);
-        for (int r = 0; r < rows; ++r) {
-            float* row = s.scores + r * padded;
-            inv[r] = softmax_row(row, n, p.scale);
-#if RX_BF16
-            if (BF16) {
-                uint16_t* dst = s.probs_h + r * padded;
-                for (int64_t j = 0; j < padded; j += 16)
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
-            }
-#endif
+        if (p.n_q < kBlock) {  // a few queries: one at a time
+            for (int64_t i = 0; i < p.n_q; ++i)
+                query_block<BF16, VECS, 1>(p, s, q, i, n, padded, out);
+        } else {  // the last block overlaps the one before (its rows come out the same)
+            const int64_t i0 = (block + 1) * kBlock <= p.n_q ? block * kBlock : p.n_q - kBlock;
+            query_block<BF16, VECS, kBlock>(p, s, q, i0, n, padded, out);
         }
-        weigh_block<VECS>(BF16, s, rows, n_sum, padded, inv, out + i0 * out_row * elem, out_row);
     }
 }
 

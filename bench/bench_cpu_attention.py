@@ -1,0 +1,148 @@
+"""The compiled CPU attention kernel against torch's ``scaled_dot_product_attention``.
+
+Shapes of the CPU race (all-MiniLM-L6-v2: 12 heads of 32) in length-sorted batches of
+about 2,048 tokens: the short corpus (batches of ~55 word pieces), the long one (~145),
+and a 32 x 190 batch; plus the same with heads of 64 (a base-sized encoder). q, k and v
+are views of one fused projection, as the model hands them over, with a key padding
+mask (lengths drawn from the top tenth of the padded length, the first row full). Each
+shape runs on 1 and 2 torch threads (``--threads``), in float32 and bfloat16 (where the
+CPU has AVX512-BF16), the two sides alternating call by call on the same inputs so that
+machine noise falls on both. Times are medians (min-max) of ``--runs`` calls after a
+warm-up; ratios are torch's median / ours (above 1: ours is faster). float32 results are
+checked against torch's (max |difference|). ``--clock cpu`` times the process's CPU time
+instead of the wall clock: on a busy machine it leaves out the time other processes took
+(with 2 threads it sums both threads' time, so it measures work, not waiting).
+
+    python bench/bench_cpu_attention.py
+    python bench/bench_cpu_attention.py --threads 2 --runs 31 --dtypes float32
+    python bench/bench_cpu_attention.py --threads 1 --clock cpu   # a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from registry_xf.layers import cpu_attention as kernel
+
+# name, batch, padded length, heads, head width
+SHAPES = [
+    ("race-short", 37, 55, 12, 32),
+    ("race-long", 14, 145, 12, 32),
+    ("32x190", 32, 190, 12, 32),
+    ("race-long-d64", 14, 145, 12, 64),
+    ("32x190-d64", 32, 190, 12, 64),
+]
+TARGET = 1.6  # torch / ours
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    return parser.parse_args(argv)
+
+
+def inputs(
+    batch: int, n: int, heads: int, d: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, n, 3, heads, d, generator=g).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    lengths = torch.randint(max(1, n - n // 10), n + 1, (batch,), generator=g)
+    lengths[0] = n
+    mask = (torch.arange(n)[None, :] < lengths[:, None])[:, None, None, :]
+    return q, k, v, mask
+
+
+def alternate(
+    fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    """A warm-up call of each, then ``runs`` rounds calling each once."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return times
+
+
+def spread(seconds: list[float]) -> str:
+    return (
+        f"{statistics.median(seconds) * 1e3:7.2f} ms "
+        f"({min(seconds) * 1e3:.2f}-{max(seconds) * 1e3:.2f})"
+    )
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lib = kernel.library()
+    if isinstance(lib, str):
+        print(f"the kernel is unavailable here: {lib}")
+        return 1
+    print(f"load average before: {load_average()}; {args.clock} clock, {args.runs} runs")
+    header = f"{'shape':<15}{'dtype':<10}{'thr':>4}  {'torch sdpa':<26}{'ours':<26}{'ratio':>6}"
+    print(header)
+    ratios = []
+    for name, batch, n, heads, d in SHAPES:
+        if name not in args.shapes:
+            continue
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            if dtype == torch.bfloat16 and not lib.rx_attention_bf16():
+                continue
+            q, k, v, mask = inputs(batch, n, heads, d, dtype)
+            scale = d**-0.5
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+
+                    def sdpa(q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+                    def ours(q=q, k=k, v=v, mask=mask, scale=scale) -> torch.Tensor:
+                        out = kernel.cpu_attention(q, k, v, mask, scale)
+                        assert out is not None
+                        return out
+
+                    error = (ours().float() - sdpa().float()).abs().max().item()
+                    clock = time.perf_counter if args.clock == "wall" else time.process_time
+                    times = alternate({"sdpa": sdpa, "ours": ours}, args.runs, clock)
+                ratio = statistics.median(times["sdpa"]) / statistics.median(times["ours"])
+                ratios.append(ratio)
+                check = f"  max|diff| {error:.1e}" if dtype == torch.float32 else ""
+                print(
+                    f"{name:<15}{dtype_name:<10}{threads:>4}  {spread(times['sdpa']):<26}"
+                    f"{spread(times['ours']):<26}{ratio:6.2f}x{check}",
+                    flush=True,
+                )
+    print(f"load average after: {load_average()}")
+    low = min(ratios) if ratios else float("nan")
+    print(f"lowest ratio {low:.2f}x (target {TARGET}x: torch's median time / ours)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The compiled CPU attention kernel: torch's results (float32 within 1e-5) for drawn shapes
+and padding masks, zeros for batch entries with no key; torch's attention wherever it does
+not apply (no compiler, turned off, other masks, autograd); one whole library from two
+processes building it at once; calls from two threads at once; MiniLM's embeddings
+unchanged."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_minilm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import registry_xf as rx
+from registry_xf.layers import attention as attention_module
+from registry_xf.layers import cpu_attention as kernel
+from registry_xf.layers.attention import SelfAttention
+from registry_xf.layers.attention_mask import AttentionMask
+
+CASES = int(os.environ.get("REGISTRY_XF_FUZZ_CASES", "120"))
+
+
+def kernel_library() -> ctypes.CDLL:
+    lib = kernel.library()
+    if isinstance(lib, str):
+        pytest.skip(f"the kernel is unavailable here: {lib}")
+    return lib
+
+
+def fused_qkv(
+    g: torch.Generator, b: int, n: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as the model hands them over: strided views of one fused projection."""
+    qkv = torch.randn(b, n, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, v = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, n, kv_heads, d).transpose(1, 2)
+    v = v.view(b, n, kv_heads, d).transpose(1, 2)
+    return q, k, v
+
+
+def padding_mask(g: torch.Generator, b: int, n: int, dead_rows: int) -> torch.Tensor:
+    """(b, 1, 1, n) booleans: random keys allowed, the last ``dead_rows`` entries none."""
+    allowed = torch.rand(b, n, generator=g) < 0.8
+    allowed[:, 0] |= torch.rand(b, generator=g) < 0.5
+    if dead_rows:
+        allowed[-dead_rows:] = False
+    return allowed[:, None, None, :]
+
+
+def reference(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+    """torch's attention in float32, zeros where a batch entry has no key (as ``attend``)."""
+    q, k, v = q.float(), k.float(), v.float()
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    dead = ~mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask | dead, scale=scale, enable_gqa=gqa
+    )
+    return out.masked_fill(dead, 0.0)
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True)
+@given(
+    b=st.integers(1, 4),
+    heads_kv=st.sampled_from([(1, 1), (2, 2), (3, 3), (4, 2), (4, 1)]),
+    n=st.integers(1, 70),
+    d=st.sampled_from([16, 32, 48, 64]),
+    masked=st.booleans(),
+    dead_rows=st.integers(0, 2),
+    contiguous=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_equals_torch_attention_in_float32(
+    b: int,
+    heads_kv: tuple[int, int],
+    n: int,
+    d: int,
+    masked: bool,
+    dead_rows: int,
+    contiguous: bool,
+    seed: int,
+) -> None:
+    kernel_library()
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads = heads_kv
+    q, k, v = fused_qkv(g, b, n, heads, kv_heads, d, torch.float32)
+    if contiguous:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mask = padding_mask(g, b, n, min(dead_rows, b)) if masked else None
+    scale = d**-0.5
+    out = kernel.cpu_attention(q, k, v, mask, scale)
+    assert out is not None
+    torch.testing.assert_close(out, reference(q, k, v, mask, scale), rtol=0, atol=1e-5)
+    if masked and dead_rows:
+        assert not out[-min(dead_rows, b) :].any()  # no key at all: zeros
+
+
+def test_long_sequences_many_threads_and_a_shared_mask() -> None:
+    kernel_library()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = fused_qkv(g, 5, 300, 12, 12, 32, torch.float32)
+    mask = padding_mask(g, 1, 300, 0)  # one mask row for every batch entry
+    out = kernel.cpu_attention(q, k, v, mask, 0.2)
+    assert out is not None
+    torch.testing.assert_close(out, reference(q, k, v, mask, 0.2), rtol=0, atol=1e-5)
+    # fewer queries than keys (the rows a last layer reads)
+    out = kernel.cpu_attention(q[:, :, :7], k, v, mask, 0.2)
+    assert out is not None
+    torch.testing.assert_close(out, reference(q[:, :, :7], k, v, mask, 0.2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_bfloat16_close_to_float32(d: int) -> None:
+    if not kernel_library().rx_attention_bf16():
+        pytest.skip("the CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(d)
+    q, k, v = fused_qkv(g, 3, 90, 4, 4, d, torch.bfloat16)
+    mask = padding_mask(g, 3, 90, 1)
+    out = kernel.cpu_attention(q, k, v, mask, d**-0.5)
+    assert out is not None and out.dtype == torch.bfloat16
+    expected = reference(q, k, v, mask, d**-0.5)
+    cosine = F.cosine_similarity(out.float().flatten(2), expected.flatten(2), dim=-1)
+    assert cosine[:-1].min() > 0.9999
+    assert not out[-1].any()
+
+
+def test_cases_it_does_not_compute_fall_back() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, k, v = fused_qkv(g, 2, 10, 2, 2, 32, torch.float32)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
+    assert kernel.cpu_attention(q, k, v, causal, 0.1) is None
+    assert kernel.cpu_attention(q, k, v, torch.zeros(2, 1, 1, 10), 0.1) is None  # a bias
+    odd = fused_qkv(g, 2, 10, 2, 2, 24, torch.float32)
+    assert kernel.cpu_attention(*odd, None, 0.1) is None
+    assert kernel.cpu_attention(q.double(), k.double(), v.double(), None, 0.1) is None
+    leaf = q.detach().requires_grad_()
+    assert kernel.cpu_attention(leaf, k, v, None, 0.1) is None
+    with torch.no_grad():  # no autograd needed: the kernel may run
+        assert (kernel.cpu_attention(leaf, k, v, None, 0.1) is None) == isinstance(
+            kernel.library(), str
+        )
+
+
+def test_turned_off_or_without_a_compiler_torch_attention_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    layer = SelfAttention(64, 2).eval()
+    x = torch.randn(3, 9, 64)
+    key_mask = torch.ones(3, 9, dtype=torch.bool)
+    key_mask[0, 5:] = False
+    key_mask[2] = False  # nothing to attend to: zeros
+    with torch.no_grad():
+        eager = layer.backend
+        layer.backend = "eager"
+        expected = layer(x, AttentionMask(key_mask))
+        layer.backend = eager
+        monkeypatch.setenv(kernel.COMPILER, str(tmp_path / "no-such-c++"))
+        assert "no C++ compiler" in kernel.library()  # type: ignore[operator]
+        q, k, v = layer.project(x)
+        assert kernel.cpu_attention(q, k, v, None, layer.scale) is None
+        torch.testing.assert_close(layer(x, AttentionMask(key_mask)), expected)
+        monkeypatch.delenv(kernel.COMPILER)
+        monkeypatch.setenv(kernel.SWITCH, "0")
+        assert kernel.cpu_attention(q, k, v, None, layer.scale) is None
+        torch.testing.assert_close(layer(x, AttentionMask(key_mask)), expected)
+        monkeypatch.setenv(kernel.SWITCH, "1")
+        torch.testing.assert_close(layer(x, AttentionMask(key_mask)), expected)
+
+
+def test_a_failing_compiler_is_a_reason_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if kernel._unavailable_here():
+        pytest.skip(kernel._unavailable_here())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'no such flag' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    reason = kernel._library(str(failing))
+    assert isinstance(reason, str) and "no such flag" in reason
+    assert not list(kernel.kernels_dir().glob(".cpu_attention-*"))  # no temporary left
+
+
+BUILD = """
+import sys, torch
+from registry_xf.layers import cpu_attention as kernel
+lib = kernel.library()
+assert not isinstance(lib, str), lib
+q = torch.randn(2, 3, 40, 32)
+out = kernel.cpu_attention(q, q, q, None, 0.2)
+ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.2)
+assert (out - ref).abs().max() < 1e-5
+print(lib._name)
+"""
+
+
+def test_two_processes_building_at_once_leave_one_whole_library(tmp_path: Path) -> None:
+    kernel_library()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err.decode()[-2000:]
+    folder = tmp_path / "registry_xf" / "kernels"
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 1 and files[0].endswith(".so"), files  # no temporary left
+    assert {out.decode().strip() for out, _ in outputs} == {str(folder / files[0])}
+    ctypes.CDLL(str(folder / files[0])).rx_attention_bf16()  # a whole library
+
+
+def test_two_threads_at_once_each_get_their_own_results() -> None:
+    kernel_library()
+    results: dict[int, list[bool]] = {0: [], 1: []}
+
+    def work(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(15):
+            q, k, v = fused_qkv(g, 6, 80, 4, 4, 32, torch.float32)
+            mask = padding_mask(g, 6, 80, 1)
+            out = kernel.cpu_attention(q, k, v, mask, 0.17)
+            ok = out is not None and torch.allclose(
+                out, reference(q, k, v, mask, 0.17), rtol=0, atol=1e-5
+            )
+            results[seed].append(ok)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: [True] * 15, 1: [True] * 15}
+
+
+@requires_minilm
+def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel_library()
+    calls = []
+    real = attention_module.cpu_attention
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention_module, "cpu_attention", counted)
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and dog ran is hello world quickly over".split()
+    texts = [" ".join(rng.choice(words, size=rng.integers(0, 60))) for _ in range(40)]
+    embedder = rx.Embedder()
+    monkeypatch.setenv(kernel.SWITCH, "0")
+    before = embedder.embed(texts)
+    monkeypatch.setenv(kernel.SWITCH, "1")
+    calls.clear()
+    after = embedder.embed(texts)
+    assert calls and all(calls)  # every layer of every batch ran the kernel
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
