@@ -98,22 +98,19 @@ struct Scratch {
     }
 };
 
-// exp(x) for x <= 0: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 7
-// (relative error near 1e-8, below float32's rounding).
-inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+// 2^t for t <= 0: 2^n * p(f), n = round(t), f = t - n in [-1/2, 1/2], p of degree 6 (the
+// Taylor series of 2^f: relative error below 1.2e-7, about float32's rounding).
+inline __m512 exp2_nonpositive(__m512 t) {
+    t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -172,6 +169,15 @@ void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, 
             score_tile_f<ROWS, kKeyVecs, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j,
                                               padded, out + j, padded);
     }
+    if (kKeyVecs > 2 && j + 32 <= padded) {
+        if (BF16)
+            score_tile_h<ROWS, 2, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
+                                       padded, out + j, padded);
+        else
+            score_tile_f<ROWS, 2, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j, padded,
+                                       out + j, padded);
+        j += 32;
+    }
     for (; j < padded; j += 16) {
         if (BF16)
             score_tile_h<ROWS, 1, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
@@ -182,23 +188,25 @@ void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, 
     }
 }
 
-// Scores to probabilities in place over the `n` allowed keys; returns 1 / sum of exps.
+// Scores to probabilities in place over the `n` allowed keys (exp(scale * (s - max)) as
+// 2^(s * c - max * c), c = scale * log2(e)); returns 1 / their sum.
 inline float softmax_row(float* row, int64_t n, float scale) {
     __m512 top = _mm512_set1_ps(-__builtin_inff());
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
     __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
     if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, row + j));
-    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * scale);
-    __m512 scl = _mm512_set1_ps(scale);
+    const float c = scale * 1.44269504088896341f;
+    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * c);
+    __m512 factor = _mm512_set1_ps(c);
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= n; j += 16) {
-        __m512 e = exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), scl, shift));
+        __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), factor, shift));
         _mm512_storeu_ps(row + j, e);
         sum = _mm512_add_ps(sum, e);
     }
     if (tail) {
-        __m512 e = exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), scl, shift));
+        __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), factor, shift));
         e = _mm512_maskz_mov_ps(tail, e);
         _mm512_storeu_ps(row + j, e);  // zeros past the allowed keys, up to 16 x ceil(n/16)
         sum = _mm512_add_ps(sum, e);
@@ -274,11 +282,22 @@ void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
     const int64_t dim = p.dim, elem = BF16 ? 2 : 4;
     const int64_t k_row = p.k_stride[2] * elem, v_row = p.v_stride[2] * elem;
     if (!BF16) {
-        for (int64_t j = 0; j < n; ++j) {
+        int64_t j = 0;
+        if (p.n_k * p.k_stride[2] < (int64_t{1} << 31)) {  // 16 keys at a time, gathered
+            const float* base = reinterpret_cast<const float*>(k);
+            const __m512i row = _mm512_set1_epi32(static_cast<int>(p.k_stride[2]));
+            for (; j + 16 <= n; j += 16) {
+                __m512i at = _mm512_mullo_epi32(_mm512_loadu_si512(s.index + j), row);
+                for (int64_t i = 0; i < dim; ++i)
+                    _mm512_storeu_ps(s.keys_f + i * padded + j,
+                                     _mm512_i32gather_ps(at, base + i, 4));
+            }
+        }
+        for (; j < n; ++j) {
             const float* key = reinterpret_cast<const float*>(k + s.index[j] * k_row);
             for (int64_t i = 0; i < dim; ++i) s.keys_f[i * padded + j] = key[i];
-            memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
         }
+        for (j = 0; j < n; ++j) memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
         for (int64_t i = 0; i < dim; ++i)
             for (int64_t j = n; j < padded; ++j) s.keys_f[i * padded + j] = 0.0f;
         return;
