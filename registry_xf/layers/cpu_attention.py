@@ -24,10 +24,11 @@ written to a temporary file and renamed into place: a concurrent build in anothe
 never leaves a half-written library at that name. ``REGISTRY_XF_CPU_ATTENTION=0`` turns
 the kernel off (torch's attention everywhere).
 
-Each call uses at most ``torch.get_num_threads()`` threads of its own (started and joined
-within the call; the GIL is released by ctypes): calls from several Python threads at
-once (``Embedder(streams=N)``, which divides torch's threads among its streams) each use
-their own share, and nothing is shared between calls.
+Each call uses at most ``torch.get_num_threads()`` threads, from OpenMP (the kernel links
+libgomp by its usual name, so the runtime torch has loaded serves it: one pool of threads
+for both, none competing with torch's for the cores); ctypes releases the GIL. Calls from
+several Python threads at once (``Embedder(streams=N)``, which divides torch's threads
+among its streams) each use their own share, and nothing is shared between calls.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 SWITCH = "REGISTRY_XF_CPU_ATTENTION"  # "0", "off", "false" or "no": torch's attention
 COMPILER = "REGISTRY_XF_CXX"  # the C++ compiler to build the kernel with
 HEAD_WIDTHS = (16, 32, 48, 64)
