@@ -112,7 +112,7 @@ def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Cal
     import registry_xf as rx
 
     model = rx.Embedder().model
-    print(f"{'corpus':<8}{'setting':<12}  {'torch sdpa':<26}{'ours':<26}{'ratio':>6}")
+    print(f"{'corpus':<8}{'setting':<12}  {'torch sdpa':<30}{'ours':<30}{'ratio':>6}")
     for corpus, (low, high) in CORPORA.items():
         texts = make_corpus(texts_per_corpus, seed=0, low=low, high=high)
         settings = [(f"{t} thread{'s' * (t > 1)}", t, 1) for t in threads] + [
@@ -137,7 +137,7 @@ def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Cal
             times = alternate({"sdpa": sdpa, "ours": ours}, runs, clock)
             ratio = statistics.median(times["sdpa"]) / statistics.median(times["ours"])
             print(
-                f"{corpus:<8}{label:<12}  {spread(times['sdpa']):<26}{spread(times['ours']):<26}"
+                f"{corpus:<8}{label:<12}  {spread(times['sdpa']):<30}{spread(times['ours']):<30}"
                 f"{ratio:6.2f}x  max|diff| {error:.1e}",
                 flush=True,
             )
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_embed(args.embed, args.threads, args.runs, clock)
         print(f"load average after: {load_average()}")
         return 0
-    header = f"{'shape':<15}{'dtype':<10}{'thr':>4}  {'torch sdpa':<26}{'ours':<26}{'ratio':>6}"
+    header = f"{'shape':<15}{'dtype':<10}{'thr':>4}  {'torch sdpa':<30}{'ours':<30}{'ratio':>6}"
     print(header)
     ratios = []
     for name, batch, n, heads, d in SHAPES:
@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(ratio)
                 check = f"  max|diff| {error:.1e}" if dtype == torch.float32 else ""
                 print(
-                    f"{name:<15}{dtype_name:<10}{threads:>4}  {spread(times['sdpa']):<26}"
-                    f"{spread(times['ours']):<26}{ratio:6.2f}x{check}",
+                    f"{name:<15}{dtype_name:<10}{threads:>4}  {spread(times['sdpa']):<30}"
+                    f"{spread(times['ours']):<30}{ratio:6.2f}x{check}",
                     flush=True,
                 )
     print(f"load average after: {load_average()}")

@@ -271,3 +271,25 @@ def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     after = embedder.embed(texts)
     assert calls and all(calls)  # every layer of every batch ran the kernel
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+
+
+@requires_minilm
+def test_minilm_bfloat16_embeddings_as_close_to_float32_as_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not kernel_library().rx_attention_bf16():
+        pytest.skip("the CPU has no AVX512-BF16")
+    rng = np.random.default_rng(1)
+    words = "the cat sat on a mat and dog ran is hello world quickly over".split()
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 60))) for _ in range(30)]
+    exact = rx.Embedder().embed(texts)
+    embedder = rx.Embedder(dtype=torch.bfloat16)
+    monkeypatch.setenv(kernel.SWITCH, "0")
+    before = embedder.embed(texts)
+    monkeypatch.setenv(kernel.SWITCH, "1")
+    after = embedder.embed(texts)
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+    assert cosine(after, exact) >= min(0.9999, cosine(before, exact) - 1e-5)
