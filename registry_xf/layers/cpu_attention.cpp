@@ -162,8 +162,12 @@ inline void score_tile_h(const uint16_t* q, int64_t q_row, const uint16_t* keys,
 template <int ROWS, bool BF16, int DIM>
 void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, float* out) {
     constexpr int kKeyVecs = key_vecs<DIM / 16>;
+    // Full tiles, then what is left in tiles of 2 and 1 vectors; with 3-vector tiles a
+    // last single vector is taken as 2 + 2 with the tile before (wider tiles reuse more)
+    int64_t full = padded;
+    if (kKeyVecs == 3 && padded % 48 == 16 && padded >= 64) full = padded - 64;
     int64_t j = 0;
-    for (; j + 16 * kKeyVecs <= padded; j += 16 * kKeyVecs) {
+    for (; j + 16 * kKeyVecs <= full; j += 16 * kKeyVecs) {
         if (BF16)
             score_tile_h<ROWS, kKeyVecs, DIM>(static_cast<const uint16_t*>(q), q_row,
                                               s.keys_h + 2 * j, padded, out + j, padded);
@@ -171,14 +175,13 @@ void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, 
             score_tile_f<ROWS, kKeyVecs, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j,
                                               padded, out + j, padded);
     }
-    if (kKeyVecs > 2 && j + 32 <= padded) {
+    for (; kKeyVecs > 2 && j + 32 <= padded; j += 32) {
         if (BF16)
             score_tile_h<ROWS, 2, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
                                        padded, out + j, padded);
         else
             score_tile_f<ROWS, 2, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j, padded,
                                        out + j, padded);
-        j += 32;
     }
     for (; j < padded; j += 16) {
         if (BF16)
