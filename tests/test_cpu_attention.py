@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,17 @@ def test_minilm_bfloat16_embeddings_as_close_to_float32_as_before(
         return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
     assert cosine(after, exact) >= min(0.9999, cosine(before, exact) - 1e-5)
+
+
+def test_leftovers_of_killed_builds_are_removed_but_not_running_ones(tmp_path: Path) -> None:
+    stale = tmp_path / ".cpu_attention-abc-old.so"
+    running = tmp_path / ".cpu_attention-abc-new.so"
+    library = tmp_path / "cpu_attention-abc.so"
+    for path in (stale, running, library):
+        path.write_bytes(b"x")
+    old = time.time() - 3 * kernel.COMPILE_TIMEOUT_S
+    os.utime(stale, (old, old))
+    os.utime(library, (old, old))
+    kernel.remove_stale_builds(tmp_path)
+    assert not stale.exists()
+    assert running.exists() and library.exists()

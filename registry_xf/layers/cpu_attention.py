@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -117,11 +118,24 @@ def library_path(program: str) -> Path:
     return kernels_dir() / f"cpu_attention-{digest.hexdigest()[:24]}.so"
 
 
+def remove_stale_builds(folder: Path) -> None:
+    """Delete temporary files of builds that were killed before they could clean up: any
+    older than twice the compile timeout (a build still running elsewhere is younger)."""
+    horizon = time.time() - 2 * COMPILE_TIMEOUT_S
+    for leftover in folder.glob(".cpu_attention-*.so"):
+        try:
+            if leftover.stat().st_mtime < horizon:
+                leftover.unlink()
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            continue
+
+
 def build(program: str, target: Path) -> None:
     """Compile the kernel into ``target``: into a temporary file beside it, renamed into
     place, so the path holds nothing or a whole library. Raises OSError or
     CalledProcessError (with the compiler's message) when it cannot."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(target.parent)
     fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
