@@ -83,6 +83,12 @@ def _checks(hf: dict[str, Any]) -> None:
             "expected at least 4 buckets and a distance beyond half of them plus one"
         )
     relative_terms(hf)
+    legacy = hf.get("legacy", True)
+    if not isinstance(legacy, bool):
+        raise UnsupportedModelError(
+            f"config.json: legacy must be true or false (the masked-LM head's layout); "
+            f"found {legacy!r}"
+        )
 
 
 def _relative_distance(hf: dict[str, Any]) -> int:
@@ -145,6 +151,7 @@ def deberta_v2_converter() -> HFConverter:
             *(s for s in BERT_SETTINGS if s.hyper not in ("type_vocab_size", "layer_norm_eps")),
             Setting("type_vocab_size", "type_vocab_size", 0),
             Setting("layer_norm_eps", "layer_norm_eps", 1e-7),
+            Setting("legacy_mlm_head", "legacy", True),
         ),
         rules=(
             rule("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"),

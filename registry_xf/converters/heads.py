@@ -8,8 +8,8 @@ Each family reads its head's settings from ``config.json`` the way its HF class 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import UnsupportedModelError
@@ -61,6 +61,13 @@ class HeadLayout:
     mlm: dict[str, Any] = field(default_factory=dict)
     sequence: dict[str, Any] = field(default_factory=dict)
     token: dict[str, Any] = field(default_factory=dict)
+    # whether the masked-LM head's decoder is the token embeddings (HF's tie_word_embeddings)
+    mlm_tied: Callable[[dict[str, Any]], bool] = lambda hf: bool(
+        hf.get("tie_word_embeddings", True)
+    )
+    # the [hyper] switch whose value picks one of two masked-LM head layouts (the rules'
+    # ``when`` read it); a checkpoint holding the other layout's head contradicts config.json
+    mlm_layout_setting: str | None = None
 
     def head_section(self, task: str, hf: dict[str, Any], where: str) -> dict[str, Any]:
         """The ``[model.head]`` section for an HF task model's ``config.json``."""
@@ -69,7 +76,7 @@ class HeadLayout:
                 "@heads": HEAD_COMPONENTS[task],
                 "width": "${hyper.hidden_width}",
                 "vocab_size": "${hyper.vocab_size}",
-                "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+                "tie_embeddings": self.mlm_tied(hf),
                 **self.mlm,
             }
         section: dict[str, Any] = {
@@ -278,9 +285,21 @@ DISTILBERT_HEAD_LAYOUT = HeadLayout(
     mlm={"activation": "${hyper.activation}", "layer_norm_eps": 1e-12},
 )
 
-DEBERTA_V2_HEAD_LAYOUT = HeadLayout(
-    base_prefix="deberta.",
-    rules=head_rules(
+
+def _legacy_mlm(hyper: Mapping[str, Any]) -> bool:
+    return hyper.get("legacy_mlm_head", True) is not False
+
+
+def _lm_predictions(hyper: Mapping[str, Any]) -> bool:
+    return not _legacy_mlm(hyper)
+
+
+def _deberta_v2_rules() -> tuple[KeyRule, ...]:
+    """HF's two masked-LM heads, chosen by config.json's ``legacy``: ``cls.predictions``
+    (legacy, the default) with a decoder tied to the word embeddings, or
+    ``lm_predictions.lm_head``, which multiplies by the word embeddings themselves (no
+    decoder tensor at all, so an untied head has no name there)."""
+    rules = head_rules(
         ("pooler.dense", "classifier"),
         (
             "cls.predictions.transform.dense",
@@ -288,7 +307,21 @@ DEBERTA_V2_HEAD_LAYOUT = HeadLayout(
             "cls.predictions.decoder",
             "cls.predictions.bias",
         ),
-    ),
+    )
+    legacy = tuple(replace(r, when=_legacy_mlm) if r.hf[0].startswith("cls.") else r for r in rules)
+    return (
+        rule("head.transform.{p}", "lm_predictions.lm_head.dense.{p}", when=_lm_predictions),
+        rule(
+            "head.transform_norm.{p}", "lm_predictions.lm_head.LayerNorm.{p}", when=_lm_predictions
+        ),
+        rule("head.bias", "lm_predictions.lm_head.bias", when=_lm_predictions),
+        *legacy,
+    )
+
+
+DEBERTA_V2_HEAD_LAYOUT = HeadLayout(
+    base_prefix="deberta.",
+    rules=_deberta_v2_rules(),
     # ContextPooler: dropout, dense, pooler_hidden_act; then dropout and the classifier
     sequence_activation="gelu",
     sequence_activation_key="pooler_hidden_act",
@@ -296,4 +329,9 @@ DEBERTA_V2_HEAD_LAYOUT = HeadLayout(
     sequence_dropout=lambda hf: _first(hf, "cls_dropout", "hidden_dropout_prob"),
     token_dropout=lambda hf: _first(hf, "hidden_dropout_prob"),
     mlm={"activation": "${hyper.activation}", "layer_norm_eps": "${hyper.layer_norm_eps}"},
+    # legacy = false: HF reads the word embeddings whatever tie_word_embeddings says
+    mlm_tied=lambda hf: (
+        hf.get("legacy", True) is False or bool(hf.get("tie_word_embeddings", True))
+    ),
+    mlm_layout_setting="legacy_mlm_head",
 )

@@ -28,6 +28,7 @@ from ..registry import registry
 from ..types import dtype_name
 from .atomic import atomic_directory, write_json
 from .checkpoint import open_checkpoint, stored_shapes
+from .head_layout import check_head_layout
 from .hf_generation import GENERATION_CONFIG, generation_config_json, generation_section
 from .materialise import parameter_slots
 from .paths import safe_join
@@ -199,7 +200,9 @@ def hf_config(
     if _stored_head_differs(directory, converter, family_hyper):
         config["hyper"]["tie_embeddings"] = False
     task = hf_task(hf, converter) if head else None
-    if task is not None and not _holds_head(directory, converter, task):
+    if task is not None:
+        check_head_layout(directory, converter, _HEAD_MARKERS[task], family_hyper)
+    if task is not None and not _holds_head(directory, converter, task, family_hyper):
         logger.info("%s: no %s head weights in the checkpoint; loading the encoder", where, task)
         task = None
     if task is not None and converter.heads is not None:
@@ -249,12 +252,14 @@ _HEAD_MARKERS = {
 }
 
 
-def _holds_head(directory: Path, converter: HFConverter, task: str) -> bool:
+def _holds_head(
+    directory: Path, converter: HFConverter, task: str, hyper: Mapping[str, Any]
+) -> bool:
     """Whether the checkpoint stores ``task``'s head: many checkpoints of bare encoders
     (sentence-transformers models among them) name a ``*ForMaskedLM`` architecture they
     were fine-tuned from without keeping its head. Undecidable (no safetensors): True."""
     keys = _checkpoint_keys(directory)
-    found = converter.hf_names(_HEAD_MARKERS[task])
+    found = converter.hf_names(_HEAD_MARKERS[task], hyper)
     if keys is None or found is None:
         return True
     return found[1][0] in set(converter.strip_prefix(keys).values())
