@@ -238,6 +238,78 @@ def test_heads_match_hf_and_export_back(task: str, tmp_path: Path) -> None:
         assert torch.equal(saved(ids, mask).logits, ours(ids, mask).logits)
 
 
+def head_keys(path: Path) -> list[str]:
+    """The masked-LM head's tensor names in a checkpoint (outside the bare model)."""
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return sorted(k for k in f.keys() if not k.startswith("deberta."))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_predictions_head_matches_hf_and_exports_back(tie: bool, tmp_path: Path) -> None:
+    """legacy = false: HF's ``lm_predictions.lm_head`` multiplies by the word embeddings
+    (tie_word_embeddings or not); loaded, exported in the same layout, saved bit-exact."""
+    import transformers as tf
+
+    path = write_checkpoint(tmp_path / "mlm", "v3", "masked_lm", legacy=False)
+    if not tie:  # HF ignores it for this head: the head still reads the embeddings
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    stored = head_keys(path)
+    assert stored and all(k.startswith("lm_predictions.lm_head.") for k in stored), stored
+    ids, mask, _ = batch(1, "v3")
+    with torch.no_grad():
+        expected = hf_model(path, "masked_lm")(input_ids=ids, attention_mask=mask).logits
+    ours = rx.load(path)
+    assert isinstance(ours, rx.EncoderWithHead) and ours.task == "masked_lm"
+    assert not ours.load_report.initialised and not ours.load_report.skipped
+    assert ours.head.tie_embeddings
+    assert ours.config.interpolate()["hyper"]["legacy_mlm_head"] is False
+    with torch.no_grad():
+        assert_close_on_real(ours(ids, mask).logits, expected, mask)
+    exported = rx.export_hf(ours, tmp_path / "exported")
+    written = json.loads((exported / "config.json").read_text())
+    assert written["legacy"] is False and written["architectures"] == [TASKS["masked_lm"]]
+    assert head_keys(exported) == sorted(k for k in stored)
+    back, info = tf.DebertaV2ForMaskedLM.from_pretrained(exported, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        assert_close_on_real(back.eval()(input_ids=ids, attention_mask=mask).logits, expected, mask)
+    state, twice = ours.state_dict(), rx.load(exported).state_dict()
+    assert state.keys() == twice.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, twice[name]), name
+    saved = rx.load(rx.save(ours, tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.equal(saved(ids, mask).logits, ours(ids, mask).logits)
+
+
+def test_legacy_head_exports_its_own_layout(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / "mlm", "v3", "masked_lm")
+    exported = rx.export_hf(rx.load(path), tmp_path / "exported")
+    assert json.loads((exported / "config.json").read_text())["legacy"] is True
+    assert head_keys(exported) == head_keys(path)
+    assert all(k.startswith("cls.predictions.") for k in head_keys(exported))
+
+
+@pytest.mark.parametrize(("written", "claimed"), [(False, True), (True, False)])
+def test_head_in_the_other_layout_than_config_json_is_refused(
+    written: bool, claimed: bool, tmp_path: Path
+) -> None:
+    """config.json's legacy against the head's names: a ConfigError naming the key, the
+    file and a tensor, never a bare encoder with the head skipped."""
+    path = write_checkpoint(tmp_path / "mlm", "v3", "masked_lm", legacy=written)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "legacy": claimed}))
+    tensor = "cls.predictions.transform.dense" if written else "lm_predictions.lm_head.dense"
+    with pytest.raises(ConfigError, match=rf"\[legacy\].*model\.safetensors.*{tensor}") as e:
+        rx.load(path)
+    assert str(path / "config.json") in str(e.value)
+    encoder = rx.load(path, head=False)  # the encoder alone does not read the head
+    assert not isinstance(encoder, rx.EncoderWithHead)
+
+
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
@@ -248,6 +320,8 @@ def test_heads_match_hf_and_export_back(task: str, tmp_path: Path) -> None:
         ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd"),
         ({"embedding_size": 16}, "embedding_size"),
         ({"position_buckets": 2}, "position_buckets"),
+        ({"legacy": "false"}, "legacy"),
+        ({"legacy": None}, "legacy"),
     ],
 )
 def test_unsupported_settings_are_refused_by_name(
@@ -315,6 +389,7 @@ FUZZ_KEYS = (
     "attention_head_size",
     "embedding_size",
     "pooler_hidden_act",
+    "legacy",
 )
 FUZZ_VALUES = (
     None, True, False, 0, 1, 2, 3, 4, 5, 7, 8, 16, -1, -7, 10**9, 2.5, float("nan"), "",

@@ -39,9 +39,9 @@ def check_head_layout(
     where = files[0] if len(files) == 1 else directory
     problem = ConfigProblem(
         key,
-        f"the head's tensors are then named like {chosen[1][0]}, but {where} holds "
-        f"{names[other[1][0]]} (the layout of {key} = {str(not value).lower()}); set {key} to "
-        "match the weights",
+        f"{str(value).lower()} names the head's tensors like {chosen[1][0]}, but {where} holds "
+        f"{names[other[1][0]]}, the name {key} = {str(not value).lower()} gives it; set {key} "
+        "to match the weights",
         value,
         True,
     )
