@@ -27,7 +27,12 @@ from safetensors_files import (
 )
 
 import registry_xf as rx
-from registry_xf.loading.checkpoint import DTYPE_KINDS, FLOAT_DTYPES
+from registry_xf.loading.checkpoint import (
+    DTYPE_KINDS,
+    FLOAT_DTYPES,
+    open_checkpoint,
+    stored_shapes,
+)
 
 NOT_FLOAT = [d for d in DTYPE_BITS if d not in FLOAT_DTYPES]
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -310,3 +315,22 @@ def test_saved_models_are_checked_the_same_way(tmp_path: Path) -> None:
     relabel(file, qkv, "F32", [64, 1])
     with pytest.raises(rx.LoadError, match=r"model expects \[64, 32\], checkpoint has \[64, 1\]"):
         rx.load(tmp_path / "saved")
+
+
+def test_a_header_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """Parsed headers are kept between loads, by their bytes: a header changed in place
+    (same file, same size, within the file system's clock tick) is not taken for the old."""
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.arange(4.0).reshape(4, 1), "b": torch.ones(2)}, file)
+    with open_checkpoint(file) as ckpt:
+        assert ckpt.get("a").dtype == torch.float32
+    assert stored_shapes(file) == {"a": (4, 1), "b": (2,)}
+    data = file.read_bytes()
+    edited = data.replace(b'"dtype":"F32","shape":[4,1]', b'"dtype":"I32","shape":[1,4]')
+    assert edited != data and len(edited) == len(data)
+    with open(file, "r+b") as handle:  # the same inode, written at once
+        handle.write(edited)
+    with open_checkpoint(file) as ckpt:
+        assert ckpt.get("a").dtype == torch.int32
+        assert ckpt.get("a").shape == (1, 4)
+    assert stored_shapes(file) == {"a": (1, 4), "b": (2,)}

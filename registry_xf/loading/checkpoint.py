@@ -14,6 +14,8 @@ import math
 import mmap
 import os
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -171,6 +173,59 @@ class _Stored:
     nbytes: int
 
 
+class _Header:
+    """A file's parsed header, and the entries of it already checked (by name).
+
+    Kept by the header's bytes and the file's size (``_read_header``): a warm load of the
+    same file parses and checks its header once, and a file whose header changed in any
+    byte, however quickly after, is read afresh. Shared: only read it.
+    """
+
+    __slots__ = ("data_start", "header", "located", "shapes")
+
+    def __init__(self, header: dict[str, Any], data_start: int):
+        self.header = header
+        self.data_start = data_start
+        self.located: dict[str, _Stored] = {}
+        self.shapes: dict[str, tuple[int, ...]] | None | bool = False  # False: not yet
+
+
+_HEADERS: OrderedDict[tuple[bytes, int], _Header] = OrderedDict()
+_HEADERS_KEPT = 64  # files
+_HEADER_BYTES_KEPT = 1 << 20  # larger headers are parsed at every read
+_headers_lock = threading.Lock()
+
+
+def _read_header(handle: io.FileIO, size: int) -> _Header:
+    """The header of the open file ``handle`` (``size`` bytes long), read from its start.
+
+    ValueError where it is not a safetensors header (a length out of bounds, a truncated
+    file, not a JSON object). The bytes are always read; only parsing them is saved."""
+    handle.seek(0)
+    length = int.from_bytes(handle.read(8), "little")
+    if not 0 < length <= _MAX_HEADER_BYTES:
+        raise ValueError(f"header length {length}")
+    raw = handle.read(length)
+    key = (raw, size)
+    with _headers_lock:
+        found = _HEADERS.get(key)
+        if found is not None:
+            _HEADERS.move_to_end(key)
+            return found
+    if len(raw) != length:
+        raise ValueError(f"the file ends inside its {length}-byte header")
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    found = _Header(header, 8 + length)
+    if length <= _HEADER_BYTES_KEPT:
+        with _headers_lock:
+            _HEADERS[key] = found
+            while len(_HEADERS) > _HEADERS_KEPT:
+                _HEADERS.popitem(last=False)
+    return found
+
+
 class _RawFile:
     """A checkpoint file read without safetensors: its header, and one private memory map
     of the whole file (made on first use) that tensors are views of."""
@@ -178,24 +233,23 @@ class _RawFile:
     def __init__(self, file: Path, handle: io.FileIO):
         self.file = file
         self.handle = handle
+        self.size = os.fstat(handle.fileno()).st_size
         try:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length <= _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("header is not an object")
+            parsed = _read_header(handle, self.size)
         except ValueError as e:
             raise CheckpointError(
                 f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
             ) from None
-        self.header: dict[str, Any] = header
-        self.data_start = 8 + length
-        self.size = os.fstat(handle.fileno()).st_size
+        self.header: dict[str, Any] = parsed.header
+        self.data_start = parsed.data_start
+        self._located = parsed.located
         self._storage: torch.UntypedStorage | None = None
 
     def locate(self, name: str) -> _Stored | None:
         """Where tensor ``name`` lies; None for a dtype not read directly."""
+        found = self._located.get(name)
+        if found is not None:
+            return found
         entry = self.header.get(name)
         dtype = _STORED_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
         if entry is None or dtype is None:
@@ -212,7 +266,9 @@ class _RawFile:
             and self.data_start + offsets[1] <= self.size
         ):
             raise CheckpointError(f"{self.file}: tensor {name!r} has an invalid header entry")
-        return _Stored(dtype, tuple(shape), self.data_start + offsets[0], offsets[1] - offsets[0])
+        found = _Stored(dtype, tuple(shape), self.data_start + offsets[0], offsets[1] - offsets[0])
+        self._located[name] = found
+        return found
 
     def view(self, stored: _Stored) -> torch.Tensor | None:
         """The tensor as a view of the file's memory map; None where it is not aligned."""
@@ -495,21 +551,27 @@ def stored_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         for file in checkpoint_files(path):
-            with open(file, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                if not 0 < length <= _MAX_HEADER_BYTES:
-                    return None
-                header = json.loads(handle.read(length))
-            if not isinstance(header, dict):
+            with open(file, "rb", buffering=0) as handle:
+                parsed = _read_header(handle, os.fstat(handle.fileno()).st_size)
+            if parsed.shapes is False:
+                parsed.shapes = _shapes(parsed.header)
+            if parsed.shapes is None:
                 return None
-            for name, entry in header.items():
-                shape = entry.get("shape") if isinstance(entry, dict) else None
-                if name != "__metadata__" and isinstance(shape, list):
-                    if not all(isinstance(n, int) and n >= 0 for n in shape):
-                        return None
-                    shapes[name] = tuple(shape)
+            shapes.update(parsed.shapes)  # type: ignore[arg-type]
     except (OSError, ValueError, CheckpointError):
         return None
+    return shapes
+
+
+def _shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's shape in one file's header; None where one is not a shape."""
+    shapes = {}
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name != "__metadata__" and isinstance(shape, list):
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                return None
+            shapes[name] = tuple(shape)
     return shapes
 
 
