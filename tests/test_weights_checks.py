@@ -334,3 +334,20 @@ def test_a_header_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
         assert ckpt.get("a").dtype == torch.int32
         assert ckpt.get("a").shape == (1, 4)
     assert stored_shapes(file) == {"a": (1, 4), "b": (2,)}
+
+
+def test_safetensors_checks_a_header_changed_after_it_accepted_it(tmp_path: Path) -> None:
+    """A header safetensors accepted is not checked again at the next load; one changed in
+    place (overlapping tensors, which only safetensors' own checks catch) is."""
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, file)
+    for _ in range(2):  # the second open finds the header accepted
+        with open_checkpoint(file) as ckpt:
+            assert ckpt.get("b").tolist() == [1.0, 1.0]
+    data = file.read_bytes()
+    edited = data.replace(b'"data_offsets":[8,16]', b'"data_offsets":[0, 8]')
+    assert edited != data and len(edited) == len(data)
+    file.write_bytes(edited)
+    with pytest.raises(rx.CheckpointError, match="model.safetensors"):
+        with open_checkpoint(file):
+            pass

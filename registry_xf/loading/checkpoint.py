@@ -181,13 +181,16 @@ class _Header:
     byte, however quickly after, is read afresh. Shared: only read it.
     """
 
-    __slots__ = ("data_start", "header", "located", "shapes")
+    __slots__ = ("accepted", "data_start", "header", "located", "shapes")
 
     def __init__(self, header: dict[str, Any], data_start: int):
         self.header = header
         self.data_start = data_start
         self.located: dict[str, _Stored] = {}
         self.shapes: dict[str, tuple[int, ...]] | None | bool = False  # False: not yet
+        # The tensor names safetensors listed when it opened a file with this header and
+        # size (and so accepted it); None until it has.
+        self.accepted: list[str] | None = None
 
 
 _HEADERS: OrderedDict[tuple[bytes, int], _Header] = OrderedDict()
@@ -575,27 +578,99 @@ def _shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+class _SafetensorsOnDemand:
+    """safetensors' reader of a file whose header (the same bytes, the same file size) it
+    has already opened and accepted: opened again only where a tensor is read through it
+    (a dtype or device the direct path does not cover, a slice)."""
+
+    def __init__(self, file: Path, device: str, stack: ExitStack):
+        self._file = file
+        self._device = device
+        self._stack = stack
+        self._handle: Any = None
+
+    def _opened(self) -> Any:
+        if self._handle is None:
+            try:
+                self._handle = self._stack.enter_context(
+                    safe_open(str(self._file), framework="pt", device=self._device)
+                )
+            except Exception as e:
+                raise CheckpointError(
+                    f"{self._file}: not a readable safetensors file (truncated or corrupt?): "
+                    f"{_unknown_dtype(self._file) or e}"
+                ) from None
+        return self._handle
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._opened().get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        return self._opened().get_slice(name)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._opened().metadata()
+
+
+def _header_of(file: Path, stack: ExitStack) -> tuple[_Header, io.FileIO] | None:
+    """The file's header and an open handle on it; None where it cannot be read (then
+    safetensors, or the first read, says why)."""
+    try:
+        handle = stack.enter_context(open(file, "rb", buffering=0))  # noqa: SIM115
+        return _read_header(handle, os.fstat(handle.fileno()).st_size), handle
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[Checkpoint]:
-    """Open every file of a checkpoint, reading tensors straight onto ``device``."""
+    """Open every file of a checkpoint, reading tensors straight onto ``device``.
+
+    safetensors opens and checks each file's header; one it has accepted before (the same
+    header bytes, the same file size: a warm load) is not opened again unless a tensor
+    must be read through it."""
     files = checkpoint_files(path)
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
+        raw: dict[Path, _RawFile] = {}
         for file in files:
-            try:
-                handle = stack.enter_context(
-                    safe_open(str(file), framework="pt", device=str(device))
-                )
-                names = list(handle.keys())
-            except Exception as e:
-                raise CheckpointError(
-                    f"{file}: not a readable safetensors file (truncated or corrupt?): "
-                    f"{_unknown_dtype(file) or e}"
-                ) from None
+            found = _header_of(file, stack)
+            if found is not None and found[0].accepted is not None:
+                handle: Any = _SafetensorsOnDemand(file, str(device), stack)
+                names = list(found[0].accepted)
+            else:
+                try:
+                    handle = stack.enter_context(
+                        safe_open(str(file), framework="pt", device=str(device))
+                    )
+                    names = list(handle.keys())
+                except Exception as e:
+                    raise CheckpointError(
+                        f"{file}: not a readable safetensors file (truncated or corrupt?): "
+                        f"{_unknown_dtype(file) or e}"
+                    ) from None
+                if found is not None:
+                    _remember_accepted(file, found[0], names, stack)
+            if found is not None:
+                raw[file] = _RawFile(file, found[1])
             for name in names:
                 if name in handles:
                     raise CheckpointError(
                         f"{file}: tensor {name!r} also appears in {handles[name][1]}"
                     )
                 handles[name] = (handle, file)
-        yield Checkpoint(handles, files, torch.device(device), stack)
+        checkpoint = Checkpoint(handles, files, torch.device(device), stack)
+        checkpoint._raw.update(raw)
+        yield checkpoint
+
+
+def _remember_accepted(file: Path, before: _Header, names: list[str], stack: ExitStack) -> None:
+    """Note that safetensors accepted ``file``'s header, where the file read the same just
+    before and just after safetensors opened it, and the names agree with it."""
+    after = _header_of(file, stack)
+    if (
+        after is not None
+        and after[0] is before
+        and set(names) == before.header.keys() - {"__metadata__"}
+    ):
+        before.accepted = names
