@@ -12,6 +12,7 @@ from conftest import hf_encoder, random_batch, requires_minilm, write_hf_checkpo
 from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
+from registry_xf.loading.load import _in_eval_mode
 
 
 def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
@@ -30,6 +31,24 @@ def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
         assert p.device.type == "cpu"
     assert model.load_report.ok
     assert model.load_report.skipped == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+def test_loaded_models_are_in_eval_mode(checkpoints: dict[str, Path]) -> None:
+    """Every module, and a module class with a ``train`` of its own still has it called."""
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def train(self, mode: bool = True) -> Recording:
+            calls.append(mode)
+            return super().train(mode)
+
+    model = rx.load(checkpoints["bert"])
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model.add_module("recording", Recording())
+    model.train()
+    assert _in_eval_mode(model) is model and calls[-1] is False
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16"])
