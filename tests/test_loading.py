@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
 from registry_xf.loading.load import _in_eval_mode
+from registry_xf.loading.materialise import on_meta
 
 
 def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
@@ -22,6 +23,19 @@ def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
     assert all(p.device.type == "cpu" for p in initialised.parameters())
     ids, mask = random_batch()
     assert torch.isfinite(initialised(ids, mask).last_hidden_state).all()
+
+
+def test_building_on_meta_skips_only_meta_initialisation(checkpoints: dict[str, Path]) -> None:
+    with torch.device("cpu"):  # an outer device context is kept, and comes back
+        with on_meta():
+            assert torch.nn.Linear(2, 2).weight.is_meta
+            real = torch.zeros(3, device="cpu")
+            torch.nn.init.ones_(real)  # a real tensor is still initialised
+            assert real.tolist() == [1.0, 1.0, 1.0]
+        assert torch.empty(1).device.type == "cpu"
+        model = rx.build(checkpoints["bert"])
+        assert all(p.is_meta for p in model.parameters())
+        assert torch.empty(1).device.type == "cpu"
 
 
 def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
