@@ -196,6 +196,7 @@ class _Header:
 _HEADERS: OrderedDict[tuple[bytes, int], _Header] = OrderedDict()
 _HEADERS_KEPT = 64  # files
 _HEADER_BYTES_KEPT = 1 << 20  # larger headers are parsed at every read
+_ALL_HEADER_BYTES_KEPT = 16 << 20
 _headers_lock = threading.Lock()
 
 
@@ -224,8 +225,10 @@ def _read_header(handle: io.FileIO, size: int) -> _Header:
     if length <= _HEADER_BYTES_KEPT:
         with _headers_lock:
             _HEADERS[key] = found
-            while len(_HEADERS) > _HEADERS_KEPT:
-                _HEADERS.popitem(last=False)
+            kept = sum(len(text) for text, _ in _HEADERS)
+            while len(_HEADERS) > _HEADERS_KEPT or kept > _ALL_HEADER_BYTES_KEPT:
+                (dropped, _), _ = _HEADERS.popitem(last=False)
+                kept -= len(dropped)
     return found
 
 
