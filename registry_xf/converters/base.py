@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,38 @@ class KeyRule:
         if len(self.hf) == 1:
             return [tensor]
         return list(tensor.split(list(sizes), dim=self.dim))
+
+
+# The last rule lists asked about (each kept here with its answers, so that its id stays
+# its own): for each of our names, the rules whose template it matches and the HF names
+# each gives. Which rules match a name depends on the name alone; their ``when`` is asked
+# at each call.
+_CANDIDATES: OrderedDict[int, tuple[Sequence[KeyRule], int, dict[str, tuple]]] = OrderedDict()
+_RULE_LISTS_KEPT = 32
+_NAMES_KEPT = 100_000  # per rule list
+
+
+def _candidates(rules: Sequence[KeyRule], ours: str) -> tuple[tuple[KeyRule, tuple[str, ...]], ...]:
+    """The rules of ``rules`` whose template matches ``ours``, in order, with HF names."""
+    if not rules:
+        return ()
+    kept = _CANDIDATES.get(id(rules))
+    if kept is None or kept[0] is not rules or kept[1] != len(rules):
+        kept = _CANDIDATES[id(rules)] = (rules, len(rules), {})
+        while len(_CANDIDATES) > _RULE_LISTS_KEPT:
+            _CANDIDATES.popitem(last=False)
+    by_name = kept[2]
+    found = by_name.get(ours)
+    if found is None:
+        found = tuple(
+            (r, tuple(h.format(**m.groupdict()) for h in r.hf))
+            for r in rules
+            if (m := template_regex(r.ours).match(ours)) is not None
+        )
+        if len(by_name) >= _NAMES_KEPT:
+            by_name.clear()
+        by_name[ours] = found
+    return found
 
 
 def rule(
@@ -235,10 +268,9 @@ class HFConverter:
         if self.heads is not None and ours.startswith("encoder."):
             ours = ours.removeprefix("encoder.")  # an EncoderWithHead's encoder
         rules = self.heads.rules if self.heads is not None and ours.startswith("head.") else ()
-        for r in (*rules, *self.rules):
-            names = r.match(ours, hyper)
-            if names is not None:
-                return r, names
+        for r, names in (*_candidates(rules, ours), *_candidates(self.rules, ours)):
+            if r.when is None or r.when(hyper or {}):
+                return r, list(names)
         return None
 
     def strip_prefix(self, keys: Sequence[str]) -> dict[str, str]:

@@ -30,7 +30,9 @@ def clone(module: nn.Module) -> nn.Module:
 
 def clones(module: nn.Module, n: int) -> list[nn.Module]:
     """``n`` independent copies of ``module`` (see ``clone``)."""
-    if not _all_meta(module):
+    with torch._C.DisableTorchFunction():  # the build's device mode: no Python per tensor
+        all_meta = _all_meta(module)
+    if not all_meta:
         return [copy.deepcopy(module) for _ in range(n)]
     # Meta tensors need no device placement: skip the build's device mode (much faster).
     with torch._C.DisableTorchFunction():
@@ -193,7 +195,8 @@ def with_merging(stack: nn.Module, merging: TokenMerging | None, n_layers: int) 
 def within_size_bound(layer: nn.Module, copies: int) -> nn.Module:
     """``layer``, unless ``copies`` of it hold more parameters than any real model: refused
     before they are made (``MAX_PARAMETERS``)."""
-    count = sum(p.numel() for p in layer.parameters()) * copies
+    with torch._C.DisableTorchFunction():  # as in clones: no Python per tensor
+        count = sum(p.numel() for p in layer.parameters()) * copies
     if count > MAX_PARAMETERS:
         raise ValueError(
             f"{copies} layers of {count // copies:,} parameters would make {count:,}, more "

@@ -14,6 +14,8 @@ import math
 import mmap
 import os
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -171,6 +173,65 @@ class _Stored:
     nbytes: int
 
 
+class _Header:
+    """A file's parsed header, and the entries of it already checked (by name).
+
+    Kept by the header's bytes and the file's size (``_read_header``): a warm load of the
+    same file parses and checks its header once, and a file whose header changed in any
+    byte, however quickly after, is read afresh. Shared: only read it.
+    """
+
+    __slots__ = ("accepted", "data_start", "header", "located", "shapes")
+
+    def __init__(self, header: dict[str, Any], data_start: int):
+        self.header = header
+        self.data_start = data_start
+        self.located: dict[str, _Stored] = {}
+        self.shapes: dict[str, tuple[int, ...]] | None | bool = False  # False: not yet
+        # The tensor names safetensors listed when it opened a file with this header and
+        # size (and so accepted it); None until it has.
+        self.accepted: list[str] | None = None
+
+
+_HEADERS: OrderedDict[tuple[bytes, int], _Header] = OrderedDict()
+_HEADERS_KEPT = 64  # files
+_HEADER_BYTES_KEPT = 1 << 20  # larger headers are parsed at every read
+_ALL_HEADER_BYTES_KEPT = 16 << 20
+_headers_lock = threading.Lock()
+
+
+def _read_header(handle: io.FileIO, size: int) -> _Header:
+    """The header of the open file ``handle`` (``size`` bytes long), read from its start.
+
+    ValueError where it is not a safetensors header (a length out of bounds, a truncated
+    file, not a JSON object). The bytes are always read; only parsing them is saved."""
+    handle.seek(0)
+    length = int.from_bytes(handle.read(8), "little")
+    if not 0 < length <= _MAX_HEADER_BYTES:
+        raise ValueError(f"header length {length}")
+    raw = handle.read(length)
+    key = (raw, size)
+    with _headers_lock:
+        found = _HEADERS.get(key)
+        if found is not None:
+            _HEADERS.move_to_end(key)
+            return found
+    if len(raw) != length:
+        raise ValueError(f"the file ends inside its {length}-byte header")
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    found = _Header(header, 8 + length)
+    if length <= _HEADER_BYTES_KEPT:
+        with _headers_lock:
+            _HEADERS[key] = found
+            kept = sum(len(text) for text, _ in _HEADERS)
+            while len(_HEADERS) > _HEADERS_KEPT or kept > _ALL_HEADER_BYTES_KEPT:
+                (dropped, _), _ = _HEADERS.popitem(last=False)
+                kept -= len(dropped)
+    return found
+
+
 class _RawFile:
     """A checkpoint file read without safetensors: its header, and one private memory map
     of the whole file (made on first use) that tensors are views of."""
@@ -178,24 +239,23 @@ class _RawFile:
     def __init__(self, file: Path, handle: io.FileIO):
         self.file = file
         self.handle = handle
+        self.size = os.fstat(handle.fileno()).st_size
         try:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length <= _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("header is not an object")
+            parsed = _read_header(handle, self.size)
         except ValueError as e:
             raise CheckpointError(
                 f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
             ) from None
-        self.header: dict[str, Any] = header
-        self.data_start = 8 + length
-        self.size = os.fstat(handle.fileno()).st_size
+        self.header: dict[str, Any] = parsed.header
+        self.data_start = parsed.data_start
+        self._located = parsed.located
         self._storage: torch.UntypedStorage | None = None
 
     def locate(self, name: str) -> _Stored | None:
         """Where tensor ``name`` lies; None for a dtype not read directly."""
+        found = self._located.get(name)
+        if found is not None:
+            return found
         entry = self.header.get(name)
         dtype = _STORED_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
         if entry is None or dtype is None:
@@ -212,7 +272,9 @@ class _RawFile:
             and self.data_start + offsets[1] <= self.size
         ):
             raise CheckpointError(f"{self.file}: tensor {name!r} has an invalid header entry")
-        return _Stored(dtype, tuple(shape), self.data_start + offsets[0], offsets[1] - offsets[0])
+        found = _Stored(dtype, tuple(shape), self.data_start + offsets[0], offsets[1] - offsets[0])
+        self._located[name] = found
+        return found
 
     def view(self, stored: _Stored) -> torch.Tensor | None:
         """The tensor as a view of the file's memory map; None where it is not aligned."""
@@ -495,45 +557,123 @@ def stored_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         for file in checkpoint_files(path):
-            with open(file, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                if not 0 < length <= _MAX_HEADER_BYTES:
-                    return None
-                header = json.loads(handle.read(length))
-            if not isinstance(header, dict):
+            with open(file, "rb", buffering=0) as handle:
+                parsed = _read_header(handle, os.fstat(handle.fileno()).st_size)
+            if parsed.shapes is False:
+                parsed.shapes = _shapes(parsed.header)
+            if parsed.shapes is None:
                 return None
-            for name, entry in header.items():
-                shape = entry.get("shape") if isinstance(entry, dict) else None
-                if name != "__metadata__" and isinstance(shape, list):
-                    if not all(isinstance(n, int) and n >= 0 for n in shape):
-                        return None
-                    shapes[name] = tuple(shape)
+            shapes.update(parsed.shapes)  # type: ignore[arg-type]
     except (OSError, ValueError, CheckpointError):
         return None
     return shapes
 
 
+def _shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's shape in one file's header; None where one is not a shape."""
+    shapes = {}
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name != "__metadata__" and isinstance(shape, list):
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                return None
+            shapes[name] = tuple(shape)
+    return shapes
+
+
+class _SafetensorsOnDemand:
+    """safetensors' reader of a file whose header (the same bytes, the same file size) it
+    has already opened and accepted: opened again only where a tensor is read through it
+    (a dtype or device the direct path does not cover, a slice)."""
+
+    def __init__(self, file: Path, device: str, stack: ExitStack):
+        self._file = file
+        self._device = device
+        self._stack = stack
+        self._handle: Any = None
+
+    def _opened(self) -> Any:
+        if self._handle is None:
+            try:
+                self._handle = self._stack.enter_context(
+                    safe_open(str(self._file), framework="pt", device=self._device)
+                )
+            except Exception as e:
+                raise CheckpointError(
+                    f"{self._file}: not a readable safetensors file (truncated or corrupt?): "
+                    f"{_unknown_dtype(self._file) or e}"
+                ) from None
+        return self._handle
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._opened().get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        return self._opened().get_slice(name)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._opened().metadata()
+
+
+def _header_of(file: Path, stack: ExitStack) -> tuple[_Header, io.FileIO] | None:
+    """The file's header and an open handle on it; None where it cannot be read (then
+    safetensors, or the first read, says why)."""
+    try:
+        handle = stack.enter_context(open(file, "rb", buffering=0))  # noqa: SIM115
+        return _read_header(handle, os.fstat(handle.fileno()).st_size), handle
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def open_checkpoint(path: Path, device: torch.device | str = "cpu") -> Iterator[Checkpoint]:
-    """Open every file of a checkpoint, reading tensors straight onto ``device``."""
+    """Open every file of a checkpoint, reading tensors straight onto ``device``.
+
+    safetensors opens and checks each file's header; one it has accepted before (the same
+    header bytes, the same file size: a warm load) is not opened again unless a tensor
+    must be read through it."""
     files = checkpoint_files(path)
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
+        raw: dict[Path, _RawFile] = {}
         for file in files:
-            try:
-                handle = stack.enter_context(
-                    safe_open(str(file), framework="pt", device=str(device))
-                )
-                names = list(handle.keys())
-            except Exception as e:
-                raise CheckpointError(
-                    f"{file}: not a readable safetensors file (truncated or corrupt?): "
-                    f"{_unknown_dtype(file) or e}"
-                ) from None
+            found = _header_of(file, stack)
+            if found is not None and found[0].accepted is not None:
+                handle: Any = _SafetensorsOnDemand(file, str(device), stack)
+                names = list(found[0].accepted)
+            else:
+                try:
+                    handle = stack.enter_context(
+                        safe_open(str(file), framework="pt", device=str(device))
+                    )
+                    names = list(handle.keys())
+                except Exception as e:
+                    raise CheckpointError(
+                        f"{file}: not a readable safetensors file (truncated or corrupt?): "
+                        f"{_unknown_dtype(file) or e}"
+                    ) from None
+                if found is not None:
+                    _remember_accepted(file, found[0], names, stack)
+            if found is not None:
+                raw[file] = _RawFile(file, found[1])
             for name in names:
                 if name in handles:
                     raise CheckpointError(
                         f"{file}: tensor {name!r} also appears in {handles[name][1]}"
                     )
                 handles[name] = (handle, file)
-        yield Checkpoint(handles, files, torch.device(device), stack)
+        checkpoint = Checkpoint(handles, files, torch.device(device), stack)
+        checkpoint._raw.update(raw)
+        yield checkpoint
+
+
+def _remember_accepted(file: Path, before: _Header, names: list[str], stack: ExitStack) -> None:
+    """Note that safetensors accepted ``file``'s header, where the file read the same just
+    before and just after safetensors opened it, and the names agree with it."""
+    after = _header_of(file, stack)
+    if (
+        after is not None
+        and after[0] is before
+        and set(names) == before.header.keys() - {"__metadata__"}
+    ):
+        before.accepted = names

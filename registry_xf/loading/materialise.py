@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils._device import DeviceContext, _device_constructors
 
 # What modules' ``__init__``/``reset_parameters`` call to give parameters initial values:
 # torch.nn.init's functions and the in-place tensor methods they come down to.
@@ -43,14 +43,20 @@ _INITIALISERS: frozenset[Callable[..., Any]] = frozenset(
 )
 
 
-class _SkipMetaInitialisation(TorchFunctionMode):
-    """Makes initialising a meta tensor a no-op.
+class _BuildOnMeta(DeviceContext):
+    """``torch.device("meta")`` that also makes initialising a meta tensor a no-op.
 
     Safe: a meta tensor holds no values, so an initialiser can only return it unchanged;
     but torch still runs the op's shape checks and, for some (``normal_``), a Python
     decomposition, which made up much of the time of building a model at every load.
     Models built on meta get their values from a checkpoint or ``materialise_random``.
+    One mode, not the device's and a second one: every torch call made while a model is
+    built (hundreds at each load) goes through Python once instead of twice. Entered and
+    left as ``torch.device`` is (the device mode stays at the bottom of the stack).
     """
+
+    def __init__(self) -> None:
+        super().__init__("meta")
 
     def __torch_function__(
         self,
@@ -59,16 +65,20 @@ class _SkipMetaInitialisation(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        target = args[0] if args else (kwargs or {}).get("tensor")
-        if func in _INITIALISERS and isinstance(target, torch.Tensor) and target.is_meta:
-            return target
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        elif func in _device_constructors() and kwargs.get("device") is None:
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)
 
 
 @contextmanager
 def on_meta() -> Iterator[None]:
     """Build modules on the meta device (allocating nothing), without initialising them."""
-    with torch.device("meta"), _SkipMetaInitialisation():
+    with _BuildOnMeta():
         yield
 
 

