@@ -121,3 +121,33 @@ def test_without_a_cpp_compiler_runs_eagerly(
     np.testing.assert_allclose(
         embedder.embed(TEXTS), rx.Embedder(embedder.model).embed(TEXTS), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freezing_is_set_only_while_a_pass_runs(tiny_dir: Path, frozen: bool) -> None:
+    """Inductor's global ``freezing`` is what a compiling pass reads: it holds the pass's
+    own value during the pass, and its earlier value after it, also after a failure."""
+    from torch._inductor import config as inductor_config
+
+    embedder = rx.Embedder(str(tiny_dir))
+    seen: list[bool] = []
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(inductor_config.freezing)
+        return embedder._pooled(*args, **kwargs)  # type: ignore[arg-type]
+
+    forward = CompiledForward(embedder._pooled, frozen=frozen)
+    forward.compiled = recording
+    embedder._forward = forward
+    before = inductor_config.freezing
+    expected = rx.Embedder(embedder.model).embed(TEXTS)
+    np.testing.assert_allclose(embedder.embed(TEXTS), expected, atol=0)
+    assert seen and set(seen) == {frozen} and inductor_config.freezing == before
+
+    def failing(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(inductor_config.freezing)
+        raise RuntimeError("inductor failed")
+
+    forward.compiled, seen[:] = failing, []
+    np.testing.assert_allclose(embedder.embed(TEXTS[:1]), expected[:1], atol=0)
+    assert seen == [frozen] and inductor_config.freezing == before
