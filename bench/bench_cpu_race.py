@@ -248,19 +248,25 @@ def race(sides: dict[str, Callable], texts: list[str], passes: int) -> dict[str,
     }
 
 
-def latency(sides: dict[str, Callable], calls: int) -> dict[str, list[float]]:
+def latency(
+    sides: dict[str, Callable], calls: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Milliseconds of each of ``calls`` embeddings of one short sentence per side, sides
-    alternating call by call (after three warm-up calls each)."""
+    alternating call by call (after three warm-up calls each): wall-clock times, and the
+    process's CPU time in each call (every thread's; on a shared machine it leaves out the
+    time other work held the cores, though it counts threads spinning at barriers)."""
     runs: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(3):
         for embed in sides.values():
             embed([SHORT_SENTENCE])
     for _ in range(calls):
         for name, embed in sides.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             embed([SHORT_SENTENCE])
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
             runs[name].append((time.perf_counter() - start) * 1e3)
-    return runs
+    return runs, cpu
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -305,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                 c = cosines(embed(texts), reference)
                 found[name].update(cos_min=float(c.min()), cos_mean=float(c.mean()))
             results["corpora"][corpus] = {"mean_pieces": pieces, "sides": found}
-        runs = latency(sides, args.latency_calls)
+        runs, cpu = latency(sides, args.latency_calls)
         results["latency_ms"] = {name: statistics.median(r) for name, r in runs.items()}
         results["latency_runs_ms"] = runs
+        results["latency_cpu_ms"] = cpu
         results["load_average_after"] = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -394,10 +401,11 @@ def latency_report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"{percentile(runs, 0.1):.2f}",
                 f"{percentile(runs, 0.9):.2f}",
                 f"{median / results['latency_ms'][base]:.2f}",
+                f"{statistics.median(results['latency_cpu_ms'][name]):.2f}",
                 f"{results['cos_min'][name]:.6f}",
             ]
         )
-    header = ["side", "median ms", "p10 ms", "p90 ms", f"x {base}", "cos min"]
+    header = ["side", "median ms", "p10 ms", "p90 ms", f"x {base}", "CPU ms", "cos min"]
     lines = [
         f"one sentence ({SHORT_SENTENCE!r}), {args.latency_calls} calls per side, "
         f"sides alternating, {args.threads} threads; cosines on {args.latency_texts + 1} "
