@@ -189,7 +189,7 @@ def test_autocast_products_use_a_kept_bfloat16_copy(checkpoints: dict[str, Path]
     packed_linear.pack_linear_weights(layer)
     gelu = torch.nn.GELU()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for shape in [(1, 48), (3, 5, 48), (1, 1, 48)]:
+        for shape in [(1, 48), (3, 5, 48), (1, 1, 48), (48,), (0, 48)]:
             x = torch.randn(shape)
             got, expected = layer(x), plain(x)
             assert got.dtype == expected.dtype == torch.bfloat16

@@ -165,8 +165,9 @@ def linear_then_activation(
     post_op = _fused_activation(activation)
     if post_op is not None and _fusable(linear) and not linear.uses_packed(x):
         dtype = linear.autocast_dtype(x)  # autocast: the activation on the product's dtype
-        if dtype is not None:
-            return linear.autocast_linear(x, dtype, post_op)
+        out = None if dtype is None else linear.autocast_linear(x, dtype, post_op)
+        if out is not None:
+            return out
     if (
         post_op is None
         or not _fusable(linear)
@@ -268,12 +269,13 @@ class PackedLinear(nn.Linear):
 
     def autocast_linear(
         self, x: torch.Tensor, dtype: torch.dtype, post_op: tuple[str, list, str] | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """What CPU autocast makes of ``F.linear`` (then ``post_op``): ``x``, the weight and
-        the bias in ``dtype``, the result in ``dtype``; the weight's copy packed and kept."""
+        the bias in ``dtype``, the result in ``dtype``; the weight's copy packed and kept.
+        None where that copy could not be packed (the caller runs the plain layer)."""
         packed = packed_weight_in(self.weight, dtype)
         if packed is None:
-            return F.linear(x, self.weight, self.bias)
+            return None
         bias = bias_in(self.bias, dtype)
         return torch.ops.mkldnn._linear_pointwise(
             x.to(dtype), packed, bias, *(post_op or ("none", [], ""))
@@ -283,9 +285,8 @@ class PackedLinear(nn.Linear):
         weight = self.weight
         if not self.uses_packed(x):
             dtype = self.autocast_dtype(x)
-            if dtype is not None:
-                return self.autocast_linear(x, dtype)
-            return F.linear(x, weight, self.bias)
+            out = None if dtype is None else self.autocast_linear(x, dtype)
+            return F.linear(x, weight, self.bias) if out is None else out
         if torch.compiler.is_compiling():  # the operator: opaque to the compiler
             return torch.ops.registry_xf.packed_linear(x, weight, self.bias)
         return _packed_linear(x, weight, self.bias)  # eagerly, without the dispatcher
