@@ -121,3 +121,53 @@ def test_without_a_cpp_compiler_runs_eagerly(
     np.testing.assert_allclose(
         embedder.embed(TEXTS), rx.Embedder(embedder.model).embed(TEXTS), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freezing_is_set_only_while_a_pass_runs(tiny_dir: Path, frozen: bool) -> None:
+    """Inductor's global ``freezing`` is what a compiling pass reads: it holds the pass's
+    own value during the pass, and its earlier value after it, also after a failure."""
+    from torch._inductor import config as inductor_config
+
+    embedder = rx.Embedder(str(tiny_dir))
+    seen: list[bool] = []
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(inductor_config.freezing)
+        return embedder._pooled(*args, **kwargs)  # type: ignore[arg-type]
+
+    forward = CompiledForward(embedder._pooled, frozen=frozen)
+    forward.compiled = recording
+    embedder._forward = forward
+    before = inductor_config.freezing
+    expected = rx.Embedder(embedder.model).embed(TEXTS)
+    np.testing.assert_allclose(embedder.embed(TEXTS), expected, atol=0)
+    assert seen and set(seen) == {frozen} and inductor_config.freezing == before
+
+    def failing(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(inductor_config.freezing)
+        raise RuntimeError("inductor failed")
+
+    forward.compiled, seen[:] = failing, []
+    np.testing.assert_allclose(embedder.embed(TEXTS[:1]), expected[:1], atol=0)
+    assert seen == [frozen] and inductor_config.freezing == before
+
+
+def test_eager_bfloat16_products_keep_their_weights(tiny_dir: Path) -> None:
+    """Eagerly, ``matmul_dtype="bfloat16"`` multiplies with bfloat16 copies of the packed
+    weights made at the first batch and kept (not converted at every batch): the same
+    embeddings as autocast over plain layers, to bfloat16 rounding of a fused GELU."""
+    from registry_xf.layers.packed_linear import PackedLinear, packed_weight_in
+
+    mixed = rx.Embedder(str(tiny_dir), matmul_dtype="bfloat16", batch_tokens=24)
+    plain = rx.Embedder(
+        rx.load(str(tiny_dir), pack=False), matmul_dtype="bfloat16", batch_tokens=24
+    )
+    got = mixed.embed(TEXTS)
+    assert cosines(got, plain.embed(TEXTS)).min() > 0.9999
+    layers = [m for m in mixed.model.modules() if isinstance(m, PackedLinear)]
+    assert layers
+    kept = [packed_weight_in(m.weight, torch.bfloat16) for m in layers]
+    np.testing.assert_array_equal(mixed.embed(TEXTS), got)  # deterministic, copies reused
+    again = [packed_weight_in(m.weight, torch.bfloat16) for m in layers]
+    assert all(a is k for a, k in zip(again, kept, strict=True))

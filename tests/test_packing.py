@@ -175,3 +175,46 @@ def test_weights_loaded_under_inference_mode_are_packed(checkpoints: dict[str, P
             atol=1e-5,
             rtol=0,
         )
+
+
+def test_autocast_products_use_a_kept_bfloat16_copy(checkpoints: dict[str, Path]) -> None:
+    """Under CPU autocast to bfloat16 a float32 packed layer multiplies with a packed
+    bfloat16 copy of its weight, made once and kept: autocast's own results (the plain
+    products bit for bit; a fused GELU within a bfloat16 step), outputs in bfloat16."""
+    from registry_xf.layers.packed_linear import linear_then_activation, packed_weight_in
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 64)
+    layer = copy.deepcopy(plain)
+    packed_linear.pack_linear_weights(layer)
+    gelu = torch.nn.GELU()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for shape in [(1, 48), (3, 5, 48), (1, 1, 48), (48,), (0, 48)]:
+            x = torch.randn(shape)
+            got, expected = layer(x), plain(x)
+            assert got.dtype == expected.dtype == torch.bfloat16
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+            fused, unfused = linear_then_activation(layer, gelu, x), gelu(plain(x))
+            assert fused.dtype == torch.bfloat16
+            torch.testing.assert_close(fused.float(), unfused.float(), atol=2e-2, rtol=1e-2)
+        kept = packed_weight_in(layer.weight, torch.bfloat16)
+        layer(torch.randn(4, 48))
+        assert packed_weight_in(layer.weight, torch.bfloat16) is kept  # not made again
+    assert _packed_copy(layer.weight) is None  # the float32 packed copy was never needed
+    with torch.no_grad():  # a changed weight is converted again
+        layer.weight.mul_(2.0)
+        plain.weight.mul_(2.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(3, 48)
+            torch.testing.assert_close(layer(x), plain(x), atol=0, rtol=0)
+    # whole models: the same hidden states as autocast over plain layers
+    packed = rx.load(checkpoints["bert"], pack=True)
+    reference = rx.load(checkpoints["bert"], pack=False)
+    ids, mask = random_batch()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(
+            packed(ids, mask).last_hidden_state.float(),
+            reference(ids, mask).last_hidden_state.float(),
+            atol=3e-2,
+            rtol=0,
+        )

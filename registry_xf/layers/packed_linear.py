@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ from .int8_linear import Int8Linear
 logger = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# CPU autocast dtypes a float32 layer keeps a packed copy of its weight in
+AUTOCAST_PACKED_DTYPES = (torch.bfloat16,)
 # Packing keeps a second copy of each weight: automatic packing stops at this size.
 AUTO_PACK_LIMIT_BYTES = 1 << 30
 _COPY = "_registry_xf_packed"  # the weight's attribute holding its packed copy
@@ -69,23 +72,49 @@ def _packing_available() -> bool:
     return packing_unavailable() is None
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """The packed copy of ``weight`` (made on first use), or None where packing failed."""
-    copy = weight.__dict__.get(_COPY)
+def _kept_copy(
+    tensor: torch.Tensor, attribute: str, make: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """The copy of ``tensor`` that ``make`` makes, kept on ``tensor`` under ``attribute``
+    and made again when ``tensor`` changes (None where ``make`` could not make it)."""
+    copy = tensor.__dict__.get(attribute)
     if copy is None:
         copy = _PackedCopy()
-        weight.__dict__[_COPY] = copy
+        tensor.__dict__[attribute] = copy
     # Inference tensors (made under torch.inference_mode) keep no version counter: only
     # their replacement is noticed, not a change in place.
-    stamp = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+    stamp = (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
     if copy.stamp != stamp:
-        try:
-            copy.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-        except RuntimeError as e:  # this weight (dtype, shape) cannot be packed here
-            logger.info("weight packing failed (%s); this layer stays plain", e)
-            copy.tensor = None
+        copy.tensor = make(tensor.detach())
         copy.stamp = stamp
     return copy.tensor
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+    except RuntimeError as e:  # this weight (dtype, shape) cannot be packed here
+        logger.info("weight packing failed (%s); this layer stays plain", e)
+        return None
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of ``weight`` (made on first use), or None where packing failed."""
+    return _kept_copy(weight, _COPY, _pack)
+
+
+def packed_weight_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``weight`` in ``dtype`` (bfloat16), packed: made on first use and kept, so that
+    products under CPU autocast do not convert the weight at every call (for a short
+    input that conversion costs more than the product)."""
+    return _kept_copy(weight, f"{_COPY}_{dtype}", lambda w: _pack(w.to(dtype)))
+
+
+def bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``bias`` in ``dtype``, made on first use and kept (as autocast would cast it)."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    return _kept_copy(bias, f"{_COPY}_{dtype}", lambda b: b.to(dtype))
 
 
 def _packed_linear(
@@ -134,6 +163,11 @@ def linear_then_activation(
     if type(linear) is Int8Linear and not _hooked(linear):
         return linear(x, activation=activation)
     post_op = _fused_activation(activation)
+    if post_op is not None and _fusable(linear) and not linear.uses_packed(x):
+        dtype = linear.autocast_dtype(x)  # autocast: the activation on the product's dtype
+        out = None if dtype is None else linear.autocast_linear(x, dtype, post_op)
+        if out is not None:
+            return out
     if (
         post_op is None
         or not _fusable(linear)
@@ -211,10 +245,48 @@ class PackedLinear(nn.Linear):
             or weight.dtype not in PACKABLE_DTYPES
         )
 
+    def autocast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype CPU autocast multiplies ``x`` in, where this layer does it eagerly
+        with a packed copy of its float32 weight in that dtype, kept (inference; under
+        ``torch.compile`` the compiler folds and packs the converted weight itself)."""
+        if (
+            torch.is_grad_enabled()
+            or not torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        dtype = torch.get_autocast_dtype("cpu")
+        weight = self.weight
+        if (
+            dtype not in AUTOCAST_PACKED_DTYPES
+            or weight.dtype != torch.float32
+            or x.dtype not in (torch.float32, dtype)
+            or x.device.type != "cpu"
+            or weight.device.type != "cpu"
+        ):
+            return None
+        return dtype
+
+    def autocast_linear(
+        self, x: torch.Tensor, dtype: torch.dtype, post_op: tuple[str, list, str] | None = None
+    ) -> torch.Tensor | None:
+        """What CPU autocast makes of ``F.linear`` (then ``post_op``): ``x``, the weight and
+        the bias in ``dtype``, the result in ``dtype``; the weight's copy packed and kept.
+        None where that copy could not be packed (the caller runs the plain layer)."""
+        packed = packed_weight_in(self.weight, dtype)
+        if packed is None:
+            return None
+        bias = bias_in(self.bias, dtype)
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(dtype), packed, bias, *(post_op or ("none", [], ""))
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if not self.uses_packed(x):
-            return F.linear(x, weight, self.bias)
+            dtype = self.autocast_dtype(x)
+            out = None if dtype is None else self.autocast_linear(x, dtype)
+            return F.linear(x, weight, self.bias) if out is None else out
         if torch.compiler.is_compiling():  # the operator: opaque to the compiler
             return torch.ops.registry_xf.packed_linear(x, weight, self.bias)
         return _packed_linear(x, weight, self.bias)  # eagerly, without the dispatcher

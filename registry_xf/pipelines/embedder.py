@@ -55,9 +55,11 @@ class Embedder(Prompting):
     overhead that dominates short inputs. ``matmul_dtype="bfloat16"`` multiplies in
     bfloat16 (CPU autocast; fast on CPUs with AVX512-BF16 or AMX) while layer norms,
     softmax, the residual stream and pooling stay in float32: closer to float32 than a
-    bfloat16 model (``dtype="bfloat16"``). With ``compile=True`` as well, the bfloat16
-    weights are made and packed once, at compile time; eagerly, at every batch. Where
-    compiling is unavailable or fails, the reason is logged and the pass runs eagerly.
+    bfloat16 model (``dtype="bfloat16"``). The bfloat16 weights are made and packed once:
+    with ``compile=True``, at compile time (frozen into the graph); eagerly, on each
+    packed layer's first call, and kept beside the float32 weights (half their size
+    again). Where compiling is unavailable or fails, the reason is logged and the pass
+    runs eagerly.
 
     ``streams=N`` (CPU) embeds N batches at once on N threads, each with 1/N of torch's
     threads (``registry_xf.pipelines.streams``): no pass waits for another's threads, so
