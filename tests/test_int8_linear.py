@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_dir, random_batch, requires_minilm, write_hf_checkpoint
+from conftest import minilm_dir, random_batch, requires_minilm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_tokenizer import write_tokenizer
 
 import registry_xf as rx
 from registry_xf.layers.int8_linear import Int8Linear, int8_unavailable
@@ -113,18 +112,6 @@ def test_quantize_int8_swaps_every_linear(checkpoints) -> None:  # type: ignore[
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert rx.quantize_int8(model) == n_linear > 0
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-
-
-def test_int8_embedder_batches_more_tokens_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """An int8 embedder's default token budget is larger (its per-batch costs are higher
-    and its activations smaller); a budget given still wins, and float32 keeps 2,048."""
-    from registry_xf.pipelines.embedder import INT8_BATCH_TOKENS
-
-    path = write_hf_checkpoint(tmp_path / "bert", "bert", seed=2)
-    write_tokenizer(path)
-    assert rx.Embedder(str(path), quantize="int8").batch_tokens == INT8_BATCH_TOKENS > 2048
-    assert rx.Embedder(str(path), quantize="int8", batch_tokens=512).batch_tokens == 512
-    assert rx.Embedder(str(path)).batch_tokens == 2048
 
 
 def test_embedder_refuses_unknown_quantize() -> None:

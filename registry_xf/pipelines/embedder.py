@@ -31,10 +31,6 @@ from .streams import check_streams, run_in_streams
 
 logger = logging.getLogger(__name__)
 
-# The default token budget of an int8 embedder (measured on a 2-core Zen 4: 1.1-1.35x the
-# texts/s of 2,048 tokens, where float32 gains 1.02-1.07x from a larger budget)
-INT8_BATCH_TOKENS = 8192
-
 
 class Embedder(Prompting):
     """One vector per text from an encoder, its tokenizer and a pooler.
@@ -43,8 +39,7 @@ class Embedder(Prompting):
     (padded), so short texts share large batches and long ones get small batches: little
     padding, and the CPU stays busy. Results come back in the input order. The default
     budget (2,048 tokens) keeps a batch's activations in cache on CPUs; on a GPU a larger
-    one is faster. With ``quantize="int8"`` it is 8,192 tokens: the int8 activations are a
-    quarter the size, and fewer batches mean fewer of the int8 path's per-call costs.
+    one is faster.
 
     Prompts: ``prompts`` (name -> text prepended to every text) and ``default_prompt_name``
     add to and override those of the model's ``[embedding]`` section (read from
@@ -84,7 +79,7 @@ class Embedder(Prompting):
         truncate_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        batch_tokens: int | None = None,
+        batch_tokens: int = 2048,
         max_batch_size: int = 256,
         quantize: str | None = None,
         compile: bool = False,
@@ -117,8 +112,6 @@ class Embedder(Prompting):
         if normalize is not None:
             pooler = Pooler(pooler.mode, normalize, pooler.include_prompt)
         self.pooler = pooler
-        if batch_tokens is None:
-            batch_tokens = INT8_BATCH_TOKENS if quantize == "int8" else 2048
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
         settings = embedding_settings(self.model)
