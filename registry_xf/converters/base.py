@@ -68,10 +68,15 @@ class KeyRule:
 
     def match(self, key: str, hyper: Mapping[str, Any] | None = None) -> list[str] | None:
         """HF names for our ``key`` if this rule covers it (for these ``[hyper]`` values)."""
-        m = template_regex(self.ours).match(key)
-        if m is None or (self.when is not None and not self.when(hyper or {})):
+        names = self.names_for(key)
+        if names is None or (self.when is not None and not self.when(hyper or {})):
             return None
-        return [h.format(**m.groupdict()) for h in self.hf]
+        return list(names)
+
+    def names_for(self, key: str) -> tuple[str, ...] | None:
+        """HF names for our ``key`` where its template matches, whatever ``when`` says."""
+        m = template_regex(self.ours).match(key)
+        return None if m is None else tuple(h.format(**m.groupdict()) for h in self.hf)
 
     def join(
         self,
@@ -132,11 +137,7 @@ def _candidates(rules: Sequence[KeyRule], ours: str) -> tuple[tuple[KeyRule, tup
     by_name = kept[2]
     found = by_name.get(ours)
     if found is None:
-        found = tuple(
-            (r, tuple(h.format(**m.groupdict()) for h in r.hf))
-            for r in rules
-            if (m := template_regex(r.ours).match(ours)) is not None
-        )
+        found = tuple((r, names) for r in rules if (names := r.names_for(ours)) is not None)
         if len(by_name) >= _NAMES_KEPT:
             by_name.clear()
         by_name[ours] = found
