@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import registry_xf as rx
 from registry_xf.layers import attention as attention_module
 from registry_xf.layers import cpu_attention as kernel
+from registry_xf.layers import cpu_kernels
 from registry_xf.layers.attention import SelfAttention
 from registry_xf.layers.attention_mask import AttentionMask
 
@@ -167,12 +168,12 @@ def test_turned_off_or_without_a_compiler_torch_attention_runs(
         layer.backend = "eager"
         expected = layer(x, AttentionMask(key_mask))
         layer.backend = eager
-        monkeypatch.setenv(kernel.COMPILER, str(tmp_path / "no-such-c++"))
+        monkeypatch.setenv(cpu_kernels.COMPILER, str(tmp_path / "no-such-c++"))
         assert "no C++ compiler" in kernel.library()  # type: ignore[operator]
         q, k, v = layer.project(x)
         assert kernel.cpu_attention(q, k, v, None, layer.scale) is None
         torch.testing.assert_close(layer(x, AttentionMask(key_mask)), expected)
-        monkeypatch.delenv(kernel.COMPILER)
+        monkeypatch.delenv(cpu_kernels.COMPILER)
         monkeypatch.setenv(kernel.SWITCH, "0")
         assert kernel.cpu_attention(q, k, v, None, layer.scale) is None
         torch.testing.assert_close(layer(x, AttentionMask(key_mask)), expected)
@@ -183,15 +184,15 @@ def test_turned_off_or_without_a_compiler_torch_attention_runs(
 def test_a_failing_compiler_is_a_reason_not_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    if kernel._unavailable_here():
-        pytest.skip(kernel._unavailable_here())
+    if cpu_kernels.unavailable_here():
+        pytest.skip(cpu_kernels.unavailable_here())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     failing = tmp_path / "failing-c++"
     failing.write_text("#!/bin/sh\necho 'no such flag' >&2\nexit 1\n")
     failing.chmod(0o755)
-    reason = kernel._library(str(failing))
+    reason = cpu_kernels.load(kernel.SOURCE, str(failing))
     assert isinstance(reason, str) and "no such flag" in reason
-    assert not list(kernel.kernels_dir().glob(".cpu_attention-*"))  # no temporary left
+    assert not list(cpu_kernels.kernels_dir().glob(".cpu_attention-*"))  # no temporary left
 
 
 BUILD = """
@@ -302,9 +303,9 @@ def test_leftovers_of_killed_builds_are_removed_but_not_running_ones(tmp_path: P
     library = tmp_path / "cpu_attention-abc.so"
     for path in (stale, running, library):
         path.write_bytes(b"x")
-    old = time.time() - 3 * kernel.COMPILE_TIMEOUT_S
+    old = time.time() - 3 * cpu_kernels.COMPILE_TIMEOUT_S
     os.utime(stale, (old, old))
     os.utime(library, (old, old))
-    kernel.remove_stale_builds(tmp_path)
+    cpu_kernels.remove_stale_builds(tmp_path)
     assert not stale.exists()
     assert running.exists() and library.exists()

@@ -16,13 +16,9 @@ or 64, a mask other than one row of key booleans per batch entry (causal, window
 additive masks), autograd, ``torch.compile``, no AVX-512, no C++ compiler. Each reason is
 logged once.
 
-The library is built with the system C++ compiler (``REGISTRY_XF_CXX``, else ``CXX``, else
-``c++``) at the first call in a process that has no cached copy, and cached under
-``$XDG_CACHE_HOME/registry_xf/kernels`` (``~/.cache/...``) by a hash of its source, the
-compiler, the flags and the CPU, so a machine with another CPU never loads it. It is
-written to a temporary file and renamed into place: a concurrent build in another process
-never leaves a half-written library at that name. ``REGISTRY_XF_CPU_ATTENTION=0`` turns
-the kernel off (torch's attention everywhere).
+The library is built with the system C++ compiler at the first call in a process that has no
+cached copy, and cached (see ``cpu_kernels``). ``REGISTRY_XF_CPU_ATTENTION=0`` turns the
+kernel off (torch's attention everywhere).
 
 Each call uses at most ``torch.get_num_threads()`` threads, from OpenMP (the kernel links
 libgomp by its usual name, so the runtime torch has loaded serves it: one pool of threads
@@ -34,33 +30,23 @@ among its streams) each use their own share, and nothing is shared between calls
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
+from . import cpu_kernels
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 SWITCH = "REGISTRY_XF_CPU_ATTENTION"  # "0", "off", "false" or "no": torch's attention
-COMPILER = "REGISTRY_XF_CXX"  # the C++ compiler to build the kernel with
 HEAD_WIDTHS = (16, 32, 48, 64)
-COMPILE_TIMEOUT_S = 300
 # Below this many multiply-adds (about 50 µs of work) one thread does it all: starting
 # and joining another costs more than it saves.
 PARALLEL_FROM = 2_000_000
 
-_lock = threading.Lock()
 _logged: set[str] = set()
 
 
@@ -76,114 +62,7 @@ def _skip(reason: str, level: int = logging.DEBUG) -> None:
         logger.log(level, "CPU attention kernel not used: %s; using torch's attention", reason)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def _cpu_id() -> str:
-    """The CPU's model name and feature flags: what ``-march=native`` builds for."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    model = next((ln for ln in lines if ln.startswith("model name")), "")
-    return model + "\n" + " ".join(sorted(_cpu_flags()))
-
-
-def compiler() -> str:
-    """The C++ compiler's name or path, from the environment now."""
-    return os.environ.get(COMPILER) or os.environ.get("CXX") or "c++"
-
-
-def kernels_dir() -> Path:
-    """Where built kernels are cached: ``$XDG_CACHE_HOME/registry_xf/kernels``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "registry_xf" / "kernels"
-
-
-def library_path(program: str) -> Path:
-    """The cached library's path for this source, compiler, flags and CPU."""
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), program.encode(), " ".join(FLAGS).encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    digest.update(_cpu_id().encode())
-    return kernels_dir() / f"cpu_attention-{digest.hexdigest()[:24]}.so"
-
-
-def remove_stale_builds(folder: Path) -> None:
-    """Delete temporary files of builds that were killed before they could clean up: any
-    older than twice the compile timeout (a build still running elsewhere is younger)."""
-    horizon = time.time() - 2 * COMPILE_TIMEOUT_S
-    for leftover in folder.glob(".cpu_attention-*.so"):
-        try:
-            if leftover.stat().st_mtime < horizon:
-                leftover.unlink()
-        except OSError:  # removed by another process meanwhile, or not ours to remove
-            continue
-
-
-def build(program: str, target: Path) -> None:
-    """Compile the kernel into ``target``: into a temporary file beside it, renamed into
-    place, so the path holds nothing or a whole library. Raises OSError or
-    CalledProcessError (with the compiler's message) when it cannot."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(target.parent)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [program, *FLAGS, "-o", temporary, str(SOURCE)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=COMPILE_TIMEOUT_S,
-        )
-        os.chmod(temporary, 0o755)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _unavailable_here() -> str | None:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"not an x86-64 Linux machine ({platform.system()} {platform.machine()})"
-    missing = {"avx512f", "avx512bw", "avx512vl"} - _cpu_flags()
-    if missing:
-        return f"the CPU lacks {', '.join(sorted(missing))}"
-    return None
-
-
-@functools.cache
-def _library(program: str) -> ctypes.CDLL | str:
-    """The loaded kernel for ``program``, or why there is none (built at most once per
-    process and compiler; callers hold ``_lock``)."""
-    reason = _unavailable_here()
-    if reason:
-        return reason
-    if shutil.which(program) is None:
-        return f"no C++ compiler {program!r} (set {COMPILER} to one)"
-    path = library_path(program)
-    if not path.exists():
-        logger.info("Building the CPU attention kernel with %s into %s", program, path)
-        try:
-            build(program, path)
-        except subprocess.CalledProcessError as e:
-            return f"{program} failed to build {SOURCE.name}: {e.stderr.strip()[-2000:]}"
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"could not build {SOURCE.name} with {program}: {e}"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return f"could not load {path}: {e}"
+def _declare(lib: ctypes.CDLL) -> None:
     lib.rx_attention.argtypes = [ctypes.c_void_p] * 5 + [
         ctypes.POINTER(ctypes.c_int64),
         ctypes.POINTER(ctypes.c_int64),
@@ -193,13 +72,11 @@ def _library(program: str) -> ctypes.CDLL | str:
     ]
     lib.rx_attention.restype = ctypes.c_int
     lib.rx_attention_bf16.restype = ctypes.c_int
-    return lib
 
 
 def library() -> ctypes.CDLL | str:
     """The kernel library, built on first use, or the reason it is unavailable."""
-    with _lock:
-        return _library(compiler())
+    return cpu_kernels.library(SOURCE, _declare)
 
 
 def _shape_problem(

@@ -1,0 +1,168 @@
+"""Small C++ kernels for x86-64 CPUs with AVX-512, compiled on first use and cached.
+
+Each kernel is one ``.cpp`` file beside this module, with a C interface and no torch
+headers: pointers, sizes and strides come from Python through ctypes (which releases the
+GIL during the call). ``library(source, declare)`` builds it with the system C++ compiler
+(``REGISTRY_XF_CXX``, else ``CXX``, else ``c++``) at the first call in a process that has no
+cached copy, and caches it under ``$XDG_CACHE_HOME/registry_xf/kernels`` (``~/.cache/...``)
+by a hash of its source, the compiler, the flags and the CPU, so a machine with another CPU
+never loads it. It is written to a temporary file and renamed into place: a concurrent build
+in another process never leaves a half-written library at that name, and temporary files of
+killed builds are removed by later builds.
+
+Kernels use OpenMP for threads and link libgomp by its usual name, so the runtime torch has
+loaded serves them: one pool of threads for both, none competing with torch's for the cores.
+
+Nothing here raises: where a kernel cannot be had (another machine, no compiler, a failed
+build) the caller gets the reason as a string and runs torch's operators instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+COMPILER = "REGISTRY_XF_CXX"  # the C++ compiler to build kernels with
+COMPILE_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _cpu_id() -> str:
+    """The CPU's model name and feature flags: what ``-march=native`` builds for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((ln for ln in lines if ln.startswith("model name")), "")
+    return model + "\n" + " ".join(sorted(cpu_flags()))
+
+
+def compiler() -> str:
+    """The C++ compiler's name or path, from the environment now."""
+    return os.environ.get(COMPILER) or os.environ.get("CXX") or "c++"
+
+
+def kernels_dir() -> Path:
+    """Where built kernels are cached: ``$XDG_CACHE_HOME/registry_xf/kernels``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "registry_xf" / "kernels"
+
+
+def library_path(source: Path, program: str) -> Path:
+    """The cached library's path for this source, compiler, flags and CPU."""
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), program.encode(), " ".join(FLAGS).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    digest.update(_cpu_id().encode())
+    return kernels_dir() / f"{source.stem}-{digest.hexdigest()[:24]}.so"
+
+
+def remove_stale_builds(folder: Path) -> None:
+    """Delete temporary files of builds that were killed before they could clean up: any
+    older than twice the compile timeout (a build still running elsewhere is younger)."""
+    horizon = time.time() - 2 * COMPILE_TIMEOUT_S
+    for leftover in folder.glob(".*-*.so"):
+        try:
+            if leftover.stat().st_mtime < horizon:
+                leftover.unlink()
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            continue
+
+
+def build(source: Path, program: str, target: Path) -> None:
+    """Compile ``source`` into ``target``: into a temporary file beside it, renamed into
+    place, so the path holds nothing or a whole library. Raises OSError or
+    CalledProcessError (with the compiler's message) when it cannot."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(target.parent)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [program, *FLAGS, "-o", temporary, str(source)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
+        os.chmod(temporary, 0o755)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def unavailable_here() -> str | None:
+    """Why no kernel can run on this machine (None where they can)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"not an x86-64 Linux machine ({platform.system()} {platform.machine()})"
+    missing = {"avx512f", "avx512bw", "avx512vl"} - cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+@functools.cache
+def load(source: Path, program: str) -> ctypes.CDLL | str:
+    """The library built from ``source`` by ``program``, or why there is none (built at
+    most once per process, source and compiler; callers hold the lock)."""
+    reason = unavailable_here()
+    if reason:
+        return reason
+    if shutil.which(program) is None:
+        return f"no C++ compiler {program!r} (set {COMPILER} to one)"
+    path = library_path(source, program)
+    if not path.exists():
+        logger.info("Building %s with %s into %s", source.name, program, path)
+        try:
+            build(source, program, path)
+        except subprocess.CalledProcessError as e:
+            return f"{program} failed to build {source.name}: {e.stderr.strip()[-2000:]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"could not build {source.name} with {program}: {e}"
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        return f"could not load {path}: {e}"
+
+
+@functools.cache
+def _declared(lib: ctypes.CDLL, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    declare(lib)
+    return lib
+
+
+def library(source: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | str:
+    """The kernel library built from ``source`` (built on first use), with ``declare``
+    having set its functions' argument and result types, or the reason it is unavailable."""
+    with _lock:
+        lib = load(source, compiler())
+        return lib if isinstance(lib, str) else _declared(lib, declare)
