@@ -124,3 +124,71 @@ def test_an_unexportable_pooler_leaves_nothing_behind(
     with pytest.raises(rx.RegistryXFError, match="no sentence-transformers equivalent"):
         rx.export_hf(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- save: the same files, beside registry_xf's own -----------------------------------------
+
+
+def test_a_saved_sentence_transformers_model_is_one_too(tmp_path: Path) -> None:
+    """``save`` of a model with pooling writes what ``export_hf`` writes (weights under HF's
+    names, config.json, modules.json...) beside config.cfg and meta.json: sentence-
+    transformers loads the folder and gives the original's embeddings, registry_xf loads
+    it back bit for bit (its hashes checked), and a second save replaces it."""
+    from sentence_transformers import SentenceTransformer
+
+    original = write_dense(tmp_path / "st", "mean", True, True)
+    model = rx.load(original)
+    saved = rx.save(model, tmp_path / "saved")
+    names = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert {"config.cfg", "meta.json", "config.json", "model.safetensors", "modules.json"} <= names
+    assert {"1_Pooling/config.json", "2_Normalize/config.json"} <= names
+    meta = json.loads((saved / "meta.json").read_text())
+    assert set(meta["sha256"]) == names - {"meta.json"}
+    assert not [p for p in tmp_path.iterdir() if ".registry_xf-" in p.name]
+
+    ref = SentenceTransformer(str(original), device="cpu")
+    again = SentenceTransformer(str(saved), device="cpu")
+    assert again.prompts == ref.prompts and again.truncate_dim == 24
+    for settings in ({}, {"prompt_name": "passage"}):
+        np.testing.assert_allclose(
+            again.encode(TEXTS, **settings), ref.encode(TEXTS, **settings), rtol=0, atol=1e-5
+        )
+
+    back = rx.load(saved, verify=True)
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "not bit-exact"
+    assert repr(back.pooler) == repr(model.pooler) == "Pooler(mode='mean', normalize=True)"
+    assert back.config["embedding"] == model.config["embedding"]
+    np.testing.assert_array_equal(rx.Embedder(back).embed(TEXTS), rx.Embedder(model).embed(TEXTS))
+    rx.save(back, saved, overwrite=True)  # still a saved model, replaceable as one
+    assert repr(rx.load(saved, verify=True).pooler) == repr(model.pooler)
+
+
+def test_save_without_pooling_or_a_converter_keeps_our_layout(
+    checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model without [pooling] or [embedding] is saved as before (our names, no
+    config.json); one with pooling but no HF converter (built from a config) is too, and
+    the log says why the folder is not a sentence-transformers model."""
+    import logging
+    from importlib import resources
+
+    plain = rx.save(rx.load(checkpoints["bert"]), tmp_path / "plain")
+    assert not (plain / "config.json").exists() and not (plain / "modules.json").exists()
+    assert "weights.converter" not in (plain / "config.cfg").read_text()
+
+    tiny = {"hyper.vocab_size": 50, "hyper.hidden_width": 16, "hyper.n_layers": 1}
+    tiny |= {"hyper.n_heads": 2, "hyper.intermediate_width": 24}
+    bert_cfg = str(resources.files("registry_xf.configs") / "bert.cfg")
+    built = rx.build(bert_cfg, overrides=tiny, device="cpu")
+    built.config["pooling"] = {"@poolers": "registry_xf.MeanPooler.v1", "normalize": True}
+    with caplog.at_level(logging.INFO, logger="registry_xf"):
+        own = rx.save(built, tmp_path / "built")
+    assert not (own / "modules.json").exists() and not (own / "config.json").exists()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "sentence-transformers cannot load" in logged and "no HF converter" in logged
+    back = rx.load(own)
+    assert repr(back.pooler) == "Pooler(mode='mean', normalize=True)"
+    pairs = zip(built.parameters(), back.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

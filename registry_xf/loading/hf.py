@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from confection import Config
 from safetensors.torch import save_file
 from torch import nn
@@ -315,7 +317,47 @@ def export_hf(
     """
     refuse_shard(model, "export")
     conv = registry.converters.get(converter)() if converter else converter_of(model)
-    hyper = dict(interpolate(model.config)["hyper"])
+    files = hf_files(model, conv)
+    target = Path(path)
+    with atomic_directory(
+        target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
+    ) as tmp:
+        files.write(tmp, getattr(model, "tokenizer", None))
+    return target
+
+
+@dataclass
+class HFFiles:
+    """The contents of an HF directory for a model, made before anything is written (so
+    that a model that cannot be written leaves nothing behind). ``export_hf`` writes them;
+    so does ``save`` for a sentence-transformers model, beside its own files."""
+
+    config: dict[str, Any]  # config.json
+    tensors: dict[str, torch.Tensor]  # model.safetensors, under HF's names
+    sentence_transformers: dict[str, Any]  # relative path -> JSON (modules.json...)
+    generation: dict[str, Any]  # generation_config.json, where there are settings
+
+    def write(self, directory: Path, tokenizer: Any = None) -> None:
+        """Write the files (and the tokenizer's) into ``directory``, a folder that
+        ``atomic_directory`` gave: it appears whole or not at all."""
+        write_json(directory / "config.json", self.config)
+        if self.generation:  # HF then reads these settings from this file alone, as we do
+            write_json(directory / GENERATION_CONFIG, self.generation)
+        metadata = {"format": "pt", WRITER_KEY: WRITER}
+        save_file(self.tensors, str(directory / "model.safetensors"), metadata=metadata)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        for name, data in self.sentence_transformers.items():  # pooler, prompts
+            (directory / name).parent.mkdir(exist_ok=True)
+            write_json(directory / name, data)
+
+
+def hf_files(model: nn.Module, conv: HFConverter) -> HFFiles:
+    """What ``export_hf`` writes for ``model`` with converter ``conv``. Raises a
+    RegistryXFError for a parameter without an HF name, a head HF has no task model for,
+    or a pooler sentence-transformers has no module for."""
+    config = interpolate(model.config)
+    hyper = dict(config["hyper"])
     hf_config = conv.hyper_to_hf(hyper)
     head = getattr(model, "head", None) if isinstance(model, EncoderWithHead) else None
     if head is not None:
@@ -338,26 +380,14 @@ def export_hf(
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
     tokenizer = getattr(model, "tokenizer", None)
-    st_files = sentence_transformers_files(
-        interpolate(model.config), model.width, getattr(tokenizer, "max_length", None)
+    return HFFiles(
+        config=hf_config,
+        tensors=tensors,
+        sentence_transformers=sentence_transformers_files(
+            config, model.width, getattr(tokenizer, "max_length", None)
+        ),
+        generation=generation_config_json(config.get("generation") or {}),
     )
-    generation = generation_config_json(interpolate(model.config).get("generation") or {})
-    target = Path(path)
-    with atomic_directory(
-        target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
-    ) as tmp:
-        write_json(tmp / "config.json", hf_config)
-        if generation:  # HF then reads these settings from this file alone, as we do
-            write_json(tmp / GENERATION_CONFIG, generation)
-        metadata = {"format": "pt", WRITER_KEY: WRITER}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, data in st_files.items():  # the pooler, prompts: a sentence-transformers model
-            (tmp / name).parent.mkdir(exist_ok=True)
-            write_json(tmp / name, data)
-    return target
 
 
 # --- config.json against the weights' header ----------------------------------------------

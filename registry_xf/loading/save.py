@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from confection import Config
 from safetensors.torch import save_file
 from torch import nn
 
 from ..about import FORMAT_VERSION, __version__
-from ..config.resolve import fill
+from ..config.resolve import fill, interpolate
+from ..converters.base import HFConverter
 from ..errors import RegistryXFError
 from ..types import dtype_name
 from .atomic import atomic_directory, flushing, write_json
-from .hf import converter_of, refuse_shard
+from .hf import HFFiles, converter_of, hf_files, refuse_shard
 from .integrity import HASHES_KEY, file_hashes
 from .materialise import parameter_slots
 from .sources import META_FILE, SAVED_CONFIG
 from .written import WRITER, WRITER_KEY
+
+logger = logging.getLogger(__name__)
 
 _MAX_META_BYTES = 2**20  # a meta.json of ours is a few kilobytes at most
 
@@ -26,6 +32,11 @@ _MAX_META_BYTES = 2**20  # a meta.json of ours is a few kilobytes at most
 def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``config.cfg``, ``model.safetensors``, tokenizer files and ``meta.json``
     (which records the sha256 of the other files).
+
+    A model with a ``[pooling]`` or ``[embedding]`` section and an HF converter (one loaded
+    from a sentence-transformers folder, say) is written as ``export_hf`` writes it, by the
+    same code (its weights under HF's names, config.json, the sentence-transformers files),
+    with ``config.cfg`` naming the converter: sentence-transformers loads the folder too.
 
     The directory is written beside its target, flushed to disk and swapped into place
     (see ``atomic.py``), so the path never holds a half-written model, and a crash leaves
@@ -38,6 +49,46 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
             "this model has no config on record: build or load it with registry_xf"
         )
     refuse_shard(model, "save")
+    tensors = _our_tensors(model)
+    try:
+        converter: HFConverter | None = converter_of(model)
+    except RegistryXFError:
+        converter = None
+    saved = Config(config)
+    saved["weights"] = {"@loaders": "registry_xf.Safetensors.v1", "path": "model.safetensors"}
+    hf = _sentence_transformers_layout(model, converter, path)
+    if hf is not None and converter is not None:
+        saved["weights"]["converter"] = {"@converters": converter.name}
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and "tokenizer" in saved:
+        saved["tokenizer"] = {**saved["tokenizer"], "path": "."}
+    target = Path(path)
+    with atomic_directory(target, overwrite=overwrite, replaceable=is_saved_model) as tmp:
+        fill(saved).to_disk(tmp / SAVED_CONFIG, interpolate=False)
+        if hf is not None:
+            hf.write(tmp, tokenizer)
+        else:
+            metadata = {"format": "pt", WRITER_KEY: WRITER}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+        with flushing(tmp):
+            hashes = file_hashes(tmp)
+        write_json(
+            tmp / META_FILE,
+            {
+                "registry_xf_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype_name(next(iter(tensors.values())).dtype) if tensors else None,
+                "hf_converter": converter.name if converter is not None else None,
+                HASHES_KEY: hashes,
+            },
+        )
+    return target
+
+
+def _our_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer under our names (shared ones once)."""
     tensors = {}
     for name, places in parameter_slots(model).items():
         module, attr = places[0]
@@ -48,35 +99,30 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
                 f"{name} has no value (meta tensor): load or initialise the model first"
             )
         tensors[name] = tensor.detach().contiguous().cpu()
-    saved = Config(config)
-    saved["weights"] = {"@loaders": "registry_xf.Safetensors.v1", "path": "model.safetensors"}
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None and "tokenizer" in saved:
-        saved["tokenizer"] = {**saved["tokenizer"], "path": "."}
-    try:
-        converter = converter_of(model).name
-    except RegistryXFError:
-        converter = None
-    target = Path(path)
-    with atomic_directory(target, overwrite=overwrite, replaceable=is_saved_model) as tmp:
-        fill(saved).to_disk(tmp / SAVED_CONFIG, interpolate=False)
-        metadata = {"format": "pt", WRITER_KEY: WRITER}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        with flushing(tmp):
-            hashes = file_hashes(tmp)
-        write_json(
-            tmp / META_FILE,
-            {
-                "registry_xf_version": __version__,
-                "format_version": FORMAT_VERSION,
-                "dtype": dtype_name(next(iter(tensors.values())).dtype) if tensors else None,
-                "hf_converter": converter,
-                HASHES_KEY: hashes,
-            },
-        )
-    return target
+    return tensors
+
+
+def _sentence_transformers_layout(
+    model: nn.Module, converter: HFConverter | None, path: str | Path
+) -> HFFiles | None:
+    """The files of an HF directory that sentence-transformers reads, for a model whose
+    config has a ``[pooling]`` or ``[embedding]`` section; None for any other model, or
+    (logged) one without an HF converter or with parts HF has no names or modules for."""
+    sections = interpolate(model.config)
+    if not any(isinstance(sections.get(s), Mapping) for s in ("pooling", "embedding")):
+        return None
+    reason = "no HF converter on record" if converter is None else None
+    if converter is not None:
+        try:
+            return hf_files(model, converter)
+        except RegistryXFError as e:
+            reason = str(e)
+    logger.info(
+        "%s: saved in registry_xf's layout alone, which sentence-transformers cannot load: %s",
+        path,
+        reason,
+    )
+    return None
 
 
 def is_saved_model(directory: Path) -> bool:
