@@ -734,6 +734,67 @@ def test_tied_config_with_a_different_stored_head_loads_it_untied_as_hf(
     assert not [r for r in caplog.records if "untied" in r.getMessage()]
 
 
+def test_an_untied_head_on_scaled_states_is_exported_with_the_scale_folded_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """T5 1.0 whose file holds a head of its own loads untied and scaled. HF transformers
+    derives the scale from tie_word_embeddings (false: unscaled), so the export folds the
+    scale into lm_head.weight and says untied and unscaled, logging it: HF's logits from
+    the export are ours; registry_xf reads the export back alike; saving stays exact."""
+    import logging
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    path = write_t5(tmp_path / "t5", "t5", seed=9)
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["shared.weight"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    ours = rx.load(path)
+    hyper = ours.config["hyper"]
+    assert hyper["tie_embeddings"] is False and hyper["scale_output"] is True
+    with caplog.at_level(logging.INFO, logger="registry_xf"):
+        exported = rx.export_hf(ours, tmp_path / "exported")
+    assert any("folded into lm_head.weight" in r.getMessage() for r in caplog.records)
+    written = json.loads((exported / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False and written["scale_decoder_outputs"] is False
+    head = load_file(exported / "model.safetensors")["lm_head.weight"]
+    torch.testing.assert_close(head, ours.lm_head.weight * 32**-0.5, atol=1e-7, rtol=1e-6)
+
+    hf, info = tf.T5ForConditionalGeneration.from_pretrained(
+        exported, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.config.scale_decoder_outputs is False and hf.lm_head.weight is not hf.shared.weight
+    back = rx.load(exported)
+    assert back.config["hyper"]["scale_output"] is False
+    ids, mask = padded(3, 9, seed=18)
+    target, target_mask = padded(3, 6, seed=19)
+    with torch.no_grad():
+        expected = ours(ids, mask, target, target_mask).logits
+        from_hf = hf.eval()(
+            input_ids=ids,
+            attention_mask=mask,
+            decoder_input_ids=target,
+            decoder_attention_mask=target_mask,
+        ).logits
+        again = back(ids, mask, target, target_mask).logits
+    assert_close_where(from_hf, expected, target_mask)
+    assert_close_where(again, expected, target_mask)
+
+    # save keeps our layout and values (HF's files would change the head): bit for bit,
+    # even with a pooler on record, which would otherwise make it a sentence-transformers
+    # folder
+    ours.config["pooling"] = {"@poolers": "registry_xf.MeanPooler.v1", "normalize": False}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="registry_xf"):
+        saved = rx.save(ours, tmp_path / "saved")
+    assert not (saved / "config.json").exists()
+    assert any("bit for bit" in r.getMessage() for r in caplog.records)
+    state = rx.load(saved).state_dict()
+    assert all(torch.equal(t, state[name]) for name, t in ours.state_dict().items())
+
+
 def _can_compile() -> bool:
     from test_generation import _can_compile_cpu_kernels
 

@@ -203,6 +203,13 @@ class HFConverter:
     # The config a config.json needs, where a setting changes the model's parts (a .cfg
     # that extends ``family``'s); None: always ``family``'s.
     family_for: Callable[[dict[str, Any]], str] | None = None
+    # On export, for a model whose settings HF cannot state as they are (T5's head scale,
+    # which HF derives from tie_word_embeddings): given the [hyper] values, changes the
+    # config.json and the HF tensors in place so that HF computes what the model does, and
+    # says what it changed (None: nothing). Export only: reading such a file back is exact.
+    fold_for_hf: (
+        Callable[[Mapping[str, Any], dict[str, Any], dict[str, torch.Tensor]], str | None] | None
+    ) = None
     _ignored_re: list[re.Pattern[str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -5,12 +5,16 @@ numbers the sublayers of a block (``layer.0`` attention, ``layer.1`` cross-atten
 decoder, then the feed-forward layer). ``feed_forward_proj`` says both the activation and
 whether the layer is gated (``"gated-gelu"``). Whether the head is scaled is
 ``scale_decoder_outputs`` in files that transformers 5 writes (which always ties the head);
-older files say both with ``tie_word_embeddings`` (false: untied and unscaled).
+older files say both with ``tie_word_embeddings`` (false: untied and unscaled). An untied
+head on scaled states is exported with the scale folded into it (see ``_fold_head_scale``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
@@ -75,6 +79,29 @@ def _t5_to_hf(hyper: dict[str, Any]) -> dict[str, Any]:
         "pad_token_id": 0,
         "eos_token_id": 1,
     }
+
+
+def _fold_head_scale(
+    hyper: Mapping[str, Any], hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> str | None:
+    """An untied head on scaled states (T5 1.0 with a head of its own) as HF reads it:
+    ``lm_head.weight`` times d_model^-0.5, untied and unscaled. HF transformers derives the
+    scale from ``tie_word_embeddings`` (false: unscaled; version 4 reads nothing else), so
+    a file that says untied and scaled is read unscaled there."""
+    if hyper.get("tie_embeddings") or not hyper.get("scale_output"):
+        return None
+    head = tensors["lm_head.weight"]
+    factor = hyper["hidden_width"] ** -0.5
+    tensors["lm_head.weight"] = (head.float() * factor).to(head.dtype)
+    hf_config["tie_word_embeddings"] = False
+    hf_config["scale_decoder_outputs"] = False
+    return (
+        f"the decoder's output scale (d_model^-0.5 = {factor:.6g}) is folded into "
+        "lm_head.weight, declared untied and unscaled (tie_word_embeddings and "
+        "scale_decoder_outputs false): HF transformers derives the scale from "
+        "tie_word_embeddings, so it would read an untied, scaled head unscaled. The "
+        "logits agree to float rounding; the head's values are not ours bit for bit"
+    )
 
 
 def _gated(hyper: Any) -> bool:
@@ -155,6 +182,7 @@ def t5_converter() -> HFConverter:
         ignored=T5_IGNORED,
         extra_from_hf=_t5_from_hf,
         extra_to_hf=_t5_to_hf,
+        fold_for_hf=_fold_head_scale,
     )
 
 

@@ -318,6 +318,8 @@ def export_hf(
     refuse_shard(model, "export")
     conv = registry.converters.get(converter)() if converter else converter_of(model)
     files = hf_files(model, conv)
+    for change in files.folded:
+        logger.info("export to HF: %s", change)
     target = Path(path)
     with atomic_directory(
         target, overwrite=overwrite, replaceable=is_exported_hf, kind=EXPORTED_KIND
@@ -336,6 +338,9 @@ class HFFiles:
     tensors: dict[str, torch.Tensor]  # model.safetensors, under HF's names
     sentence_transformers: dict[str, Any]  # relative path -> JSON (modules.json...)
     generation: dict[str, Any]  # generation_config.json, where there are settings
+    # What the converter changed so that HF computes what the model does (see
+    # HFConverter.fold_for_hf): the tensors then hold HF's values, not ours bit for bit.
+    folded: list[str]
 
     def write(self, directory: Path, tokenizer: Any = None) -> None:
         """Write the files (and the tokenizer's) into ``directory``, a folder that
@@ -379,6 +384,7 @@ def hf_files(model: nn.Module, conv: HFConverter) -> HFFiles:
                 name = conv.heads.export_name(ours, name)
             tensors[name] = part.contiguous().cpu()
     hf_config["torch_dtype"] = dtype_name(next(iter(tensors.values())).dtype)
+    folded = conv.fold_for_hf(hyper, hf_config, tensors) if conv.fold_for_hf else None
     tokenizer = getattr(model, "tokenizer", None)
     return HFFiles(
         config=hf_config,
@@ -387,6 +393,7 @@ def hf_files(model: nn.Module, conv: HFConverter) -> HFFiles:
             config, model.width, getattr(tokenizer, "max_length", None)
         ),
         generation=generation_config_json(config.get("generation") or {}),
+        folded=[folded] if folded else [],
     )
 
 

@@ -107,16 +107,21 @@ def _sentence_transformers_layout(
 ) -> HFFiles | None:
     """The files of an HF directory that sentence-transformers reads, for a model whose
     config has a ``[pooling]`` or ``[embedding]`` section; None for any other model, or
-    (logged) one without an HF converter or with parts HF has no names or modules for."""
+    (logged) one without an HF converter, with parts HF has no names or modules for, or
+    whose weights HF's files would change (``HFConverter.fold_for_hf``)."""
     sections = interpolate(model.config)
     if not any(isinstance(sections.get(s), Mapping) for s in ("pooling", "embedding")):
         return None
     reason = "no HF converter on record" if converter is None else None
     if converter is not None:
         try:
-            return hf_files(model, converter)
+            files = hf_files(model, converter)
         except RegistryXFError as e:
             reason = str(e)
+        else:
+            if not files.folded:
+                return files
+            reason = "HF's files would not hold its weights bit for bit: " + files.folded[0]
     logger.info(
         "%s: saved in registry_xf's layout alone, which sentence-transformers cannot load: %s",
         path,
