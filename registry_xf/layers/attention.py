@@ -28,6 +28,9 @@ class SelfAttention(nn.Module):
     ``qkv="fused"`` computes queries, keys and values with one matrix (rows in that
     order), which is faster; ``"separate"`` keeps three. ``backend="sdpa"`` uses PyTorch's
     fused kernels; ``"eager"`` spells the computation out, as a reference.
+    ``cpu_kernel=False`` keeps registry_xf's CPU attention kernel (``cpu_attention``) out
+    of this layer: torch's kernel always, as ``REGISTRY_XF_CPU_ATTENTION=0`` does for a
+    whole process.
 
     ``query_index`` (positions) computes the output at those positions only, from keys and
     values of every position: a last layer whose head reads one token needs no more.
@@ -53,6 +56,7 @@ class SelfAttention(nn.Module):
         rotary: RotaryEmbeddings | None = None,
         alibi: ALiBi | None = None,
         window: int | None = None,
+        cpu_kernel: bool = True,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -64,6 +68,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_width = n_heads, n_kv_heads, head_width
         self.backend = backend
+        self.cpu_kernel = cpu_kernel
         self.dropout_p = dropout
         self.scale = scale if scale is not None else head_width**-0.5
         q_width, kv_width = n_heads * head_width, n_kv_heads * head_width
@@ -211,7 +216,7 @@ class SelfAttention(nn.Module):
             # An encoder's padding-masked attention on an AVX-512 CPU: the compiled kernel
             # of cpu_attention, where it applies (else None, and torch's kernel runs)
             out = None
-            if bias is None and not is_causal and not dropout:
+            if bias is None and not is_causal and not dropout and self.cpu_kernel:
                 out = cpu_attention(q, k, v, allowed, self.scale)
             if out is None:
                 out = F.scaled_dot_product_attention(
@@ -281,10 +286,12 @@ def self_attention(
     rotary: RotaryEmbeddings | None = None,
     alibi: ALiBi | None = None,
     window: PositionCount | None = None,
+    cpu_kernel: bool = True,
 ) -> nn.Module:
     """Self-attention (MHA; GQA/MQA with ``n_kv_heads``), optional rotary or ALiBi positions.
 
     ``window`` limits each query to the ``window`` most recent keys (Mistral's sliding window).
+    ``cpu_kernel = false`` turns registry_xf's CPU attention kernel off for this layer.
     """
     own_head_width = head_width or (width // n_heads if width % n_heads == 0 else None)
     problems = []
@@ -317,4 +324,5 @@ def self_attention(
         rotary=rotary,
         alibi=alibi,
         window=window,
+        cpu_kernel=cpu_kernel,
     )

@@ -56,7 +56,7 @@ class CrossAttention(SelfAttention):
     """Attention from the decoder's states (queries) to the encoder's (keys, values).
 
     Separate query, key, value and output projections; the attention itself (kernels,
-    masks, scaling) is self-attention's.
+    masks, scaling, ``cpu_kernel``) is self-attention's.
     """
 
     def __init__(
@@ -70,6 +70,7 @@ class CrossAttention(SelfAttention):
         backend: Backend = "sdpa",
         dropout: float = 0.0,
         scale: float | None = None,
+        cpu_kernel: bool = True,
     ):
         super().__init__(
             width,
@@ -81,6 +82,7 @@ class CrossAttention(SelfAttention):
             backend=backend,
             dropout=dropout,
             scale=scale,
+            cpu_kernel=cpu_kernel,
         )
 
     def project_memory(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +112,10 @@ def cross_attention(
     backend: Backend = "sdpa",
     dropout: Probability = 0.0,
     scale: PositiveFloat | None = None,
+    cpu_kernel: bool = True,
 ) -> nn.Module:
-    """Cross-attention to an encoder's states (a decoder layer's ``cross_attention``)."""
+    """Cross-attention to an encoder's states (a decoder layer's ``cross_attention``);
+    ``cpu_kernel = false`` turns registry_xf's CPU attention kernel off for this layer."""
     return CrossAttention(
         width,
         n_heads,
@@ -121,4 +125,5 @@ def cross_attention(
         backend=backend,
         dropout=dropout,
         scale=scale,
+        cpu_kernel=cpu_kernel,
     )
