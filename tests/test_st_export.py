@@ -162,6 +162,8 @@ def test_a_saved_sentence_transformers_model_is_one_too(tmp_path: Path) -> None:
     assert back.config["embedding"] == model.config["embedding"]
     np.testing.assert_array_equal(rx.Embedder(back).embed(TEXTS), rx.Embedder(model).embed(TEXTS))
     rx.save(back, saved, overwrite=True)  # still a saved model, replaceable as one
+    with pytest.raises(rx.SaveError, match="not an HF directory written by"):
+        rx.export_hf(back, saved, overwrite=True)  # but not an export
     assert repr(rx.load(saved, verify=True).pooler) == repr(model.pooler)
 
 

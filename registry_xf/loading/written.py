@@ -19,8 +19,9 @@ EXPORTED_KIND = "an HF directory written by registry_xf.export_hf"
 
 def is_exported_hf(directory: Path) -> bool:
     """A directory written by ``registry_xf.export_hf``: config.json, and a
-    model.safetensors whose metadata says registry_xf wrote it."""
-    if not (directory / "config.json").is_file():
+    model.safetensors whose metadata says registry_xf wrote it. A saved model holds them
+    too when it is a sentence-transformers model; its config.cfg tells it apart."""
+    if not (directory / "config.json").is_file() or (directory / "config.cfg").is_file():
         return False
     writer = safetensors_writer(directory / "model.safetensors")
     return writer is not None and writer.startswith("registry_xf")
