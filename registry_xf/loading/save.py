@@ -49,7 +49,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
             "this model has no config on record: build or load it with registry_xf"
         )
     refuse_shard(model, "save")
-    tensors = _our_tensors(model)
+    slots = _valued_slots(model)
     try:
         converter: HFConverter | None = converter_of(model)
     except RegistryXFError:
@@ -59,6 +59,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     hf = _sentence_transformers_layout(model, converter, path)
     if hf is not None and converter is not None:
         saved["weights"]["converter"] = {"@converters": converter.name}
+    tensors = hf.tensors if hf is not None else _our_tensors(slots)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and "tokenizer" in saved:
         saved["tokenizer"] = {**saved["tokenizer"], "path": "."}
@@ -87,9 +88,10 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     return target
 
 
-def _our_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and persistent buffer under our names (shared ones once)."""
-    tensors = {}
+def _valued_slots(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer under our names (shared ones once); a
+    RegistryXFError for one without a value (built on the meta device)."""
+    slots = {}
     for name, places in parameter_slots(model).items():
         module, attr = places[0]
         tensor = module._parameters.get(attr)
@@ -98,8 +100,13 @@ def _our_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             raise RegistryXFError(
                 f"{name} has no value (meta tensor): load or initialise the model first"
             )
-        tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors
+        slots[name] = tensor
+    return slots
+
+
+def _our_tensors(slots: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors to write under our names, on the CPU."""
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in slots.items()}
 
 
 def _sentence_transformers_layout(
