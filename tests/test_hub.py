@@ -403,3 +403,22 @@ def test_every_entry_point_takes_a_hub_id(
     nlp.add_pipe("registry_xf_transformer", config={"model": {"source": "org/tiny@v1"}})
     doc = nlp("the cat sat on the mat")
     assert doc.tensor.shape[0] == len(doc)
+
+
+def test_a_saved_sentence_transformers_model_on_the_hub_verifies(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A saved model that is also a sentence-transformers folder (config.json, module
+    configs beside config.cfg) is fetched whole: every file meta.json records, so that
+    verify=True passes on the download and the pooler comes back."""
+    from test_st_export import write_dense
+
+    model = rx.load(write_dense(tmp_path / "st", "mean", True, True))
+    saved = rx.save(model, tmp_path / "saved")
+    hub.add("org/saved-st", saved)
+    loaded = rx.load("org/saved-st", local_files_only=False, verify=True)
+    assert repr(loaded.pooler) == repr(model.pooler)
+    snapshot = rx_hub.download("org/saved-st")
+    recorded = set(json.loads((saved / "meta.json").read_text())["sha256"])
+    fetched = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+    assert recorded <= fetched, recorded - fetched

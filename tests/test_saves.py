@@ -449,3 +449,28 @@ def test_overwrite_never_deletes_a_folder_of_other_files(
         rx.save(tiny, target, overwrite=True)
     assert {p.name: p.read_text() for p in target.iterdir()} == contents
     assert not leftovers(tmp_path)
+
+
+def test_verify_follows_a_hub_snapshots_links_into_its_blobs_only(
+    tiny: torch.nn.Module, tmp_path: Path
+) -> None:
+    """A Hub cache snapshot holds links into its entry's blobs folder: verify reads through
+    them, but a link that leads anywhere else is still refused."""
+    from registry_xf.errors import UnsafePathError
+
+    saved = rx.save(tiny, tmp_path / "model")
+    entry = tmp_path / "hub" / "models--org--tiny"
+    snapshot = entry / "snapshots" / ("0" * 40)
+    (entry / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in saved.iterdir():
+        blob = entry / "blobs" / path.name
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    rx.load(snapshot, verify=True, pack=False)
+    outside = tmp_path / "elsewhere.json"
+    shutil.copyfile(saved / "tokenizer.json", outside)
+    (snapshot / "tokenizer.json").unlink()
+    (snapshot / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="leads outside"):
+        rx.load(snapshot, verify=True, pack=False)

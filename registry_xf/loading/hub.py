@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..tokenizers.hf_tokenizer import TOKENIZER_FILES
 from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .integrity import HASHES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +344,11 @@ def _plan_files(
         )
     extra = SAVED_FILES if config in SAVED_FILES else ()
     small = [config, *(n for n in (*extra, *OPTIONAL_FILES) if n in listing)]
+    if config in SAVED_FILES and SAVED_FILES[1] in listing:
+        # every file whose hash save recorded (config.json and sentence-transformers'
+        # module files beside a saved model's own), so that verify=True finds them all
+        meta = read(commit, SAVED_FILES[1], listing[SAVED_FILES[1]])
+        small += [n for n in _recorded_files(meta) if n in listing and n not in weights]
     if "modules.json" in listing:
         modules = read(commit, "modules.json", listing["modules.json"])
         small += [p for p in _pooling_configs(modules) if p in listing]
@@ -362,6 +368,19 @@ def _shards(index: Any) -> list[str]:
             raise ValueError(f"shard {name!r} is not a .safetensors file inside the repository")
         shards.append(name)
     return shards
+
+
+def _recorded_files(meta: Any) -> list[str]:
+    """The relative file names whose sha256 a saved model's meta.json records (names that
+    would leave the repository are left out: verifying refuses them anyway)."""
+    hashes = meta.get(HASHES_KEY) if isinstance(meta, dict) else None
+    if not isinstance(hashes, dict):
+        return []
+    names = []
+    for name in map(str, hashes):
+        if not name.startswith("/") and ".." not in PurePosixPath(name).parts:
+            names.append(name)
+    return names
 
 
 def _pooling_configs(modules: Any) -> list[str]:

@@ -36,6 +36,15 @@ def file_hashes(directory: Path) -> dict[str, str]:
     }
 
 
+def _blobs(directory: Path) -> Path | None:
+    """The blobs folder of the Hub cache entry whose snapshot ``directory`` is (its files
+    are links into it), or None for any other folder."""
+    if directory.parent.name != "snapshots":
+        return None
+    blobs = directory.parent.parent / "blobs"
+    return blobs if blobs.is_dir() else None
+
+
 def verify_saved(directory: str | Path) -> None:
     """Check the files of a saved model against the hashes its meta.json recorded.
 
@@ -60,7 +69,7 @@ def verify_saved(directory: str | Path) -> None:
         )
     problems = []
     for name, expected in sorted(hashes.items()):
-        path = safe_join(directory, name, where=str(meta_path))
+        path = safe_join(directory, name, where=str(meta_path), links_into=_blobs(directory))
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue

@@ -16,12 +16,15 @@ from ..errors import UnsafePathError
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def safe_join(root: str | Path, name: object, *, where: str = "") -> Path:
+def safe_join(
+    root: str | Path, name: object, *, where: str = "", links_into: Path | None = None
+) -> Path:
     """``root / name``, after checking that ``name`` is a plain relative name inside ``root``.
 
     ``name`` uses ``/`` between folders; empty, ``.`` and ``..`` parts are refused, as is
-    anything that resolves (through links already under ``root``) outside ``root``.
-    ``where`` names the data the name came from, for the error.
+    anything that resolves (through links already under ``root``) outside ``root``, or
+    outside ``links_into`` where that is given (the blobs of a Hub cache entry, which its
+    snapshot's files link to). ``where`` names the data the name came from, for the error.
     """
     source = f"{where}: " if where else ""
     if not isinstance(name, str):
@@ -31,7 +34,11 @@ def safe_join(root: str | Path, name: object, *, where: str = "") -> Path:
         raise UnsafePathError(f"{source}file name {name!r} {problem}; refused")
     base = Path(root).resolve()
     joined = base.joinpath(*name.split("/"))
-    if not joined.resolve().is_relative_to(base):
+    target = joined.resolve()
+    inside = target.is_relative_to(base)
+    if not inside and links_into is not None:
+        inside = target.is_relative_to(links_into.resolve())
+    if not inside:
         raise UnsafePathError(
             f"{source}file name {name!r} leads outside {base} (through a link); refused"
         )
