@@ -1,7 +1,8 @@
 """The bfloat16 linear kernel against oneDNN, as a packed layer calls them under CPU autocast.
 
 Shapes of all-MiniLM-L6-v2 (hidden 384, feed-forward 1536) for m rows (tokens of a batch):
-the fused query/key/value projection (384 -> 1152, bfloat16 out), the attention output with
+the fused query/key/value projection (384 -> 1152, bfloat16 out; a plain product, which the
+layer leaves to oneDNN: the kernel is called directly here), the attention output with
 its residual added (384 -> 384, float32 out), the feed-forward's up projection with its
 exact GELU (384 -> 1536, bfloat16 out) and its down projection with the residual
 (1536 -> 384, float32 out). Each goes through the layer's own entry point
@@ -82,7 +83,8 @@ def layer_call(k: int, n: int, how: str, m: int) -> Callable[[], torch.Tensor]:
         return lambda: linear_then_activation(linear, gelu, x)
     if how == "residual":
         return lambda: linear_plus(linear, x, residual)
-    return lambda: linear(x)
+    # a plain product is left to oneDNN by the layer: the kernel is called directly
+    return lambda: linear.kernel_linear(x) if kernel.enabled() else linear(x)
 
 
 def timed(call: Callable[[], torch.Tensor], ours: bool, clock: Callable[[], float]) -> float:

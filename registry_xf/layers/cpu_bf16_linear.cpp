@@ -10,9 +10,10 @@
 //
 // x (float32 or bfloat16) is copied a block of rows at a time into bfloat16 rows (rounded
 // to nearest even while copying: no separate conversion pass), zero-padded to an even k and
-// to whole micro-tiles of rows. A register-blocked micro-kernel computes 6 rows x 64 columns
-// (24 accumulators) over a slice of k whose weight panel fits L1; the sums of earlier slices
-// wait in a small float32 buffer, and after the last slice the epilogue adds the bias,
+// to whole micro-tiles of rows (a block fills about 384 KiB of L2, so the weight is read once
+// per block). A register-blocked micro-kernel computes 6 rows x 64 columns (24 accumulators)
+// over a slice of k (all of it up to 1,536); the sums of earlier slices wait in a float32
+// buffer, and after the last slice the epilogue adds the bias,
 // applies the activation, adds the residual and stores float32 or bfloat16 columns.
 //
 // Threads take (block of rows, group of panels) pieces from a counter: OpenMP threads (the
@@ -41,7 +42,9 @@ namespace {
 constexpr int kCols = 64;         // columns per weight panel (4 vectors of 16)
 constexpr int kVecs = kCols / 16;
 constexpr int kRows = 6;          // rows per micro-tile
-constexpr int64_t kPairsL1 = 768;  // k pairs per slice: 96 x 64 x 4 B = 24 KiB of panel
+// k pairs per slice: the panel streams from L2 (faster than slicing k to fit it in L1, whose
+// partial sums cost more than they save); k up to 1,536 in one slice.
+constexpr int64_t kPairsL1 = 768;
 constexpr int64_t kBlockBytes = 384 << 10;  // a block of x's rows in bfloat16: in L2
 constexpr int64_t kMaxBlockRows = 768;
 

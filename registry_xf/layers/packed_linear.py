@@ -144,8 +144,10 @@ def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
-# oneDNN's post-op (name + algorithm) -> the bfloat16 kernel's activation
-_KERNEL_ACTIVATIONS = {"": None, "gelunone": "gelu", "gelutanh": "gelu_tanh", "relu": "relu"}
+# oneDNN's post-op (name + algorithm) -> the bfloat16 kernel's activation. The kernel runs
+# where it fuses what oneDNN's autocast path does in passes of its own (rounding x, adding a
+# residual): an activation or a residual; a plain product is as fast in oneDNN.
+_KERNEL_ACTIVATIONS = {"gelunone": "gelu", "gelutanh": "gelu_tanh", "relu": "relu"}
 
 
 def _hooked(linear: nn.Module) -> bool:
@@ -282,12 +284,10 @@ class PackedLinear(nn.Linear):
         """What CPU autocast makes of ``F.linear`` (then ``post_op``): ``x``, the weight and
         the bias in ``dtype``, the result in ``dtype``; the weight's copy packed and kept.
         None where that copy could not be packed (the caller runs the plain layer)."""
-        key = post_op[0] + post_op[2] if post_op else ""
-        out = None
-        if key in _KERNEL_ACTIVATIONS:
-            out = self.kernel_linear(x, _KERNEL_ACTIVATIONS[key], out_dtype=dtype)
-        if out is not None:
-            return out
+        if post_op is not None and post_op[0] + post_op[2] in _KERNEL_ACTIVATIONS:
+            out = self.kernel_linear(x, _KERNEL_ACTIVATIONS[post_op[0] + post_op[2]], None, dtype)
+            if out is not None:
+                return out
         packed = packed_weight_in(self.weight, dtype)
         if packed is None:
             return None
@@ -305,7 +305,7 @@ class PackedLinear(nn.Linear):
     ) -> torch.Tensor | None:
         """``activation(self(x)) + residual`` by the bfloat16 kernel (``cpu_bf16_linear``),
         with its packed copy of the weight made on first use and kept; None where the kernel
-        does not apply or is not the faster here."""
+        does not apply."""
         weight = self.weight
         return cpu_bf16_linear.bf16_linear(
             x,
