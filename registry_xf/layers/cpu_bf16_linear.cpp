@@ -304,21 +304,28 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     p.y = y;
     p.y_bf16 = y_bf16;
     p.act = act;
-    // Rows per block: as many as fit kBlockBytes (the weight is read once per block), a
-    // whole number of micro-tiles, and no more than the rows there are.
-    int64_t block_rows = kBlockBytes / (4 * p.k_pairs) / kRows * kRows;
-    if (block_rows > kMaxBlockRows) block_rows = kMaxBlockRows;
-    if (block_rows < kRows) block_rows = kRows;
-    const int64_t all_rows = (p.m + kRows - 1) / kRows * kRows;
-    p.block_rows = block_rows < all_rows ? block_rows : all_rows;
-    p.blocks = (p.m + p.block_rows - 1) / p.block_rows;
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
-    // Enough pieces for every thread (about two each): panels split into groups when there
-    // are fewer blocks of rows than that.
-    int64_t groups = (2 * threads + p.blocks - 1) / p.blocks;
-    if (threads == 1) groups = 1;
-    if (groups > p.panels) groups = p.panels;
+    const int64_t tiles = (p.m + kRows - 1) / kRows;
+    // Rows per block: as many whole micro-tiles as fit kBlockBytes (the weight is read once
+    // per block). With several threads, equal shares: the panels split in as many groups as
+    // threads where the rows fit one block, else a multiple of the threads in blocks.
+    int64_t block_tiles = kBlockBytes / (4 * p.k_pairs) / kRows;
+    if (block_tiles > kMaxBlockRows / kRows) block_tiles = kMaxBlockRows / kRows;
+    if (block_tiles < 1) block_tiles = 1;
+    int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
+    int64_t groups = 1;
+    if (threads > 1) {
+        if (blocks == 1 && p.panels >= threads) {
+            groups = threads;
+        } else {
+            blocks = (blocks + threads - 1) / threads * threads;
+            if (blocks > tiles) blocks = tiles;
+        }
+    }
+    block_tiles = (tiles + blocks - 1) / blocks;
+    p.block_rows = block_tiles * kRows;
+    p.blocks = (tiles + block_tiles - 1) / block_tiles;
     p.panels_per_group = (p.panels + groups - 1) / groups;
     p.groups = (p.panels + p.panels_per_group - 1) / p.panels_per_group;
     p.next.store(0);
