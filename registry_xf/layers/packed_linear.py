@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_bf16_linear
 from .int8_linear import Int8Linear
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,12 @@ def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
+# oneDNN's post-op (name + algorithm) -> the bfloat16 kernel's activation. The kernel runs
+# where it fuses what oneDNN's autocast path does in passes of its own (rounding x, adding a
+# residual): an activation or a residual; a plain product is as fast in oneDNN.
+_KERNEL_ACTIVATIONS = {"gelunone": "gelu", "gelutanh": "gelu_tanh", "relu": "relu"}
+
+
 def _hooked(linear: nn.Module) -> bool:
     """Whether ``linear`` has hooks (a hook, such as a tensor-parallel all-reduce, must see
     the layer's own output, so no post-op may be fused into it)."""
@@ -189,6 +196,10 @@ def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> t
         out_shape = (*x.shape[:-1], linear.out_features)
         if residual.shape == out_shape:
             return linear(x, residual=residual)
+    if _fusable(linear) and linear.autocast_dtype(x) is not None:  # autocast: the kernel
+        out = linear.kernel_linear(x, residual=residual, out_dtype=torch.float32)
+        if out is not None:
+            return out
     if (
         not _fusable(linear)
         or not linear.uses_packed(x)
@@ -273,12 +284,37 @@ class PackedLinear(nn.Linear):
         """What CPU autocast makes of ``F.linear`` (then ``post_op``): ``x``, the weight and
         the bias in ``dtype``, the result in ``dtype``; the weight's copy packed and kept.
         None where that copy could not be packed (the caller runs the plain layer)."""
+        if post_op is not None and post_op[0] + post_op[2] in _KERNEL_ACTIVATIONS:
+            out = self.kernel_linear(x, _KERNEL_ACTIVATIONS[post_op[0] + post_op[2]], None, dtype)
+            if out is not None:
+                return out
         packed = packed_weight_in(self.weight, dtype)
         if packed is None:
             return None
         bias = bias_in(self.bias, dtype)
         return torch.ops.mkldnn._linear_pointwise(
             x.to(dtype), packed, bias, *(post_op or ("none", [], ""))
+        )
+
+    def kernel_linear(
+        self,
+        x: torch.Tensor,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor | None:
+        """``activation(self(x)) + residual`` by the bfloat16 kernel (``cpu_bf16_linear``),
+        with its packed copy of the weight made on first use and kept; None where the kernel
+        does not apply."""
+        weight = self.weight
+        return cpu_bf16_linear.bf16_linear(
+            x,
+            weight,
+            lambda: _kept_copy(weight, f"{_COPY}_kernel", cpu_bf16_linear.pack_weight),
+            self.bias,
+            activation,
+            residual,
+            out_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,350 @@
+// y = act(x w^T + bias) [+ residual] on AVX512-BF16 CPUs: bfloat16 products, float32 sums.
+//
+// Built by registry_xf/layers/cpu_bf16_linear.py with the system C++ compiler on first use;
+// no torch headers: pointers, sizes and strides (in elements) come from Python.
+//
+// The weight (n x k) is packed once, by Python, into panels of 64 output columns: panel p
+// holds, for each pair of k (k padded to even), the 64 columns' two bfloat16 values side by
+// side ([panels][k/2][64][2]), so that one vdpbf16ps multiplies a broadcast pair of x by
+// 16 columns' pairs and adds both products to 16 float32 sums. Columns past n are zeros.
+//
+// x (float32 or bfloat16) is copied a block of rows at a time into bfloat16 rows (rounded
+// to nearest even while copying: no separate conversion pass), zero-padded to an even k and
+// to whole micro-tiles of rows (a block fills about 384 KiB of L2, so the weight is read once
+// per block). A register-blocked micro-kernel computes 6 rows x 64 columns (24 accumulators)
+// over a slice of k (all of it up to 1,536); the sums of earlier slices wait in a float32
+// buffer, and after the last slice the epilogue adds the bias,
+// applies the activation, adds the residual and stores float32 or bfloat16 columns.
+//
+// Threads take (block of rows, group of panels) pieces from a counter: OpenMP threads (the
+// runtime torch has loaded), or just the caller's thread. Scratch is allocated per call and
+// per thread: calls from several Python threads at once share nothing.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+
+#ifndef __AVX512F__
+#error "this kernel needs AVX-512 (compile with -march=native on a CPU that has it)"
+#endif
+#ifdef __AVX512BF16__
+#define RX_BF16 1
+#else
+#define RX_BF16 0
+#endif
+
+#if RX_BF16
+namespace {
+
+constexpr int kCols = 64;         // columns per weight panel (4 vectors of 16)
+constexpr int kVecs = kCols / 16;
+constexpr int kRows = 6;          // rows per micro-tile
+// k pairs per slice: the panel streams from L2 (faster than slicing k to fit it in L1, whose
+// partial sums cost more than they save); k up to 1,536 in one slice.
+constexpr int64_t kPairsL1 = 768;
+constexpr int64_t kBlockBytes = 384 << 10;  // a block of x's rows in bfloat16: in L2
+constexpr int64_t kMaxBlockRows = 768;
+
+enum Activation { kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3 };
+
+struct Problem {
+    const void* x;
+    int x_bf16;
+    int64_t m, k, ldx;
+    const uint32_t* w;  // packed panels, as 32-bit pairs
+    int64_t n, k_pairs, panels;
+    const float* bias;      // may be null
+    const float* residual;  // may be null
+    int64_t ldr;
+    void* y;
+    int y_bf16;
+    int64_t ldy;
+    int act;
+    int64_t block_rows, blocks, groups, panels_per_group;
+    std::atomic<int64_t> next;
+};
+
+// e^y for y <= 0 (below -87 gives ~0): 2^n e^r, |r| <= ln2 / 2, degree-7 Taylor polynomial.
+inline __m512 exp_nonpositive(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), odd in its argument.
+inline __m512 erf_ps(__m512 z) {
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f),
+                                                   _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
+    const __m512 positive = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
+    // copy z's sign onto the result
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(positive), sign));
+}
+
+// tanh(u) = 1 - 2 / (e^{2u} + 1), through e^{-2|u|} to stay in range; sign restored.
+inline __m512 tanh_ps(__m512 u) {
+    const __m512 a = _mm512_abs_ps(u);
+    const __m512 e = exp_nonpositive(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 positive = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e),
+                                          _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(positive), sign));
+}
+
+inline __m512 activate(__m512 v, int act) {
+    switch (act) {
+        case kGeluErf: {
+            const __m512 e = erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
+            return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)),
+                                 _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+        }
+        case kGeluTanh: {
+            const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                           _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+            return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)),
+                                 _mm512_add_ps(tanh_ps(u), _mm512_set1_ps(1.0f)));
+        }
+        case kRelu: return _mm512_max_ps(v, _mm512_setzero_ps());
+        default: return v;
+    }
+}
+
+// Rows [row0, row0 + rows) of x into bfloat16 rows of `pairs` 32-bit pairs each (k padded
+// with zeros to 2 x pairs); rows past `rows` up to a whole micro-tile are zeros.
+void copy_rows(const Problem& p, int64_t row0, int64_t rows, uint32_t* a, int64_t pairs) {
+    const int64_t k = p.k, padded_rows = (rows + kRows - 1) / kRows * kRows;
+    uint16_t* out = reinterpret_cast<uint16_t*>(a);
+    const int64_t width = 2 * pairs;
+    for (int64_t r = 0; r < rows; ++r) {
+        uint16_t* dst = out + r * width;
+        if (p.x_bf16) {
+            memcpy(dst, static_cast<const uint16_t*>(p.x) + (row0 + r) * p.ldx, k * 2);
+        } else {
+            const float* src = static_cast<const float*>(p.x) + (row0 + r) * p.ldx;
+            int64_t j = 0;
+            for (; j + 16 <= k; j += 16)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+            if (j < k) {
+                const __mmask16 mask = static_cast<__mmask16>((1u << (k - j)) - 1);
+                _mm256_mask_storeu_epi16(
+                    dst + j, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + j)));
+            }
+        }
+        if (width > k) dst[k] = 0;
+    }
+    if (padded_rows > rows) memset(out + rows * width, 0, (padded_rows - rows) * width * 2);
+}
+
+// Six rows x 64 columns over k pairs [0, pairs) of a slice: a points at the tile's first row
+// (row stride lda pairs), w at the panel's slice. first: start from zeros, else from sums.
+inline void micro_tile(const uint32_t* a, int64_t lda, const uint32_t* w, int64_t pairs,
+                       bool first, float* sums, __m512 acc[kRows][kVecs]) {
+    if (first) {
+        for (int i = 0; i < kRows; ++i)
+            for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
+    } else {
+        for (int i = 0; i < kRows; ++i)
+            for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_loadu_ps(sums + i * kCols + 16 * j);
+    }
+    const uint32_t* a0 = a;
+    const uint32_t* a3 = a + 3 * lda;
+    for (int64_t q = 0; q < pairs; ++q) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + q * kCols);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + q * kCols + 16);
+        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + q * kCols + 32);
+        const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + q * kCols + 48);
+#define RX_ROW(i, base, off)                                                        \
+    {                                                                               \
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(base[off + q])); \
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], x, w0);                             \
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, w1);                             \
+        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], x, w2);                             \
+        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], x, w3);                             \
+    }
+        RX_ROW(0, a0, 0)
+        RX_ROW(1, a0, lda)
+        RX_ROW(2, a0, 2 * lda)
+        RX_ROW(3, a3, 0)
+        RX_ROW(4, a3, lda)
+        RX_ROW(5, a3, 2 * lda)
+#undef RX_ROW
+    }
+}
+
+// The finished sums of rows [row, row + rows) x columns [col, col + 64) to y.
+void epilogue(const Problem& p, __m512 acc[kRows][kVecs], int64_t row, int rows, int64_t col) {
+    for (int j = 0; j < kVecs; ++j) {
+        const int64_t c = col + 16 * j;
+        if (c >= p.n) break;
+        const int64_t left = p.n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + c) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; ++i) {
+            __m512 v = activate(_mm512_add_ps(acc[i][j], bias), p.act);
+            if (p.residual)
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.residual + (row + i) * p.ldr + c));
+            if (p.y_bf16) {
+                uint16_t* dst = static_cast<uint16_t*>(p.y) + (row + i) * p.ldy + c;
+                _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            } else {
+                _mm512_mask_storeu_ps(static_cast<float*>(p.y) + (row + i) * p.ldy + c, mask, v);
+            }
+        }
+    }
+}
+
+// One piece: a block of rows times a group of panels.
+void piece(const Problem& p, int64_t block, int64_t group, uint32_t* a, float* sums) {
+    const int64_t row0 = block * p.block_rows;
+    const int64_t rows = p.m - row0 < p.block_rows ? p.m - row0 : p.block_rows;
+    const int64_t lda = p.k_pairs;
+    copy_rows(p, row0, rows, a, lda);
+    const int64_t tiles = (rows + kRows - 1) / kRows;
+    const int64_t p0 = group * p.panels_per_group;
+    const int64_t p1 = p0 + p.panels_per_group < p.panels ? p0 + p.panels_per_group : p.panels;
+    __m512 acc[kRows][kVecs];
+    for (int64_t panel = p0; panel < p1; ++panel) {
+        const uint32_t* wp = p.w + panel * p.k_pairs * kCols;
+        for (int64_t q0 = 0; q0 < p.k_pairs; q0 += kPairsL1) {
+            const int64_t pairs = p.k_pairs - q0 < kPairsL1 ? p.k_pairs - q0 : kPairsL1;
+            const bool first = q0 == 0, last = q0 + pairs == p.k_pairs;
+            for (int64_t t = 0; t < tiles; ++t) {
+                float* tile_sums = sums + t * kRows * kCols;
+                micro_tile(a + t * kRows * lda + q0, lda, wp + q0 * kCols, pairs, first,
+                           tile_sums, acc);
+                if (last) {
+                    const int64_t left = rows - t * kRows;
+                    epilogue(p, acc, row0 + t * kRows, left < kRows ? int(left) : kRows,
+                             panel * kCols);
+                } else {
+                    for (int i = 0; i < kRows; ++i)
+                        for (int j = 0; j < kVecs; ++j)
+                            _mm512_storeu_ps(tile_sums + i * kCols + 16 * j, acc[i][j]);
+                }
+            }
+        }
+    }
+}
+
+int work(Problem& p) {
+    const int64_t tile_rows = p.block_rows;
+    uint32_t* a = static_cast<uint32_t*>(aligned_alloc(64, tile_rows * p.k_pairs * 4 + 64));
+    float* sums = static_cast<float*>(aligned_alloc(64, tile_rows * kCols * 4));
+    int failed = !a || !sums;
+    if (!failed) {
+        const int64_t pieces = p.blocks * p.groups;
+        for (int64_t t = p.next.fetch_add(1); t < pieces; t = p.next.fetch_add(1))
+            piece(p, t / p.groups, t % p.groups, a, sums);
+    }
+    free(a);
+    free(sums);
+    return failed;
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// 1 when this build has the kernel (the CPU has AVX512-BF16).
+int rx_bf16_linear_available(void) { return RX_BF16; }
+
+// Columns per weight panel: the packed weight is [ceil(n / 64)][ceil(k / 2)][64][2] bfloat16.
+int rx_bf16_linear_panel_width(void) { return 64; }
+
+// sizes: m, k, n, ldx, ldr, ldy (row strides in elements; rows contiguous).
+// x: m x k float32 (x_bf16 = 0) or bfloat16 (1); w: the packed weight; bias: n float32 or
+// null; residual: m x n float32 or null; y: m x n float32 (y_bf16 = 0) or bfloat16 (1).
+// act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU, applied before the residual is added.
+// Returns 0; 1 when no thread could allocate its scratch memory (y incomplete); 2 in a
+// build without AVX512-BF16.
+int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bias,
+                   const float* residual, void* y, int y_bf16, const int64_t* sizes, int act,
+                   int threads) {
+#if RX_BF16
+    Problem p;
+    p.x = x;
+    p.x_bf16 = x_bf16;
+    p.m = sizes[0];
+    p.k = sizes[1];
+    p.n = sizes[2];
+    p.ldx = sizes[3];
+    p.ldr = sizes[4];
+    p.ldy = sizes[5];
+    p.w = reinterpret_cast<const uint32_t*>(w);
+    p.k_pairs = (p.k + 1) / 2;
+    p.panels = (p.n + kCols - 1) / kCols;
+    p.bias = bias;
+    p.residual = residual;
+    p.y = y;
+    p.y_bf16 = y_bf16;
+    p.act = act;
+    if (threads < 1) threads = 1;
+    if (threads > 256) threads = 256;
+    const int64_t tiles = (p.m + kRows - 1) / kRows;
+    // Rows per block: as many whole micro-tiles as fit kBlockBytes (the weight is read once
+    // per block). With several threads, equal shares: the panels split in as many groups as
+    // threads where the rows fit one block, else a multiple of the threads in blocks.
+    int64_t block_tiles = kBlockBytes / (4 * p.k_pairs) / kRows;
+    if (block_tiles > kMaxBlockRows / kRows) block_tiles = kMaxBlockRows / kRows;
+    if (block_tiles < 1) block_tiles = 1;
+    int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
+    int64_t groups = 1;
+    if (threads > 1) {
+        if (blocks == 1 && p.panels >= threads) {
+            groups = threads;
+        } else {
+            blocks = (blocks + threads - 1) / threads * threads;
+            if (blocks > tiles) blocks = tiles;
+        }
+    }
+    block_tiles = (tiles + blocks - 1) / blocks;
+    p.block_rows = block_tiles * kRows;
+    p.blocks = (tiles + block_tiles - 1) / block_tiles;
+    p.panels_per_group = (p.panels + groups - 1) / groups;
+    p.groups = (p.panels + p.panels_per_group - 1) / p.panels_per_group;
+    p.next.store(0);
+    const int64_t pieces = p.blocks * p.groups;
+    if (threads > pieces) threads = static_cast<int>(pieces);
+    if (threads == 1) return work(p);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(+ : failed)
+    failed += work(p);
+#else
+    failed = work(p);
+#endif
+    return failed == threads ? 1 : 0;
+#else
+    (void)x, (void)x_bf16, (void)w, (void)bias, (void)residual, (void)y, (void)y_bf16;
+    (void)sizes, (void)act, (void)threads;
+    return 2;
+#endif
+}
+
+}  // extern "C"

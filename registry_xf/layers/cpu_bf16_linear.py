@@ -1,0 +1,201 @@
+"""Linear layers in bfloat16 on AVX512-BF16 CPUs, by a small C++ kernel compiled on first use.
+
+Under CPU autocast (``matmul_dtype="bfloat16"``) oneDNN's bfloat16 products need their
+float32 inputs converted first (a pass of its own over every activation), and a residual
+connection adds the bfloat16 product to the float32 stream in another pass. The kernel in
+``cpu_bf16_linear.cpp`` rounds x to bfloat16 while copying blocks of it into cache, keeps
+the weight packed in its own layout (pairs of k for AVX512-BF16's dot product), sums in
+float32, and adds the bias, applies a GELU or ReLU and adds a residual as it stores. Its
+products alone run as fast as oneDNN's (about 90% of the bfloat16 peak on one Zen 4 core);
+what it saves are those passes, so packed layers call it for a product followed by an
+activation or a residual (``linear_then_activation``, ``linear_plus``), and leave plain
+products to oneDNN.
+
+``bf16_linear(x, weight, packed, bias, ...)`` returns ``act(x @ weightᵀ + bias) [+
+residual]`` or None where the kernel does not apply, and the caller then runs oneDNN:
+not a CPU float32/bfloat16 input whose rows are contiguous, a weight that is not float32,
+autograd, ``torch.compile`` or tracing, no AVX512-BF16, no C++ compiler, or
+``REGISTRY_XF_CPU_BF16_LINEAR=0``. Each reason is logged once. ``packed`` is the weight in
+the kernel's layout, made by ``pack_weight`` (the caller keeps it).
+
+Each call uses at most ``torch.get_num_threads()`` threads (OpenMP: the runtime torch has
+loaded), one for small products; ctypes releases the GIL, and calls from several Python
+threads at once share nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_kernels
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_bf16_linear.cpp")
+SWITCH = "REGISTRY_XF_CPU_BF16_LINEAR"  # "0", "off", "false" or "no": oneDNN everywhere
+PANEL = 64  # output columns per packed weight panel (the kernel's, checked at load)
+# Below this many multiply-adds (about 40 µs of work) one thread does it all.
+PARALLEL_FROM = 4_000_000
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+_logged: set[str] = set()
+
+
+def enabled() -> bool:
+    """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_BF16_LINEAR``)."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _skip(reason: str, level: int = logging.DEBUG) -> None:
+    """Log why the kernel does not run, once per reason."""
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.log(level, "CPU bfloat16 linear kernel not used: %s; using oneDNN", reason)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.rx_bf16_linear.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.rx_bf16_linear.restype = ctypes.c_int
+    lib.rx_bf16_linear_available.restype = ctypes.c_int
+    lib.rx_bf16_linear_panel_width.restype = ctypes.c_int
+
+
+def library() -> ctypes.CDLL | str:
+    """The kernel library, built on first use, or the reason it is unavailable (including
+    a CPU without AVX512-BF16)."""
+    if not cpu_has_bf16():
+        return "the CPU lacks AVX512-BF16"
+    lib = cpu_kernels.library(SOURCE, _declare)
+    if isinstance(lib, str):
+        return lib
+    return _checked(lib)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 (read once: ``/proc/cpuinfo`` takes 60 µs)."""
+    return "avx512_bf16" in cpu_kernels.cpu_flags()
+
+
+@functools.cache
+def _checked(lib: ctypes.CDLL) -> ctypes.CDLL | str:
+    if not lib.rx_bf16_linear_available() or lib.rx_bf16_linear_panel_width() != PANEL:
+        return "the kernel was built without AVX512-BF16"
+    return lib
+
+
+def activation_code(activation: torch.nn.Module | None) -> str | None | bool:
+    """The kernel's name for ``activation`` (None: none), or False where it has none that
+    computes the same function (exact or tanh GELU, ReLU)."""
+    if activation is None:
+        return None
+    if type(activation) is torch.nn.GELU:
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    if type(activation) is torch.nn.ReLU:
+        return "relu"
+    return False
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out x in, float32) in the kernel's layout: bfloat16 (rounded to nearest
+    even, as ``.to(torch.bfloat16)``), panels of 64 output rows, pairs of inputs side by
+    side: [ceil(out / 64), ceil(in / 2), 64, 2]; the padding is zeros."""
+    n, k = weight.shape
+    n_pad, k_pad = -n % PANEL, k % 2
+    w = F.pad(weight.detach(), (0, k_pad, 0, n_pad)).to(torch.bfloat16)
+    w = w.view((n + n_pad) // PANEL, PANEL, (k + k_pad) // 2, 2)
+    return w.permute(0, 2, 1, 3).contiguous()
+
+
+def _problem(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+    """Why these tensors are not a case the kernel computes (None when they are)."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"tensors on {x.device}"
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.float32:
+        return f"input {x.dtype} and weight {weight.dtype}"
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return "an input whose width is not the weight's"
+    if x.numel() == 0 or x.numel() >= 2**31:
+        return "an empty or huge input"
+    if not x.is_contiguous():
+        return "an input that is not contiguous"
+    if residual is not None and (
+        residual.dtype != torch.float32
+        or residual.shape != (*x.shape[:-1], weight.shape[0])
+        or not residual.is_contiguous()
+    ):
+        return "a residual that is not a contiguous float32 tensor of the output's shape"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return "autograd"
+    return None
+
+
+def bf16_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: Callable[[], torch.Tensor],
+    bias: torch.Tensor | None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """``activation(x @ weightᵀ + bias) + residual`` with bfloat16 products and float32
+    sums, in ``out_dtype`` (float32 or bfloat16), or None where the kernel does not apply
+    (see the module's docstring). ``packed()`` gives ``pack_weight(weight)`` (kept by the
+    caller), asked only when the kernel runs."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None  # a graph: oneDNN's operator, which the compiler or exporter knows
+    if not enabled():
+        _skip(f"{SWITCH} turns it off", logging.INFO)
+        return None
+    problem = _problem(x, weight, residual)
+    if problem:
+        _skip(problem)
+        return None
+    lib = library()
+    if isinstance(lib, str):
+        _skip(lib, logging.INFO)
+        return None
+    n, k = weight.shape
+    m = x.numel() // k
+    threads = 1 if m * n * k < PARALLEL_FROM else torch.get_num_threads()
+    weights = packed()
+    out = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    sizes = (ctypes.c_int64 * 6)(m, k, n, k, n, n)
+    status = lib.rx_bf16_linear(
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        weights.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        out.data_ptr(),
+        int(out_dtype == torch.bfloat16),
+        sizes,
+        ACTIVATIONS[activation],
+        threads,
+    )
+    if status:
+        _skip(f"the kernel could not run (status {status})", logging.WARNING)
+        return None
+    return out

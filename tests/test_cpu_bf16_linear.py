@@ -1,0 +1,293 @@
+"""The compiled bfloat16 linear kernel: torch's float32 product of the bfloat16-rounded
+operands (within 1e-5) for drawn and odd shapes, every epilogue and one row; oneDNN wherever
+it does not apply (turned off, autograd, no AVX512-BF16, no compiler); calls from two threads
+at once; packed layers under CPU autocast; MiniLM-shaped embeddings with bfloat16 products
+within cosine 0.9999 of float32, with and without the kernel."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_hf_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_tokenizer import write_tokenizer
+from torch import nn
+
+import registry_xf as rx
+from registry_xf.layers import cpu_bf16_linear as kernel
+from registry_xf.layers import cpu_kernels
+from registry_xf.layers.packed_linear import (
+    PackedLinear,
+    linear_plus,
+    linear_then_activation,
+    register_packed_linear,
+)
+
+CASES = int(os.environ.get("REGISTRY_XF_FUZZ_CASES", "60"))
+ACTIVATIONS = {
+    None: lambda t: t,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def require_kernel() -> None:
+    lib = kernel.library()
+    if isinstance(lib, str):
+        pytest.skip(f"the kernel is unavailable here: {lib}")
+
+
+def operands(
+    m: int, k: int, n: int, seed: int = 0, lead: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=g)
+    weight = torch.randn(n, k, generator=g) * k**-0.5
+    bias = torch.randn(n, generator=g)
+    residual = torch.randn(*lead, m, n, generator=g)
+    return x, weight, bias, residual
+
+
+def expected(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """torch's float32 product of the bfloat16-rounded operands, then the epilogue."""
+    xr, wr = x.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double()
+    out = xr @ wr.T + (0 if bias is None else bias.double())
+    out = ACTIVATIONS[activation](out)
+    return out if residual is None else out + residual.double()
+
+
+def run(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    packed = kernel.pack_weight(weight)
+    return kernel.bf16_linear(x, weight, lambda: packed, bias, activation, residual, out_dtype)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = float(want.abs().max()) or 1.0
+    error = float((got.double() - want).abs().max()) / scale
+    assert error < rtol, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_epilogue(activation: str | None, with_residual: bool, with_bias: bool) -> None:
+    require_kernel()
+    x, weight, bias, residual = operands(37, 130, 97, seed=1)  # odd everywhere
+    bias = bias if with_bias else None
+    residual = residual if with_residual else None
+    got = run(x, weight, bias, activation, residual)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (37, 97)
+    assert_matches(got, expected(x, weight, bias, activation, residual))
+
+
+def test_gelu_is_accurate_over_a_wide_range() -> None:
+    """The epilogue's erf: GELU within 1e-6 (absolute, relative to |x|) from -10 to 10."""
+    require_kernel()
+    # x = [t, 1] and the weight's row [1, 0]: the product is t exactly (t in bfloat16)
+    t = torch.linspace(-10, 10, 4001).to(torch.bfloat16).float()
+    x = torch.stack([t, torch.ones_like(t)], 1)
+    weight = torch.tensor([[1.0, 0.0]])
+    for name, reference in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        got = run(x, weight, activation=name)[:, 0]
+        want = F.gelu(t.double(), approximate=reference)
+        assert float(((got.double() - want).abs() / t.abs().clamp(min=1)).max()) < 1e-6
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 384, 1152), (1, 1, 1), (7, 3, 65), (300, 1537, 129)])
+def test_odd_shapes_and_one_row(m: int, k: int, n: int) -> None:
+    require_kernel()
+    x, weight, bias, _ = operands(m, k, n, seed=m + k + n)
+    assert_matches(run(x, weight, bias), expected(x, weight, bias, None, None))
+
+
+def test_bfloat16_input_and_output() -> None:
+    require_kernel()
+    x, weight, bias, _ = operands(50, 96, 70, seed=4)
+    xb = x.to(torch.bfloat16)
+    got = run(xb, weight, bias, "gelu", out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    want = expected(x, weight, bias, "gelu", None)
+    assert_matches(got.double(), want, rtol=1e-2)  # bfloat16 output: 8 bits
+    assert_matches(run(xb, weight, bias), expected(x, weight, bias, None, None))
+
+
+def test_leading_dimensions_and_threads() -> None:
+    """(batch, positions, width) inputs; a product big enough for every thread."""
+    require_kernel()
+    x, weight, bias, residual = operands(160, 384, 1152, seed=5, lead=(3,))
+    got = run(x, weight, bias, None, residual)
+    assert got.shape == (3, 160, 1152)
+    assert_matches(got, expected(x, weight, bias, None, residual))
+
+
+@settings(max_examples=CASES, deadline=None)
+@given(
+    m=st.integers(1, 200),
+    k=st.integers(1, 300),
+    n=st.integers(1, 200),
+    activation=st.sampled_from(list(ACTIVATIONS)),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_shapes(m: int, k: int, n: int, activation: str | None, seed: int) -> None:
+    require_kernel()
+    x, weight, bias, residual = operands(m, k, n, seed=seed)
+    got = run(x, weight, bias, activation, residual)
+    assert_matches(got, expected(x, weight, bias, activation, residual))
+
+
+def test_calls_from_two_threads_at_once() -> None:
+    require_kernel()
+    x, weight, bias, residual = operands(400, 384, 384, seed=6)
+    want = expected(x, weight, bias, "gelu", residual)
+    results: list[torch.Tensor | None] = [None] * 4
+
+    def call(i: int) -> None:
+        results[i] = run(x, weight, bias, "gelu", residual)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        assert got is not None
+        assert_matches(got, want)
+
+
+def test_where_the_kernel_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, weight, bias, residual = operands(20, 64, 48, seed=7)
+    monkeypatch.setenv(kernel.SWITCH, "0")
+    assert run(x, weight, bias) is None
+    monkeypatch.setenv(kernel.SWITCH, "1")
+    assert run(x, weight.double(), bias) is None  # a float64 weight
+    assert run(x.t(), weight[:, :20], bias) is None  # an input that is not contiguous
+    assert run(x, weight, bias, residual=residual.to(torch.bfloat16)) is None
+    assert run(x, weight, bias, residual=residual[:, :5]) is None
+    asked: list[int] = []
+
+    def never_packed() -> torch.Tensor:
+        asked.append(1)
+        return kernel.pack_weight(weight)
+
+    with torch.enable_grad():
+        x_grad = x.clone().requires_grad_()
+        assert kernel.bf16_linear(x_grad, weight, never_packed, bias) is None
+    assert not asked  # nothing packed where the kernel does not run
+
+
+def test_no_avx512_bf16_or_no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A CPU without AVX512-BF16 (its flags as /proc/cpuinfo would list them) or a missing
+    compiler: the reason, and None from every call (the layer then runs oneDNN)."""
+    x, weight, bias, _ = operands(20, 64, 48, seed=8)
+    flags = cpu_kernels.cpu_flags() - {"avx512_bf16"}
+    kernel.cpu_has_bf16.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    try:
+        assert kernel.library() == "the CPU lacks AVX512-BF16"
+        assert run(x, weight, bias) is None
+    finally:
+        monkeypatch.undo()
+        kernel.cpu_has_bf16.cache_clear()
+    if not kernel.cpu_has_bf16():
+        return
+    monkeypatch.setenv(cpu_kernels.COMPILER, str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert "no C++ compiler" in kernel.library()
+    assert run(x, weight, bias) is None
+
+
+def packed_layer(k: int, n: int, seed: int) -> PackedLinear:
+    register_packed_linear()
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(k, n)
+    with torch.no_grad():
+        layer.weight.normal_(0, k**-0.5, generator=g)
+        layer.bias.normal_(0, 0.1, generator=g)
+    layer.__class__ = PackedLinear
+    return layer
+
+
+@pytest.mark.parametrize("entry", ["activation", "residual", "plain"])
+def test_packed_layers_under_autocast(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    """``linear_then_activation`` and ``linear_plus`` give what oneDNN's path gives (to
+    bfloat16 rounding), in the same dtypes; a plain product stays with oneDNN."""
+    layer = packed_layer(96, 160, seed=9)
+    g = torch.Generator().manual_seed(10)
+    x, residual = torch.randn(33, 96, generator=g), torch.randn(33, 160, generator=g)
+    gelu = nn.GELU()
+    calls = {
+        "activation": lambda: linear_then_activation(layer, gelu, x),
+        "residual": lambda: linear_plus(layer, x, residual),
+        "plain": lambda: layer(x),
+    }[entry]
+    ran: list[int] = []
+    real = kernel.bf16_linear
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernel, "bf16_linear", counted)
+    results = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(kernel.SWITCH, switch)
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            results[switch] = calls()
+    onednn, ours = results["0"], results["1"]
+    assert ours.dtype == onednn.dtype and ours.shape == onednn.shape
+    assert_matches(ours.double(), onednn.double(), rtol=2e-2)
+    uses_kernel = entry != "plain" and not isinstance(kernel.library(), str)
+    assert any(ran) == uses_kernel
+
+
+@pytest.fixture(scope="module")
+def minilm_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BERT with all-MiniLM-L6-v2's widths (384, 12 heads, 1536) and two layers."""
+    path = write_hf_checkpoint(
+        tmp_path_factory.mktemp("bf16gemm") / "bert",
+        "bert",
+        seed=11,
+        hidden_size=384,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+    )
+    write_tokenizer(path)
+    return path
+
+
+def test_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = ["the cat sat on the mat and the dog ran", "hello world", "a dog ran"] * 5
+    exact = rx.Embedder(str(minilm_shaped)).embed(texts)
+    mixed = rx.Embedder(str(minilm_shaped), matmul_dtype="bfloat16", batch_tokens=64)
+    found = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(kernel.SWITCH, switch)
+        found[switch] = mixed.embed(texts)
+        cosines = (found[switch] * exact).sum(1) / (
+            np.linalg.norm(found[switch], axis=1) * np.linalg.norm(exact, axis=1)
+        )
+        assert cosines.min() >= 0.9999, (switch, cosines.min())
+    assert not np.allclose(found["0"], exact, atol=1e-6)  # products did run in bfloat16
