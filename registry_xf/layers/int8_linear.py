@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RegistryXFError
+from . import cpu_int8
 
 logger = logging.getLogger(__name__)
 
@@ -212,31 +213,42 @@ class Int8Linear(nn.Module):
             out = x.new_zeros((*shape[:-1], self.out_features))
             out = out if activation is None else activation(out)
             return out if residual is None else out + residual
-        # A few rows (a short sentence, a decoding step) run unfused: calling a compiled
-        # function costs more than its loop saves there (and the size 1 would be compiled
-        # again: torch.compile specialises it)
-        run = _Fused.run if self.fused and rows.shape[0] >= FUSE_FROM_ROWS else _call
-        qx, x_scale, shift = run(quantize_rows_shifted, rows)
-        products = torch._int_mm(qx, self.qweight)
         name = None if activation is None else _activation_name(activation)
         late = activation is not None and name is None  # applied after, and the sum too
         plus = None if residual is None or late else residual.reshape(-1, self.out_features)
-        y = run(
-            _dequantize_entry(name, plus),
-            products,
-            x_scale,
-            shift,
-            self.column_sums,
-            self.weight_scale,
-            self.bias,
-            plus,
-            name,
-            x.dtype,
-        ).reshape(*shape[:-1], self.out_features)
+        kernel = cpu_int8.ready(rows) if self.fused else None
+        y = None
+        if kernel is not None:  # the C++ passes (AVX-512), for any number of rows
+            qx, x_scale, shift = cpu_int8.quantize_rows(kernel, rows)
+            products = torch._int_mm(qx, self.qweight)
+            y = cpu_int8.dequantize(kernel, products, x_scale, shift, *self._columns(), plus, name)
+        else:
+            # A few rows (a short sentence, a decoding step) run unfused: calling a
+            # compiled function costs more than its loop saves there (and the size 1
+            # would be compiled again: torch.compile specialises it)
+            run = _Fused.run if self.fused and rows.shape[0] >= FUSE_FROM_ROWS else _call
+            qx, x_scale, shift = run(quantize_rows_shifted, rows)
+            products = torch._int_mm(qx, self.qweight)
+        if y is None:
+            run = _Fused.run if self.fused and rows.shape[0] >= FUSE_FROM_ROWS else _call
+            y = run(
+                _dequantize_entry(name, plus),
+                products,
+                x_scale,
+                shift,
+                *self._columns(),
+                plus,
+                name,
+                x.dtype,
+            )
+        y = y.reshape(*shape[:-1], self.out_features)
         if late:
             y = activation(y)  # type: ignore[misc]
             return y if residual is None else y + residual
         return y
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.column_sums, self.weight_scale, self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

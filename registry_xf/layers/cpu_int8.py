@@ -1,0 +1,174 @@
+"""The quantise and dequantise passes of int8 linear layers, by a small C++ kernel for
+AVX-512 CPUs (``cpu_int8.cpp``), compiled on first use and cached (see ``cpu_kernels``).
+
+``Int8Linear`` spends about as long in these element-wise passes as in its int8 multiply.
+Compiled by ``torch.compile`` they cost some 60 µs per call in the compiled code's wrapper
+(too much for a short batch's few rows), and the GELU after the feed-forward's first
+product computes ``erf`` through a general library function. The kernel does each pass
+in one call with a few µs of overhead: rows are quantised from L1 (min and max, then the
+codes), and GELU's ``erf`` is a short polynomial times an exponential (absolute error
+below 2e-7). The int8 codes, scales and shifts are those of the compiled
+``quantize_rows_shifted`` (the same float operations in the same order).
+
+Each function returns None where the kernel does not apply, and the caller then runs the
+compiled or plain torch functions: not a float32 CPU tensor, rows that are not contiguous,
+autograd, ``torch.compile`` or tracing (the graph has torch's operators), no AVX-512, no
+C++ compiler, or ``REGISTRY_XF_CPU_INT8=0``. Each reason is logged once.
+
+Calls use one thread up to ``SERIAL_UP_TO_THREADS`` torch threads (as the compiled loops
+do: on a busy 2-core machine a parallel loop's barrier often waits for a descheduled
+thread), else torch's thread count. ctypes releases the GIL, and calls share nothing, so
+``Embedder(streams=N)`` runs N at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import cpu_kernels
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_int8.cpp")
+SWITCH = "REGISTRY_XF_CPU_INT8"  # "0", "off", "false" or "no": the compiled torch loops
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
+SERIAL_UP_TO_THREADS = 2
+# Below this many elements a pass runs on one thread whatever torch's count: starting
+# and joining threads costs more than it saves
+PARALLEL_FROM = 1 << 18
+
+_logged: set[str] = set()
+
+
+def enabled() -> bool:
+    """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_INT8``)."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _skip(reason: str, level: int = logging.DEBUG) -> None:
+    """Log why the kernel does not run, once per reason."""
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.log(level, "CPU int8 kernel not used: %s; using the torch loops", reason)
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.rx_int8_quantize.argtypes = [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int]
+    lib.rx_int8_dequantize.argtypes = [_P, _I, _I, *[_P] * 6, _I, ctypes.c_int, _P, ctypes.c_int]
+    lib.rx_int8_dequantize_quantize.argtypes = [
+        *(_P, _I, _I),
+        *[_P] * 5,
+        ctypes.c_int,
+        *[_P] * 3,
+        ctypes.c_int,
+    ]
+    for fn in (lib.rx_int8_quantize, lib.rx_int8_dequantize, lib.rx_int8_dequantize_quantize):
+        fn.restype = ctypes.c_int
+
+
+def library() -> ctypes.CDLL | str:
+    """The kernel library, built on first use, or the reason it is unavailable."""
+    return cpu_kernels.library(SOURCE, _declare)
+
+
+def ready(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, where the kernel may take ``x`` (2-D rows); None otherwise (logged)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None  # a graph: torch's operators, which the compiler or exporter knows
+    if not enabled():
+        _skip(f"{SWITCH} turns it off", logging.INFO)
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        _skip(f"a {x.dtype} tensor on {x.device}")
+        return None
+    if x.dim() != 2 or x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+        _skip("rows that are not contiguous")
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        _skip("autograd")
+        return None
+    lib = library()
+    if isinstance(lib, str):
+        _skip(lib, logging.INFO)
+        return None
+    return lib
+
+
+def _threads(elements: int) -> int:
+    threads = torch.get_num_threads()
+    return 1 if threads <= SERIAL_UP_TO_THREADS or elements < PARALLEL_FROM else threads
+
+
+def quantize_rows(
+    lib: ctypes.CDLL, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_rows_shifted(x)`` by the kernel, for ``x`` that ``ready`` accepted: the
+    int8 codes, and the float32 scale and shift of each row (each (rows, 1))."""
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scale = torch.empty((rows, 1), dtype=torch.float32)
+    shift = torch.empty((rows, 1), dtype=torch.float32)
+    lib.rx_int8_quantize(
+        x.data_ptr(),
+        rows,
+        cols,
+        x.stride(0),
+        q.data_ptr(),
+        scale.data_ptr(),
+        shift.data_ptr(),
+        _threads(x.numel()),
+    )
+    return q, scale, shift
+
+
+def dequantize(
+    lib: ctypes.CDLL,
+    products: torch.Tensor,
+    x_scale: torch.Tensor,
+    shift: torch.Tensor,
+    column_sums: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor | None:
+    """``dequantize_products`` by the kernel (float32), or None where the residual's rows
+    are not contiguous float32 or the activation is not one of ``ACTIVATIONS`` (the
+    products, scales and column vectors are the layer's own: contiguous float32)."""
+    rows, cols = products.shape
+    code = 0 if activation is None else ACTIVATIONS.get(activation)
+    if code is None:
+        return None
+    if residual is not None and (
+        residual.dtype != torch.float32
+        or residual.shape != (rows, cols)
+        or residual.stride(1) != 1
+        or residual.stride(0) < cols
+    ):
+        return None
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    lib.rx_int8_dequantize(
+        products.data_ptr(),
+        rows,
+        cols,
+        x_scale.data_ptr(),
+        shift.data_ptr(),
+        column_sums.data_ptr(),
+        weight_scale.data_ptr(),
+        bias.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0),
+        code,
+        out.data_ptr(),
+        _threads(products.numel()),
+    )
+    return out
