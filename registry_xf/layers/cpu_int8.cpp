@@ -2,8 +2,8 @@
 //
 // - rx_int8_quantize: each row of float32 activations to int8 over the row's own range
 //   [min, max] (with 0 inside it): the int8 codes, the row's scale and its shift, exactly as
-//   registry_xf/layers/int8_linear.py's quantize_rows_shifted computes them when compiled
-//   (x * (254 / range), rounded half to even, less the shift, clamped to -127..127);
+//   registry_xf/layers/int8_linear.py's quantize_rows_shifted computes them (x / scale,
+//   rounded half to even, less the shift, clamped to -127..127);
 // - rx_int8_dequantize: int32 products back to float32, y = (p + shift * column sum) *
 //   (row scale * column scale) + bias, then an optional activation (GELU in its erf or tanh
 //   form, ReLU, SiLU, tanh) and an optional residual row added;
@@ -149,24 +149,31 @@ struct Dequantize {
     }
 };
 
-// Quantise one row whose min and max lanes are known: the codes, scale and shift. As
-// torch.compile computes quantize_rows_shifted: inv = (1 / range) * 254, shift =
-// round(low * inv) + 127, q = clamp(round(x * inv) - shift, -127, 127).
+// Quantise one row whose min and max lanes are known: the codes, scale and shift, as
+// quantize_rows_shifted computes them: scale = range / 254, shift = round(low / scale) +
+// 127, q = clamp(round(x / scale) - shift, -127, 127). x / scale is taken as x * (1 / scale),
+// which is within 2 units in the last place of the quotient, so it rounds to the same
+// integer unless it lies within 2^-13 of a half; vectors with such a lane are divided.
 inline void quantize_known(const float* x, int64_t cols, __m512 low_v, __m512 high_v,
                            int8_t* q, float* scale, float* shift) {
     float low = fminf(_mm512_reduce_min_ps(low_v), 0.0f);
     float high = fmaxf(_mm512_reduce_max_ps(high_v), 0.0f);
-    float range = fmaxf(high - low, 1e-12f);
-    float inv = (1.0f / range) * (2.0f * kLimit);
-    float offset = nearbyintf(low * inv) + kLimit;
-    *scale = range / (2.0f * kLimit);
+    float step = fmaxf(high - low, 1e-12f) / (2.0f * kLimit);
+    float offset = nearbyintf(low / step) + kLimit;
+    *scale = step;
     *shift = offset;
-    const __m512 vinv = set(inv), voffset = set(offset);
+    const __m512 vstep = set(step), vinv = set(1.0f / step), voffset = set(offset);
     for (int64_t c = 0; c < cols; c += 16) {
         const __mmask16 m = tail_mask(cols - c);
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), vinv);
-        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_sub_ps(v, voffset);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
+        __m512 v = _mm512_mul_ps(xv, vinv);
+        __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 off_half = _mm512_abs_ps(_mm512_sub_ps(_mm512_abs_ps(_mm512_sub_ps(v, r)), set(0.5f)));
+        if (_mm512_cmp_ps_mask(off_half, set(1.0f / 8192.0f), _CMP_LT_OQ)) {
+            r = _mm512_roundscale_ps(_mm512_div_ps(xv, vstep),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        v = _mm512_sub_ps(r, voffset);
         v = _mm512_min_ps(_mm512_max_ps(v, set(-kLimit)), set(kLimit));
         _mm512_mask_cvtsepi32_storeu_epi8(q + c, m, _mm512_cvtps_epi32(v));
     }
