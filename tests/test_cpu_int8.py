@@ -194,13 +194,13 @@ def test_layer_with_and_without_the_kernel(rows: int, monkeypatch: pytest.Monkey
     not take (rows that are not contiguous) agree; the kernel runs only where it applies."""
     kernel_library()
     calls: list[int] = []
-    real = kernel.quantize_rows
+    real = kernel.multiply
 
-    def counted(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def counted(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor) -> tuple:
         calls.append(x.shape[0])
-        return real(lib, x)
+        return real(lib, x, qweight)
 
-    monkeypatch.setattr(kernel, "quantize_rows", counted)
+    monkeypatch.setattr(kernel, "multiply", counted)
     torch.manual_seed(rows)
     linear = torch.nn.Linear(37, 45)  # odd widths
     layer, plain = Int8Linear(linear), Int8Linear(linear, fused=False)
@@ -222,22 +222,27 @@ def test_layer_with_and_without_the_kernel(rows: int, monkeypatch: pytest.Monkey
 
 
 def test_two_threads_at_once_each_get_their_own_results() -> None:
+    """Each thread multiplies in its own scratch memory."""
     lib = kernel_library()
     results: dict[int, list[bool]] = {0: [], 1: []}
 
     def work(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        for _ in range(20):
-            x, qweight, *columns = layer_inputs(g, 300, 384, 1536, 3)
-            q, scale, shift = kernel.quantize_rows(lib, x)
-            products = torch._int_mm(q, qweight)
+        for step in range(20):
+            rows = 300 + 7 * step  # a growing scratch buffer, too
+            x, qweight, *columns = layer_inputs(g, rows, 384, 1536, 3)
+            products, scale, shift = kernel.multiply(lib, x, qweight)
             got = kernel.dequantize(lib, products, scale, shift, *columns, None, "gelu")
+            q, scale_, shift_ = quantize_rows_shifted(x)
+            expected_products = torch._int_mm(q, qweight)
             expected = dequantize_products(
-                products, scale, shift, *columns, None, "gelu", torch.float32
+                expected_products, scale_, shift_, *columns, None, "gelu", torch.float32
             )
-            size = magnitude(products, scale, shift, *columns, None)
+            size = magnitude(expected_products, scale_, shift_, *columns, None)
             results[seed].append(
-                torch.equal(q, quantize_rows_shifted(x)[0])
+                torch.equal(products, expected_products)
+                and torch.equal(scale, scale_)
+                and torch.equal(shift, shift_)
                 and ((got - expected).abs() / size).max().item() <= 2e-6
             )
 
@@ -247,6 +252,21 @@ def test_two_threads_at_once_each_get_their_own_results() -> None:
     for thread in threads:
         thread.join()
     assert results == {0: [True] * 20, 1: [True] * 20}
+
+
+def test_products_beyond_the_scratch_limit_get_their_own_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lib = kernel_library()
+    g = torch.Generator().manual_seed(5)
+    x, qweight, *_ = layer_inputs(g, 50, 64, 96, 1)
+    kept, _, _ = kernel.multiply(lib, x, qweight)
+    again, _, _ = kernel.multiply(lib, x, qweight)
+    assert kept.data_ptr() == again.data_ptr()  # the thread's scratch, reused
+    monkeypatch.setattr(kernel, "SCRATCH_LIMIT", 1000)
+    big, _, _ = kernel.multiply(lib, x, qweight)
+    assert big.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(big, torch._int_mm(quantize_rows_shifted(x)[0], qweight))
 
 
 def test_tiny_bert_int8_same_with_and_without_the_kernel(

@@ -219,8 +219,7 @@ class Int8Linear(nn.Module):
         kernel = cpu_int8.ready(rows) if self.fused else None
         y = None
         if kernel is not None:  # the C++ passes (AVX-512), for any number of rows
-            qx, x_scale, shift = cpu_int8.quantize_rows(kernel, rows)
-            products = torch._int_mm(qx, self.qweight)
+            products, x_scale, shift = cpu_int8.multiply(kernel, rows, self.qweight)
             y = cpu_int8.dequantize(kernel, products, x_scale, shift, *self._columns(), plus, name)
         else:
             # A few rows (a short sentence, a decoding step) run unfused: calling a
