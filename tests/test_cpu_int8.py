@@ -19,9 +19,12 @@ from hypothesis import strategies as st
 
 import registry_xf as rx
 from registry_xf.layers import cpu_int8 as kernel
+from registry_xf.layers import feedforward as feedforward_module
+from registry_xf.layers.feedforward import FeedForward
 from registry_xf.layers.int8_linear import (
     Int8Linear,
     dequantize_products,
+    int8_feed_forward,
     int8_unavailable,
     quantize_rows_shifted,
 )
@@ -267,6 +270,49 @@ def test_products_beyond_the_scratch_limit_get_their_own_memory(
     big, _, _ = kernel.multiply(lib, x, qweight)
     assert big.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(big, torch._int_mm(quantize_rows_shifted(x)[0], qweight))
+
+
+@pytest.mark.parametrize(
+    "activation", [torch.nn.GELU(), torch.nn.SiLU(), torch.nn.Softplus()], ids=type
+)
+def test_feed_forward_in_one_pass(
+    activation: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int8 feed-forward layer quantises its activated rows as it makes them: the same
+    result, bit for bit, as the layers one by one; not where a hook must see a layer's
+    output, in training, or for an activation the kernel lacks."""
+    kernel_library()
+    torch.manual_seed(4)
+    layer = FeedForward(40, 77, activation).eval()
+    rx.quantize_int8(layer)
+    calls: list[int] = []
+    real = kernel.feed_forward
+
+    def counted(*args: object) -> torch.Tensor | None:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernel, "feed_forward", counted)
+    x, residual = torch.randn(3, 21, 40), torch.randn(3, 21, 40)
+    fusable = not isinstance(activation, torch.nn.Softplus)
+    with torch.inference_mode():
+        one_pass = [layer(x, residual), layer(x)]
+        assert calls == ([1, 1] if fusable else [])
+        monkeypatch.setattr(feedforward_module, "int8_feed_forward", lambda *args: None)
+        one_by_one = [layer(x, residual), layer(x)]
+        for got, expected in zip(one_pass, one_by_one, strict=True):
+            assert torch.equal(got, expected)
+        monkeypatch.setattr(feedforward_module, "int8_feed_forward", int8_feed_forward)
+        one_pass = one_pass[0]
+        calls.clear()
+        seen = []
+        handle = layer.down_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+        torch.testing.assert_close(layer(x, residual), one_pass, rtol=0, atol=0)
+        handle.remove()
+        assert len(seen) == 1 and not calls
+        layer.train()
+        torch.testing.assert_close(layer(x, residual), one_pass, rtol=0, atol=0)
+        assert not calls
 
 
 def test_tiny_bert_int8_same_with_and_without_the_kernel(

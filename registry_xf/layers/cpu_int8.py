@@ -175,6 +175,63 @@ def multiply(
     return products, scale, shift
 
 
+def _residual_problem(residual: torch.Tensor | None, rows: int, cols: int) -> bool:
+    return residual is not None and (
+        residual.dtype != torch.float32
+        or residual.shape != (rows, cols)
+        or residual.stride(1) != 1
+        or residual.stride(0) < cols
+    )
+
+
+def feed_forward(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    up: tuple[torch.Tensor, ...],
+    activation: str,
+    down: tuple[torch.Tensor, ...],
+    residual: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``down(activation(up(x))) + residual`` for int8 layers given as (int8 weight, column
+    sums, weight scales, bias): the wide activated rows are quantised as they are made (in
+    L1), never written as floats. None where the activation or residual is not one the
+    kernel takes."""
+    code = ACTIVATIONS.get(activation)
+    rows, cols = x.shape
+    up_weight, *up_columns = up
+    down_weight, *down_columns = down
+    inner, width = up_weight.shape[1], down_weight.shape[1]
+    if code is None or _residual_problem(residual, rows, width):
+        return None
+    at = (rows * max(inner, width) * 4 + 63) // 64 * 64  # codes after the products, aligned
+    memory = _scratch.take(at + rows * max(cols, inner))
+    products = memory[: rows * inner * 4].view(torch.int32).view(rows, inner)
+    codes = memory[at : at + rows * cols].view(rows, cols).view(torch.int8)
+    q, scale, shift = quantize_rows(lib, x, codes)
+    torch._int_mm(q, up_weight, out=products)
+    inner_codes = memory[at : at + rows * inner].view(rows, inner).view(torch.int8)
+    inner_scale = torch.empty((rows, 1), dtype=torch.float32)
+    inner_shift = torch.empty((rows, 1), dtype=torch.float32)
+    failed = lib.rx_int8_dequantize_quantize(
+        products.data_ptr(),
+        rows,
+        inner,
+        scale.data_ptr(),
+        shift.data_ptr(),
+        *(t.data_ptr() for t in up_columns),
+        code,
+        inner_codes.data_ptr(),
+        inner_scale.data_ptr(),
+        inner_shift.data_ptr(),
+        _threads(products.numel()),
+    )
+    if failed:
+        raise MemoryError("int8 kernel: no memory for a row buffer")
+    down_products = memory[: rows * width * 4].view(torch.int32).view(rows, width)
+    torch._int_mm(inner_codes, down_weight, out=down_products)
+    return dequantize(lib, down_products, inner_scale, inner_shift, *down_columns, residual, None)
+
+
 def dequantize(
     lib: ctypes.CDLL,
     products: torch.Tensor,
@@ -193,12 +250,7 @@ def dequantize(
     code = 0 if activation is None else ACTIVATIONS.get(activation)
     if code is None:
         return None
-    if residual is not None and (
-        residual.dtype != torch.float32
-        or residual.shape != (rows, cols)
-        or residual.stride(1) != 1
-        or residual.stride(0) < cols
-    ):
+    if _residual_problem(residual, rows, cols):
         return None
     out = torch.empty((rows, cols), dtype=torch.float32)
     lib.rx_int8_dequantize(

@@ -253,6 +253,43 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def int8_feed_forward(
+    up: nn.Module,
+    activation: nn.Module,
+    down: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``down(activation(up(x))) + residual`` where both are int8 layers and the C++
+    kernel takes it (see ``cpu_int8.feed_forward``): the wide activated rows go straight
+    to int8. None otherwise (the caller runs the layers one by one)."""
+    if type(up) is not Int8Linear or type(down) is not Int8Linear:
+        return None
+    if not (up.fused and down.fused):
+        return None
+    if up._forward_hooks or up._forward_pre_hooks or down._forward_hooks:
+        return None  # a hook must see its layer's own input and output
+    if down._forward_pre_hooks or up.out_features != down.in_features:
+        return None
+    name = _activation_name(activation)
+    rows = x.reshape(-1, up.in_features)
+    if name is None or rows.shape[0] == 0:
+        return None
+    kernel = cpu_int8.ready(rows)
+    if kernel is None:
+        return None
+    plus = None if residual is None else residual.reshape(-1, down.out_features)
+    y = cpu_int8.feed_forward(
+        kernel,
+        rows,
+        (up.qweight, *up._columns()),
+        name,
+        (down.qweight, *down._columns()),
+        plus,
+    )
+    return None if y is None else y.reshape(*x.shape[:-1], down.out_features)
+
+
 def _call(fn: Callable, *args: Any) -> Any:
     return fn(*args)
 
