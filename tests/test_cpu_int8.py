@@ -304,6 +304,9 @@ def test_feed_forward_in_one_pass(
             assert torch.equal(got, expected)
         monkeypatch.setattr(feedforward_module, "int8_feed_forward", int8_feed_forward)
         one_pass = one_pass[0]
+        broadcast = residual[:1, :1]  # one row for all: the layers one by one
+        assert int8_feed_forward(layer.up_proj, activation, layer.down_proj, x, broadcast) is None
+        torch.testing.assert_close(layer(x, broadcast), layer(x) + broadcast)
         calls.clear()
         seen = []
         handle = layer.down_proj.register_forward_hook(lambda m, i, o: seen.append(o))
