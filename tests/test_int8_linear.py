@@ -74,9 +74,11 @@ def test_fused_steps_match_the_plain_ones(rows: int) -> None:
         torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
-def test_fused_steps_compile_once_for_all_shapes() -> None:
+def test_fused_steps_compile_once_for_all_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamic shapes: new batch sizes and widths reuse the compiled loops."""
     from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("REGISTRY_XF_CPU_INT8", "0")  # the compiled loops, not the C++ kernel
 
     layers = [Int8Linear(torch.nn.Linear(n_in, n_out)) for n_in, n_out in [(32, 24), (24, 72)]]
     with torch.inference_mode():

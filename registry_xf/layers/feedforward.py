@@ -8,6 +8,7 @@ from torch import nn
 from ..registry import registry
 from ..types import Probability, Width
 from .activations import Activation
+from .int8_linear import int8_feed_forward
 from .linear_rows import split_rows
 from .packed_linear import linear_plus, linear_then_activation
 
@@ -64,6 +65,11 @@ class FeedForward(nn.Module):
         elif self.gated:
             h = self.activation(self.gate_proj(x)) * self.up_proj(x)
         else:
+            if not self.training:  # int8 layers: the C++ kernel may do all of it at once
+                up, down = self.up_proj, self.down_proj
+                out = int8_feed_forward(up, self.activation, down, x, residual)
+                if out is not None:
+                    return out
             h = linear_then_activation(self.up_proj, self.activation, x)
         if residual is not None and not self.training:
             return linear_plus(self.down_proj, h, residual)
