@@ -16,17 +16,21 @@ import torch
 @dataclass(frozen=True)
 class Unpadded:
     """Where the real tokens of a (batch, seq) mask sit: ``indices`` into the flattened
-    batch, in order."""
+    batch, in order; sequence b's are packed rows ``offsets[b]:offsets[b + 1]`` (int64,
+    on the CPU: what attention of packed sequences reads)."""
 
     indices: torch.Tensor
     batch: int
     seq: int
+    offsets: torch.Tensor
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> Unpadded:
         batch, seq = attention_mask.shape
         indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
-        return cls(indices, batch, seq)
+        offsets = attention_mask.sum(1, dtype=torch.int64).cumsum(0).cpu()
+        offsets = torch.cat([offsets.new_zeros(1), offsets])
+        return cls(indices, batch, seq, offsets)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) → (1, real tokens, ...)."""
