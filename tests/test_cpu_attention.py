@@ -266,9 +266,12 @@ def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_module, "cpu_attention", counted)
     real_packed = attention_module.cpu_attention_packed
 
+    packed_calls = []
+
     def counted_packed(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = real_packed(*args, **kwargs)
         calls.append(out is not None)
+        packed_calls.append(out is not None)
         return out
 
     monkeypatch.setattr(attention_module, "cpu_attention_packed", counted_packed)
@@ -282,6 +285,7 @@ def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     after = embedder.embed(texts)
     assert calls and all(calls)  # every layer of every batch ran the kernel
+    assert packed_calls  # mean pooling: unpadded layers, the packed entry
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
 
 
