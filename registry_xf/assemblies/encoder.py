@@ -45,6 +45,7 @@ class Encoder(Assembly):
         self.attention_bias = attention_bias
         self.unpad = unpad
         self.relative_positions = relative_positions
+        self._foreign_attention: list[str] | None = None
 
     def forward(
         self,
@@ -55,13 +56,16 @@ class Encoder(Assembly):
         *,
         output_hidden_states: bool = False,
         output_positions: Sequence[int] | None = None,
+        unpad: bool | None = None,
     ) -> ModelOutput:
         """Encode ``input_ids`` (batch, seq); ``attention_mask`` has 1 for real tokens.
 
         ``output_positions`` (token positions) makes the last layer compute only those
         positions (from keys and values of all): ``last_hidden_state`` is then (batch,
         len(output_positions), width). A reader of the first token alone (a [CLS] head or
-        pooler) saves most of a layer's work."""
+        pooler) saves most of a layer's work. ``unpad`` overrides the model's own setting
+        for this call (True: the real tokens alone where every attention is
+        ``SelfAttention``; outputs at padding are then zeros)."""
         self.check_inputs(input_ids, attention_mask, token_type_ids, positions)
         query_index = self._output_index(output_positions, input_ids.shape[1], input_ids.device)
         self.embeddings.check(input_ids, token_type_ids, positions)
@@ -79,7 +83,7 @@ class Encoder(Assembly):
         else:
             merging = merged = None
         # Merging works on the padded batch: the layers run unpadded only without it.
-        unpadded = None if merged else self._unpadded(attention_mask)
+        unpadded = None if merged else self._unpadded(attention_mask, unpad)
         if unpadded is not None:
             mask.unpadded = unpadded
             h = unpadded.pack(h)
@@ -107,10 +111,17 @@ class Encoder(Assembly):
             h = h.index_select(1, query_index)
         return ModelOutput(last_hidden_state=h, hidden_states=states)
 
-    def _unpadded(self, attention_mask: torch.Tensor | None) -> Unpadded | None:
+    def _unpadded(self, attention_mask: torch.Tensor | None, unpad: bool | None) -> Unpadded | None:
         """Where the real tokens are, if the layers should run on them alone: with
-        ``unpad``, eagerly, when the mask hides some tokens."""
-        if not self.unpad or attention_mask is None or torch.compiler.is_compiling():
+        ``unpad`` (the call's, else the model's) where every layer's attention is
+        ``SelfAttention``, eagerly, when the mask hides some tokens."""
+        if unpad is None:
+            unpad = self.unpad
+        elif unpad and not self.unpad:
+            if self._foreign_attention is None:  # once per model: it does not change
+                self._foreign_attention = foreign_attention(self.layers)
+            unpad = not self._foreign_attention
+        if not unpad or attention_mask is None or torch.compiler.is_compiling():
             return None
         if bool(attention_mask.all()):
             return None
@@ -180,14 +191,7 @@ def encoder(
     ``SelfAttention``, which puts them back in place for the attention itself);
     ``relative_positions`` is a table the layers' attention reads (DeBERTa's)."""
     if unpad:
-        others = sorted(
-            {
-                type(module.attention).__name__
-                for module in layers.modules()
-                if isinstance(getattr(module, "attention", None), nn.Module)
-                and not isinstance(module.attention, SelfAttention)
-            }
-        )
+        others = foreign_attention(layers)
         if others:
             raise ConfigError(
                 [
@@ -203,6 +207,19 @@ def encoder(
     check_token_merging(layers, relative_positions)
     return within_size_bound(
         Encoder(embeddings, layers, final_norm, attention_bias, unpad, relative_positions)
+    )
+
+
+def foreign_attention(layers: nn.Module) -> list[str]:
+    """The class names of the layers' attention modules other than ``SelfAttention`` (which
+    alone handles unpadded tokens)."""
+    return sorted(
+        {
+            type(module.attention).__name__
+            for module in layers.modules()
+            if isinstance(getattr(module, "attention", None), nn.Module)
+            and not isinstance(module.attention, SelfAttention)
+        }
     )
 
 

@@ -12,7 +12,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import HeadCount, HeadWidth, PositionCount, PositiveFloat, Probability, Width
 from .attention_mask import AttentionMask
-from .cpu_attention import cpu_attention
+from .cpu_attention import HEAD_WIDTHS, cpu_attention, cpu_attention_packed, packed_ready
 from .kv_cache import LayerCache
 from .linear_rows import split_rows
 from .packed_linear import linear_plus
@@ -122,6 +122,24 @@ class SelfAttention(nn.Module):
         query_index: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        out = None
+        if mask.unpadded is not None and self._packs(x, mask, cache, query_index):
+            out = self._attend_packed(x, mask.unpadded)
+        if out is None:
+            out = self._attend_padded(x, mask, positions, cache, query_index)
+        if residual is not None:  # added inside the projection where its weight is packed
+            return linear_plus(self.o_proj, out, residual)
+        return self.o_proj(out)
+
+    def _attend_padded(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None,
+        cache: LayerCache | None,
+        query_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention's heads, merged (before the output projection), in ``x``'s layout."""
         if self.rotary is not None and self.fused:
             q, k, v = self._project_rotated(x, mask, positions)
         else:
@@ -136,9 +154,46 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, -1)
         if mask.unpadded is not None:
             out = mask.unpadded.pack(out)
-        if residual is not None:  # added inside the projection where its weight is packed
-            return linear_plus(self.o_proj, out, residual)
-        return self.o_proj(out)
+        return out
+
+    def _packs(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        cache: LayerCache | None,
+        query_index: torch.Tensor | None,
+    ) -> bool:
+        """Whether attention of packed tokens may run on them as they are (the CPU kernel's
+        packed entry): plain padding-masked attention, inference, a kernel for the dtype."""
+        plain = (
+            self.rotary is None
+            and self.alibi is None
+            and self.window is None
+            and mask.bias is None
+            and not mask.causal
+            and cache is None
+            and query_index is None
+            and self.backend == "sdpa"
+            and self.head_width in HEAD_WIDTHS
+        )
+        if not plain or (self.training and self.dropout_p) or torch.is_grad_enabled():
+            return False
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return packed_ready(x.device, dtype)
+
+    def _attend_packed(self, x: torch.Tensor, unpadded: Unpadded) -> torch.Tensor | None:
+        """Attention of packed tokens (1, tokens, width) read straight from the projection's
+        rows, each sequence attending to its own: no padding copies. None if the kernel
+        declines."""
+        n, d = x.shape[1], self.head_width
+        if self.fused:
+            q, k, v = self.qkv_proj(x)[0].split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
+        q = q.view(n, self.n_heads, d)
+        k, v = k.view(n, self.n_kv_heads, d), v.view(n, self.n_kv_heads, d)
+        out = cpu_attention_packed(q, k, v, unpadded.offsets, self.scale)
+        return None if out is None else out.view(1, n, self.n_heads * d)
 
     def _projected(self, x: torch.Tensor, unpadded: Unpadded | None) -> torch.Tensor:
         """The fused projection (batch, seq, q + k + v widths), padded again if packed."""

@@ -48,6 +48,9 @@ struct Problem {
     const void* v;
     void* out;
     const uint8_t* mask;  // may be null: every key allowed
+    // Packed sequences (null: padded batch): sequence b is rows [offsets[b], offsets[b + 1])
+    // of q, k, v and out, its own queries and keys; n_q and n_k are then the longest.
+    const int64_t* offsets;
     int64_t batch, heads, kv_heads, n_q, n_k, dim;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, position
     int64_t mask_batch_stride, mask_key_stride;
@@ -325,18 +328,31 @@ void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
         for (int64_t i = 0; i < dim; ++i) s.values_h[((j / 2) * dim + i) * 2 + (j & 1)] = 0;
 }
 
-// Where the rows of q, k and v of one (batch, head) start.
+// Where the rows of q, k, v and out of one (batch, head) start, and how many there are.
 struct Rows {
     const char* q;
     const char* k;
     const char* v;
+    char* out;
+    int64_t n_q, n_k;
 };
 
 inline Rows rows_of(const Problem& p, int64_t b, int64_t h) {
     const int64_t elem = p.bf16 ? 2 : 4, kv = h / (p.heads / p.kv_heads);
-    return Rows{static_cast<const char*>(p.q) + (b * p.q_stride[0] + h * p.q_stride[1]) * elem,
-                static_cast<const char*>(p.k) + (b * p.k_stride[0] + kv * p.k_stride[1]) * elem,
-                static_cast<const char*>(p.v) + (b * p.v_stride[0] + kv * p.v_stride[1]) * elem};
+    int64_t first = 0, n_q = p.n_q, n_k = p.n_k;
+    if (p.offsets) {
+        first = p.offsets[b];
+        n_q = n_k = p.offsets[b + 1] - first;
+    }
+    const auto at = [&](const int64_t* stride, int64_t head) {
+        return (b * stride[0] + head * stride[1] + first * stride[2]) * elem;
+    };
+    return Rows{static_cast<const char*>(p.q) + at(p.q_stride, h),
+                static_cast<const char*>(p.k) + at(p.k_stride, kv),
+                static_cast<const char*>(p.v) + at(p.v_stride, kv),
+                static_cast<char*>(p.out) + at(p.out_stride, h),
+                n_q,
+                n_k};
 }
 
 // A prefetch the compiler keeps (it drops __builtin_prefetch from functions it deems pure).
@@ -352,8 +368,8 @@ inline void prefetch_rows(const Problem& p, const Rows* next, int64_t from, int6
     const int64_t elem = p.bf16 ? 2 : 4, bytes = p.dim * elem;
     for (int64_t i = from; i < to; ++i)
         for (int64_t off = 0; off < bytes; off += 64) {
-            if (i < p.n_q) prefetch(next->q + i * p.q_stride[2] * elem + off);
-            if (i < p.n_k) {
+            if (i < next->n_q) prefetch(next->q + i * p.q_stride[2] * elem + off);
+            if (i < next->n_k) {
                 prefetch(next->k + i * p.k_stride[2] * elem + off);
                 prefetch(next->v + i * p.v_stride[2] * elem + off);
             }
@@ -391,36 +407,36 @@ void query_block(const Problem& p, Scratch& s, const char* q, int64_t i0, int64_
 template <bool BF16, int VECS>
 void one_head(const Problem& p, Scratch& s, int64_t b, int64_t h, const Rows* next) {
     const int64_t elem = BF16 ? 2 : 4, dim = p.dim;
-    char* out = static_cast<char*>(p.out) + (b * p.out_stride[0] + h * p.out_stride[1]) * elem;
-    const int64_t out_row = p.out_stride[2];
+    const Rows mine = rows_of(p, b, h);
+    const char *q = mine.q, *k = mine.k, *v = mine.v;
+    char* out = mine.out;
+    const int64_t out_row = p.out_stride[2], n_q = mine.n_q, n_k = mine.n_k;
     int64_t n = 0;
     if (p.mask) {
         const uint8_t* m = p.mask + b * p.mask_batch_stride;
-        for (int64_t j = 0; j < p.n_k; ++j)
+        for (int64_t j = 0; j < n_k; ++j)
             if (m[j * p.mask_key_stride]) s.index[n++] = static_cast<int32_t>(j);
     } else {
-        for (int64_t j = 0; j < p.n_k; ++j) s.index[n++] = static_cast<int32_t>(j);
+        for (int64_t j = 0; j < n_k; ++j) s.index[n++] = static_cast<int32_t>(j);
     }
-    const int64_t longest = p.n_q > p.n_k ? p.n_q : p.n_k;
-    if (n == 0) {  // nothing to attend to: zeros
-        for (int64_t i = 0; i < p.n_q; ++i) memset(out + i * out_row * elem, 0, dim * elem);
+    const int64_t longest = n_q > n_k ? n_q : n_k;
+    if (n == 0 || n_q == 0) {  // nothing to attend to: zeros
+        for (int64_t i = 0; i < n_q; ++i) memset(out + i * out_row * elem, 0, dim * elem);
         prefetch_rows(p, next, 0, longest);
         return;
     }
-    const Rows mine = rows_of(p, b, h);
-    const char *q = mine.q, *k = mine.k, *v = mine.v;
     const int64_t padded = (n + 15) / 16 * 16;
     pack<BF16>(p, s, k, v, n, padded);
     constexpr int kBlock = block_rows<VECS>;
-    const int64_t blocks = (p.n_q + kBlock - 1) / kBlock;
+    const int64_t blocks = (n_q + kBlock - 1) / kBlock;
     const int64_t per_block = (longest + blocks - 1) / blocks;
     for (int64_t block = 0; block < blocks; ++block) {
         prefetch_rows(p, next, block * per_block, (block + 1) * per_block);
-        if (p.n_q < kBlock) {  // a few queries: one at a time
-            for (int64_t i = 0; i < p.n_q; ++i)
+        if (n_q < kBlock) {  // a few queries: one at a time
+            for (int64_t i = 0; i < n_q; ++i)
                 query_block<BF16, VECS, 1>(p, s, q, i, n, padded, out);
         } else {  // the last block overlaps the one before (its rows come out the same)
-            const int64_t i0 = (block + 1) * kBlock <= p.n_q ? block * kBlock : p.n_q - kBlock;
+            const int64_t i0 = (block + 1) * kBlock <= n_q ? block * kBlock : n_q - kBlock;
             query_block<BF16, VECS, kBlock>(p, s, q, i0, n, padded, out);
         }
     }
@@ -470,50 +486,19 @@ void* work(void* arg) {
     return nullptr;
 }
 
-}  // namespace
-
-extern "C" {
-
-// 1 when this build takes bfloat16 inputs (the CPU has AVX512-BF16).
-int rx_attention_bf16(void) { return RX_BF16; }
-
-// sizes: batch, heads, kv_heads, n_q, n_k, dim, mask batch stride, mask key stride.
-// strides: (batch, head, position) in elements for q, k, v and out; each row contiguous.
-// dim is 16, 32, 48 or 64; heads a multiple of kv_heads; bf16 = 1 for bfloat16 q, k, v and
-// out (float32 otherwise). Returns 0; 1 when no thread could allocate its scratch memory
-// (the output is then incomplete; threads that could take over the work of those that
-// could not); 2 for bfloat16 in a build without it.
-int rx_attention(const void* q, const void* k, const void* v, void* out, const uint8_t* mask,
-                 const int64_t* sizes, const int64_t* strides, float scale, int bf16,
-                 int threads) {
-    if (bf16 && !RX_BF16) return 2;
-    Problem p;
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.out = out;
-    p.mask = mask;
-    p.batch = sizes[0];
-    p.heads = sizes[1];
-    p.kv_heads = sizes[2];
-    p.n_q = sizes[3];
-    p.n_k = sizes[4];
-    p.dim = sizes[5];
-    p.mask_batch_stride = sizes[6];
-    p.mask_key_stride = sizes[7];
-    for (int i = 0; i < 3; ++i) {
-        p.q_stride[i] = strides[i];
-        p.k_stride[i] = strides[3 + i];
-        p.v_stride[i] = strides[6 + i];
-        p.out_stride[i] = strides[9 + i];
-    }
-    p.scale = scale;
-    p.bf16 = bf16;
+// Runs every (batch, head) of `p` on up to `threads` threads; 0, or 1 when no thread could
+// allocate its scratch memory.
+int run(Problem& p, int threads) {
     p.next.store(0);
     const int64_t tasks = p.batch * p.heads;
     if (threads > tasks) threads = static_cast<int>(tasks);
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
+    if (threads == 1) {  // no parallel region to start and join
+        Worker w{&p, 0};
+        work(&w);
+        return w.failed;
+    }
 #ifdef _OPENMP
     // With OpenMP the threads are those of the OpenMP runtime already loaded (torch's
     // libgomp, same soname): no second pool competing with torch's for the cores.
@@ -541,6 +526,90 @@ int rx_attention(const void* q, const void* k, const void* v, void* out, const u
     }
     return failed;
 #endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build takes bfloat16 inputs (the CPU has AVX512-BF16).
+int rx_attention_bf16(void) { return RX_BF16; }
+
+// sizes: batch, heads, kv_heads, n_q, n_k, dim, mask batch stride, mask key stride.
+// strides: (batch, head, position) in elements for q, k, v and out; each row contiguous.
+// dim is 16, 32, 48 or 64; heads a multiple of kv_heads; bf16 = 1 for bfloat16 q, k, v and
+// out (float32 otherwise). Returns 0; 1 when no thread could allocate its scratch memory
+// (the output is then incomplete; threads that could take over the work of those that
+// could not); 2 for bfloat16 in a build without it.
+int rx_attention(const void* q, const void* k, const void* v, void* out, const uint8_t* mask,
+                 const int64_t* sizes, const int64_t* strides, float scale, int bf16,
+                 int threads) {
+    if (bf16 && !RX_BF16) return 2;
+    Problem p;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.mask = mask;
+    p.offsets = nullptr;
+    p.batch = sizes[0];
+    p.heads = sizes[1];
+    p.kv_heads = sizes[2];
+    p.n_q = sizes[3];
+    p.n_k = sizes[4];
+    p.dim = sizes[5];
+    p.mask_batch_stride = sizes[6];
+    p.mask_key_stride = sizes[7];
+    for (int i = 0; i < 3; ++i) {
+        p.q_stride[i] = strides[i];
+        p.k_stride[i] = strides[3 + i];
+        p.v_stride[i] = strides[6 + i];
+        p.out_stride[i] = strides[9 + i];
+    }
+    p.scale = scale;
+    p.bf16 = bf16;
+    return run(p, threads);
+}
+
+// Packed sequences, one after another (an unpadded batch): sequence b is the token rows
+// [offsets[b], offsets[b + 1]) of q, k, v and out, and attends to its own tokens alone.
+// sizes: sequences, heads, kv_heads, dim, tokens. strides: (head, token) in elements for
+// q, k, v and out. Returns 3 when the offsets do not rise from 0 to tokens; otherwise as
+// rx_attention.
+int rx_attention_packed(const void* q, const void* k, const void* v, void* out,
+                        const int64_t* offsets, const int64_t* sizes, const int64_t* strides,
+                        float scale, int bf16, int threads) {
+    if (bf16 && !RX_BF16) return 2;
+    int64_t longest = 0;
+    if (offsets[0] != 0 || offsets[sizes[0]] != sizes[4]) return 3;
+    for (int64_t b = 0; b < sizes[0]; ++b) {
+        const int64_t n = offsets[b + 1] - offsets[b];
+        if (n < 0) return 3;
+        if (n > longest) longest = n;
+    }
+    Problem p;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.mask = nullptr;
+    p.offsets = offsets;
+    p.batch = sizes[0];
+    p.heads = sizes[1];
+    p.kv_heads = sizes[2];
+    p.n_q = p.n_k = longest;
+    p.dim = sizes[3];
+    p.mask_batch_stride = p.mask_key_stride = 0;
+    for (int i = 0; i < 2; ++i) {
+        p.q_stride[i + 1] = strides[i];
+        p.k_stride[i + 1] = strides[2 + i];
+        p.v_stride[i + 1] = strides[4 + i];
+        p.out_stride[i + 1] = strides[6 + i];
+    }
+    p.q_stride[0] = p.k_stride[0] = p.v_stride[0] = p.out_stride[0] = 0;
+    p.scale = scale;
+    p.bf16 = bf16;
+    return run(p, threads);
 }
 
 }  // extern "C"

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from . import cpu_kernels
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_int,
     ]
     lib.rx_attention.restype = ctypes.c_int
+    lib.rx_attention_packed.argtypes = [ctypes.c_void_p] * 4 + [
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.rx_attention_packed.restype = ctypes.c_int
     lib.rx_attention_bf16.restype = ctypes.c_int
 
 
@@ -79,27 +89,35 @@ def library() -> ctypes.CDLL | str:
     return cpu_kernels.library(SOURCE, _declare)
 
 
-def _shape_problem(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> str | None:
-    """Why these tensors are not a case the kernel computes (None when they are)."""
+def _tensor_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these tensors' device, dtype, head width or use make no case for the kernel."""
     if q.device.type != "cpu" or k.device != q.device or v.device != q.device:
         return f"tensors on {q.device}"
     if q.dtype not in (torch.float32, torch.bfloat16) or {k.dtype, v.dtype} != {q.dtype}:
         return f"dtype {q.dtype}"
+    if q.shape[-1] not in HEAD_WIDTHS:
+        return f"head width {q.shape[-1]}"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "head rows that are not contiguous"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "autograd"
+    return None
+
+
+def _shape_problem(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> str | None:
+    """Why these tensors are not a case the kernel computes (None when they are)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "inputs that are not (batch, heads, positions, head width)"
     b, h, _, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % max(k.shape[1], 1):
         return "keys and values whose shapes do not match the queries"
-    if d not in HEAD_WIDTHS:
-        return f"head width {d}"
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        return "head rows that are not contiguous"
+    problem = _tensor_problem(q, k, v)
+    if problem:
+        return problem
     if k.shape[2] >= 2**31 or q.numel() == 0 or k.shape[2] == 0:
         return "an empty or huge sequence"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "autograd"
     if mask is not None:
         if mask.dtype != torch.bool or mask.device != q.device:
             return "a mask that is not boolean (an additive bias)"
@@ -108,6 +126,32 @@ def _shape_problem(
         if mask.shape[0] not in (1, b):
             return "a mask whose batch size differs"
     return None
+
+
+def _ready(q: torch.Tensor, problem: str | None) -> ctypes.CDLL | None:
+    """The library, if the kernel may run on ``q`` (and ``problem`` is None), else None."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None  # a graph: torch's operator, which the compiler or exporter knows
+    if not enabled():
+        _skip(f"{SWITCH} turns it off", logging.INFO)
+        return None
+    if problem:
+        _skip(problem)
+        return None
+    lib = library()
+    if isinstance(lib, str):
+        _skip(lib, logging.INFO)
+        return None
+    if q.dtype == torch.bfloat16 and not lib.rx_attention_bf16():
+        _skip("bfloat16 on a CPU without AVX512-BF16")
+        return None
+    return lib
+
+
+def _threads(work: int) -> int:
+    """One thread for a small call (starting another costs more than it saves), else
+    torch's count."""
+    return 1 if work < PARALLEL_FROM else torch.get_num_threads()
 
 
 def cpu_attention(
@@ -125,23 +169,10 @@ def cpu_attention(
     1, 1, 1, keys), True = attend. A batch entry with no key allowed gets zeros. The result
     is (batch, heads, queries, width), a view of a (batch, queries, heads, width) tensor,
     so that merging the heads after it copies nothing."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None  # a graph: torch's operator, which the compiler or exporter knows
-    if not enabled():
-        _skip(f"{SWITCH} turns it off", logging.INFO)
-        return None
-    problem = _shape_problem(q, k, v, mask)
-    if problem:
-        _skip(problem)
-        return None
-    lib = library()
-    if isinstance(lib, str):
-        _skip(lib, logging.INFO)
+    lib = _ready(q, _shape_problem(q, k, v, mask))
+    if lib is None:
         return None
     bf16 = q.dtype == torch.bfloat16
-    if bf16 and not lib.rx_attention_bf16():
-        _skip("bfloat16 on a CPU without AVX512-BF16")
-        return None
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     out = torch.empty((b, n_q, h, d), dtype=q.dtype).transpose(1, 2)
@@ -152,8 +183,7 @@ def cpu_attention(
     strides = (ctypes.c_int64 * 12)(
         *(s for t in (q, k, v, out) for s in (t.stride(0), t.stride(1), t.stride(2)))
     )
-    work = b * h * n_q * n_k * d
-    threads = 1 if work < PARALLEL_FROM else torch.get_num_threads()
+    threads = _threads(b * h * n_q * n_k * d)
     status = lib.rx_attention(
         q.data_ptr(),
         k.data_ptr(),
@@ -167,6 +197,79 @@ def cpu_attention(
         threads,
     )
     if status:
+        _skip(f"the kernel could not run (status {status}: out of memory)", logging.WARNING)
+        return None
+    return out
+
+
+def packed_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``cpu_attention_packed`` would run for tensors of this device and dtype
+    here (so that a caller may choose the packed layout for its sake)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not enabled():
+        return False
+    lib = library()
+    return not isinstance(lib, str) and (dtype == torch.float32 or bool(lib.rx_attention_bf16()))
+
+
+def _packed_problem(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor
+) -> str | None:
+    """Why these packed tensors are not a case the kernel computes (None when they are)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return "packed inputs that are not (tokens, heads, head width)"
+    n, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != d or h % max(k.shape[1], 1):
+        return "packed keys and values whose shapes do not match the queries"
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or not offsets.is_contiguous():
+        return "sequence offsets that are not one contiguous row of int64"
+    if n >= 2**31 or n == 0 or len(offsets) < 2:
+        return "an empty or huge packed batch"
+    return _tensor_problem(q, k, v)
+
+
+def cpu_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """Attention of packed sequences (an unpadded batch), or None where the kernel does not
+    apply (as ``cpu_attention``; then the caller pads them again).
+
+    ``q`` is (tokens, heads, width), ``k`` and ``v`` (tokens, kv heads, width), views of
+    the projection's rows; sequence ``b`` is tokens ``offsets[b]:offsets[b + 1]`` (CPU
+    int64, non-decreasing from 0 to tokens) and attends to its own tokens alone. The
+    result is (tokens, heads, width), contiguous: the heads merge with a view. Offsets
+    that do not fit raise ``InputError``."""
+    lib = _ready(q, _packed_problem(q, k, v, offsets))
+    if lib is None:
+        return None
+    n, h, d = q.shape
+    out = torch.empty((n, h, d), dtype=q.dtype)
+    sizes = (ctypes.c_int64 * 5)(len(offsets) - 1, h, k.shape[1], d, n)
+    strides = (ctypes.c_int64 * 8)(*(s for t in (q, k, v, out) for s in (t.stride(1), t.stride(0))))
+    work = n * n // (len(offsets) - 1) * h * d  # sequences of equal lengths
+    status = lib.rx_attention_packed(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        ctypes.cast(offsets.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
+        sizes,
+        strides,
+        float(scale),
+        int(q.dtype == torch.bfloat16),
+        _threads(work),
+    )
+    if status:
+        if status == 3:
+            raise InputError(
+                f"cpu_attention_packed offsets: expected a non-decreasing row from 0 to the "
+                f"{n} tokens; found {offsets.tolist()}"
+            )
         _skip(f"the kernel could not run (status {status}: out of memory)", logging.WARNING)
         return None
     return out

@@ -9,6 +9,7 @@ into the padded layout for the attention itself and packs the result again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -16,17 +17,26 @@ import torch
 @dataclass(frozen=True)
 class Unpadded:
     """Where the real tokens of a (batch, seq) mask sit: ``indices`` into the flattened
-    batch, in order."""
+    batch, in order, and each sequence's count of them, ``lengths``."""
 
     indices: torch.Tensor
     batch: int
     seq: int
+    lengths: torch.Tensor
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> Unpadded:
         batch, seq = attention_mask.shape
         indices = attention_mask.reshape(-1).nonzero().squeeze(-1)
-        return cls(indices, batch, seq)
+        return cls(indices, batch, seq, attention_mask.sum(1, dtype=torch.int64))
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        """Sequence b's packed rows are ``offsets[b]:offsets[b + 1]`` (int64, on the CPU:
+        what attention of packed sequences reads); computed at the first use, so that a
+        pass that never reads it (on an accelerator) waits for no copy."""
+        ends = self.lengths.cumsum(0).cpu()
+        return torch.cat([ends.new_zeros(1), ends])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) → (1, real tokens, ...)."""

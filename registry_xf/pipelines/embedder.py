@@ -13,6 +13,7 @@ from torch import nn
 
 from ..assemblies.encoder import Encoder
 from ..errors import InputError, RegistryXFError
+from ..layers import cpu_attention
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .batching import length_batches
@@ -152,6 +153,12 @@ class Embedder(Prompting):
             pooled = nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
 
+    def _packs_attention(self) -> bool:
+        """Whether attention runs on packed (unpadded) tokens as they are here (the CPU
+        kernel's packed entry), so that unpadding the layers costs no copies."""
+        dtype = self.matmul_dtype or self.model.dtype
+        return not self.compiled and cpu_attention.packed_ready(self.model.device, dtype)
+
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices of texts grouped by similar length under the token budget."""
         return length_batches(lengths, self.batch_tokens, self.max_batch_size)
@@ -192,6 +199,8 @@ class Embedder(Prompting):
         # [CLS] pooling reads one position: the encoder's last layer need compute no other
         first_only = self.pooler.mode == "cls" and (not prompt_length or self.pooler.include_prompt)
         only = {"output_positions": (0,)} if first_only and isinstance(self.model, Encoder) else {}
+        if not only and isinstance(self.model, Encoder) and self._packs_attention():
+            only = {"unpad": True}  # no arithmetic on padding, and no copies for attention
         out = np.zeros((len(texts), width), dtype=np.float32)
         bar = _progress(len(texts), progress)
 
