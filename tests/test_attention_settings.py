@@ -34,21 +34,25 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Each call of the kernel from ``attend``: whether it computed the result. The real
     kernel runs; the list only records its calls."""
     calls: list[bool] = []
-    real = attention_module.cpu_attention
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
+    def counting(real):  # type: ignore[no-untyped-def]
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            out = real(*args, **kwargs)
+            calls.append(out is not None)
+            return out
 
-    monkeypatch.setattr(attention_module, "cpu_attention", counted)
+        return counted
+
+    for entry in ("cpu_attention", "cpu_attention_packed"):  # padded and packed tokens
+        monkeypatch.setattr(attention_module, entry, counting(getattr(attention_module, entry)))
     return calls
 
 
-def hidden(model: torch.nn.Module) -> torch.Tensor:
+def hidden(model: torch.nn.Module, unpad: bool | None = None) -> torch.Tensor:
     ids, mask = random_batch(seed=4, batch=3, seq=20)
     with torch.no_grad():
-        return model(ids, mask).last_hidden_state
+        out = model(ids, mask, unpad=unpad).last_hidden_state
+    return out * mask.unsqueeze(-1)  # unpadded layers leave zeros at padding
 
 
 def test_the_setting_keeps_the_kernel_out_with_the_same_outputs(
@@ -59,12 +63,29 @@ def test_the_setting_keeps_the_kernel_out_with_the_same_outputs(
     layers = [m for m in off.modules() if isinstance(m, SelfAttention)]
     assert layers and all(m.cpu_kernel is False for m in layers)
     assert all(m.cpu_kernel for m in default.modules() if isinstance(m, SelfAttention))
-    with_kernel = hidden(default)
-    assert kernel_calls, "the default model asks the kernel"
+    for unpad in (None, True):  # padded tokens, and packed ones (as Embedder runs them)
+        kernel_calls.clear()
+        with_kernel = hidden(default, unpad)
+        assert kernel_calls, "the default model asks the kernel"
+        kernel_calls.clear()
+        without = hidden(off, unpad)
+        assert kernel_calls == []
+        torch.testing.assert_close(without, with_kernel, atol=1e-5, rtol=0)
+
+
+def test_the_embedder_keeps_to_the_setting(kernel_calls: list[bool]) -> None:
+    """The Embedder runs mean-pooled layers on packed tokens for the kernel's sake; a model
+    whose setting turns the kernel off is never given to it that way either."""
+    texts = ["a short one", "and a longer text than that one, with more words in it"]
+    default = rx.Embedder()
+    with_kernel = default.embed(texts)
+    assert any(kernel_calls), "the default embedder asks the kernel"
     kernel_calls.clear()
-    without = hidden(off)
+    off = rx.Embedder(rx.load(default.model.record.origin.path, overrides={SETTING: False}))
+    kernel_calls.clear()
+    without = off.embed(texts)
     assert kernel_calls == []
-    torch.testing.assert_close(without, with_kernel, atol=1e-5, rtol=0)
+    assert abs(without - with_kernel).max() < 1e-5
 
 
 def test_the_setting_in_a_cfg_and_through_save(

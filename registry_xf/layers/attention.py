@@ -174,6 +174,7 @@ class SelfAttention(nn.Module):
             and cache is None
             and query_index is None
             and self.backend == "sdpa"
+            and self.cpu_kernel
             and self.head_width in HEAD_WIDTHS
         )
         if not plain or (self.training and self.dropout_p) or torch.is_grad_enabled():

@@ -14,6 +14,7 @@ from torch import nn
 from ..assemblies.encoder import Encoder
 from ..errors import InputError, RegistryXFError
 from ..layers import cpu_attention
+from ..layers.attention import SelfAttention
 from ..loading.load import load
 from ..loading.sources import DEFAULT_MODEL
 from .batching import length_batches
@@ -157,7 +158,9 @@ class Embedder(Prompting):
         """Whether attention runs on packed (unpadded) tokens as they are here (the CPU
         kernel's packed entry), so that unpadding the layers costs no copies."""
         dtype = self.matmul_dtype or self.model.dtype
-        return not self.compiled and cpu_attention.packed_ready(self.model.device, dtype)
+        if self.compiled or not cpu_attention.packed_ready(self.model.device, dtype):
+            return False
+        return all(m.cpu_kernel for m in self.model.modules() if isinstance(m, SelfAttention))
 
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices of texts grouped by similar length under the token budget."""
