@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -48,19 +47,13 @@ HEAD_WIDTHS = (16, 32, 48, 64)
 # and joining another costs more than it saves.
 PARALLEL_FROM = 2_000_000
 
-_logged: set[str] = set()
-
 
 def enabled() -> bool:
     """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_ATTENTION``)."""
-    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    return cpu_kernels.switched_on(SWITCH)
 
 
-def _skip(reason: str, level: int = logging.DEBUG) -> None:
-    """Log why the kernel does not run, once per reason."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.log(level, "CPU attention kernel not used: %s; using torch's attention", reason)
+_skip = cpu_kernels.OnceLog(logger, "CPU attention kernel", "torch's attention")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,19 +45,13 @@ PANEL = 64  # output columns per packed weight panel (the kernel's, checked at l
 PARALLEL_FROM = 4_000_000
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
-_logged: set[str] = set()
-
 
 def enabled() -> bool:
     """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_BF16_LINEAR``)."""
-    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    return cpu_kernels.switched_on(SWITCH)
 
 
-def _skip(reason: str, level: int = logging.DEBUG) -> None:
-    """Log why the kernel does not run, once per reason."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.log(level, "CPU bfloat16 linear kernel not used: %s; using oneDNN", reason)
+_skip = cpu_kernels.OnceLog(logger, "CPU bfloat16 linear kernel", "oneDNN")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -51,8 +50,6 @@ PARALLEL_FROM = 1 << 18
 # Bytes each thread keeps between calls for the int8 codes and the int32 products (freed
 # with the thread); a larger product gets memory of its own
 SCRATCH_LIMIT = 64 << 20
-
-_logged: set[str] = set()
 
 
 class _Scratch(threading.local):
@@ -78,14 +75,10 @@ _scratch = _Scratch()
 
 def enabled() -> bool:
     """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_INT8``)."""
-    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    return cpu_kernels.switched_on(SWITCH)
 
 
-def _skip(reason: str, level: int = logging.DEBUG) -> None:
-    """Log why the kernel does not run, once per reason."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.log(level, "CPU int8 kernel not used: %s; using the torch loops", reason)
+_skip = cpu_kernels.OnceLog(logger, "CPU int8 kernel", "the torch loops")
 
 
 _P = ctypes.c_void_p

@@ -42,6 +42,26 @@ COMPILE_TIMEOUT_S = 300
 _lock = threading.Lock()
 
 
+def switched_on(variable: str) -> bool:
+    """Whether the environment variable ``variable`` lets a kernel run: unset, or anything
+    but "0", "off", "false" and "no"."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class OnceLog:
+    """Logs why a kernel does not run, once per reason (a reason is a fact of the machine
+    or of a kind of call, and would otherwise be logged at every call)."""
+
+    def __init__(self, log: logging.Logger, kernel: str, instead: str):
+        self.log, self.kernel, self.instead = log, kernel, instead
+        self.seen: set[str] = set()
+
+    def __call__(self, reason: str, level: int = logging.DEBUG) -> None:
+        if reason not in self.seen:
+            self.seen.add(reason)
+            self.log.log(level, "%s not used: %s; using %s", self.kernel, reason, self.instead)
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``, read once; empty where there is none)."""
