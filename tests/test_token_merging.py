@@ -223,6 +223,33 @@ def batch_of(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def test_a_batch_that_would_merge_nothing_runs_as_without_merging() -> None:
+    """A batch whose every text is under ``min_length`` never starts merging: it runs as
+    an unmerged batch does, unpadded where asked (merging would keep it padded); a batch
+    with one long text merges."""
+    model = tiny_bert()
+    merging = TokenMerging(fraction=0.3, min_length=20)
+    short_ids, short_mask = batch_of([12, 7, 19], seed=5)
+    assert not merging.merges_any(short_mask.bool(), short_ids.shape[1])
+    started = []
+    real_start = merging.start
+    merging.start = lambda *a: started.append(1) or real_start(*a)  # type: ignore[method-assign]
+    model.layers.token_merging = merging
+    try:
+        with torch.no_grad():
+            packed = model(short_ids, short_mask, unpad=True).last_hidden_state
+            long_ids, long_mask = batch_of([12, 30], seed=6)
+            assert merging.merges_any(long_mask.bool(), long_ids.shape[1])
+            model(long_ids, long_mask)
+    finally:
+        model.layers.token_merging = None
+    assert started == [1]  # the long batch alone
+    with torch.no_grad():
+        plain = model(short_ids, short_mask, unpad=True).last_hidden_state
+    torch.testing.assert_close(packed, plain, atol=0, rtol=0)
+    assert not merging.merges_any(None, 20) and merging.merges_any(None, 24)  # room: n - 20
+
+
 def test_a_padded_batch_merges_each_row_as_alone() -> None:
     model = tiny_bert()
     ids, mask = batch_of([30, 17, 24, 9], seed=3)

@@ -78,7 +78,7 @@ class Encoder(Assembly):
         states = [h] if output_hidden_states else []
         layers = self.layers.applied()
         merging = getattr(self.layers, "token_merging", None)  # a stack of a plugin: none
-        if merging is not None and merging.enabled:
+        if merging is not None and merging.enabled and self._merges(merging, mask, input_ids):
             merged = merging.start(input_ids, mask, positions)
         else:
             merging = merged = None
@@ -110,6 +110,14 @@ class Encoder(Assembly):
         if query_index is not None and not last_only:
             h = h.index_select(1, query_index)
         return ModelOutput(last_hidden_state=h, hidden_states=states)
+
+    @staticmethod
+    def _merges(merging: nn.Module, mask: AttentionMask, input_ids: torch.Tensor) -> bool:
+        """Whether Token Merging takes this batch: not where it would merge no token (a
+        batch of short texts then runs as without merging, unpadded where it may)."""
+        if torch.compiler.is_compiling():
+            return True  # one graph for every batch
+        return merging.merges_any(mask.key_mask, input_ids.shape[1])
 
     def _unpadded(self, attention_mask: torch.Tensor | None, unpad: bool | None) -> Unpadded | None:
         """Where the real tokens are, if the layers should run on them alone: with

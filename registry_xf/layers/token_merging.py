@@ -111,7 +111,17 @@ class TokenMerging:
 
     def tokens_to_merge(self, state: MergeState) -> torch.Tensor:
         """(batch,) how many tokens each sequence should lose at the next merge."""
-        n_real = state.real.sum(1)
+        return self._to_merge(state.real.sum(1))
+
+    def merges_any(self, key_mask: torch.Tensor | None, seq: int) -> bool:
+        """Whether a batch (its key mask, or ``seq`` tokens each without one) loses any
+        token: a batch that does not (every text under ``min_length``) is better run as
+        if merging were off, since merging keeps the batch padded. After a merge of none
+        the next asks the same, so the first decides."""
+        n_real = torch.tensor([seq]) if key_mask is None else key_mask.sum(1)
+        return bool((self._to_merge(n_real) > 0).any())
+
+    def _to_merge(self, n_real: torch.Tensor) -> torch.Tensor:
         wanted = (
             torch.floor(n_real * self.fraction).long()
             if self.fraction
