@@ -96,18 +96,6 @@ def _checked(lib: ctypes.CDLL) -> ctypes.CDLL | str:
     return lib
 
 
-def activation_code(activation: torch.nn.Module | None) -> str | None | bool:
-    """The kernel's name for ``activation`` (None: none), or False where it has none that
-    computes the same function (exact or tanh GELU, ReLU)."""
-    if activation is None:
-        return None
-    if type(activation) is torch.nn.GELU:
-        return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if type(activation) is torch.nn.ReLU:
-        return "relu"
-    return False
-
-
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out x in, float32) in the kernel's layout: bfloat16 (rounded to nearest
     even, as ``.to(torch.bfloat16)``), panels of 64 output rows, pairs of inputs side by
