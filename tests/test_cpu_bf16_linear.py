@@ -201,14 +201,12 @@ def test_no_avx512_bf16_or_no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path
     compiler: the reason, and None from every call (the layer then runs oneDNN)."""
     x, weight, bias, _ = operands(20, 64, 48, seed=8)
     flags = cpu_kernels.cpu_flags() - {"avx512_bf16"}
-    kernel.cpu_has_bf16.cache_clear()
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
     try:
         assert kernel.library() == "the CPU lacks AVX512-BF16"
         assert run(x, weight, bias) is None
     finally:
         monkeypatch.undo()
-        kernel.cpu_has_bf16.cache_clear()
     if not kernel.cpu_has_bf16():
         return
     monkeypatch.setenv(cpu_kernels.COMPILER, str(tmp_path / "no-such-c++"))

@@ -83,9 +83,8 @@ def library() -> ctypes.CDLL | str:
     return _checked(lib)
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether the CPU has AVX512-BF16 (read once: ``/proc/cpuinfo`` takes 60 µs)."""
+    """Whether the CPU has AVX512-BF16 (``cpu_kernels.cpu_flags`` reads its flags once)."""
     return "avx512_bf16" in cpu_kernels.cpu_flags()
 
 
