@@ -103,45 +103,66 @@ struct Scratch {
     }
 };
 
-// 2^t for t <= 0: 2^n * p(f), n = round(t), f = t - n in [-1/2, 1/2], p of degree 6 (the
-// Taylor series of 2^f: relative error below 1.2e-7, about float32's rounding).
+// 2^t for t <= 0: 2^n * p(f), n = round(t), f = t - n in [-1/2, 1/2], p of degree 5 (fitted
+// to 2^f for least relative error, which it keeps below 2e-7, about float32's rounding; one
+// multiply-add fewer than the Taylor series of degree 6 that this accuracy would need).
 inline __m512 exp2_nonpositive(__m512 t) {
     t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    __m512 p = _mm512_set1_ps(1.3264724226486992e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715132439667200e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337568517306e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242074651387e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697758800190e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
 
-// Scores of `ROWS` queries against `VECS` x 16 packed keys (float32).
+// Lanes of a tile's vector `c` that hold one of the `valid` scores counted from the tile's
+// start (the others are padding keys, whose zero scores must not count in a row's maximum).
+inline __mmask16 valid_lanes(int64_t valid, int c) {
+    const int64_t left = valid - 16 * c;
+    return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Stores a tile of scores and takes its valid ones into the rows' maxima.
+template <int ROWS, int VECS>
+inline void store_tile(const __m512 (&acc)[ROWS][VECS], float* out, int64_t out_row,
+                       int64_t valid, __m512* top) {
+    __mmask16 lanes[VECS];
+    for (int c = 0; c < VECS; ++c) lanes[c] = valid_lanes(valid, c);
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < VECS; ++c) {
+            _mm512_storeu_ps(out + r * out_row + 16 * c, acc[r][c]);
+            top[r] = _mm512_mask_max_ps(top[r], lanes[c], top[r], acc[r][c]);
+        }
+}
+
+// Scores of `ROWS` queries against `VECS` x 16 packed keys (float32); each row's running
+// maximum `top` takes in the tile's `valid` first scores while they are in registers.
 template <int ROWS, int VECS, int DIM>
 inline void score_tile_f(const float* q, int64_t q_row, const float* keys, int64_t padded,
-                         float* out, int64_t out_row) {
+                         float* out, int64_t out_row, int64_t valid, __m512* top) {
     __m512 acc[ROWS][VECS];
     for (int r = 0; r < ROWS; ++r)
         for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int i = 0; i < DIM; ++i) {
         __m512 key[VECS];
-        for (int c = 0; c < VECS; ++c) key[c] = _mm512_loadu_ps(keys + i * padded + 16 * c);
+        for (int c = 0; c < VECS; ++c) key[c] = _mm512_load_ps(keys + (c * DIM + i) * 16);
         for (int r = 0; r < ROWS; ++r) {
             __m512 qi = _mm512_set1_ps(q[r * q_row + i]);
             for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_fmadd_ps(qi, key[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < ROWS; ++r)
-        for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(out + r * out_row + 16 * c, acc[r][c]);
+    store_tile<ROWS, VECS>(acc, out, out_row, valid, top);
 }
 
 // The same for bfloat16: two dims per instruction, float32 sums.
 template <int ROWS, int VECS, int DIM>
 inline void score_tile_h(const uint16_t* q, int64_t q_row, const uint16_t* keys,
-                         int64_t padded, float* out, int64_t out_row) {
+                         int64_t padded, float* out, int64_t out_row, int64_t valid,
+                         __m512* top) {
 #if RX_BF16
     __m512 acc[ROWS][VECS];
     for (int r = 0; r < ROWS; ++r)
@@ -157,62 +178,55 @@ inline void score_tile_h(const uint16_t* q, int64_t q_row, const uint16_t* keys,
             for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qi, key[c]);
         }
     }
-    for (int r = 0; r < ROWS; ++r)
-        for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(out + r * out_row + 16 * c, acc[r][c]);
+    store_tile<ROWS, VECS>(acc, out, out_row, valid, top);
 #endif
 }
 
+template <int ROWS, int VECS, bool BF16, int DIM>
+inline void score_tile(const void* q, int64_t q_row, const Scratch& s, int64_t j,
+                       int64_t padded, float* out, int64_t n, __m512* top) {
+    if (BF16)
+        score_tile_h<ROWS, VECS, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
+                                      padded, out + j, padded, n - j, top);
+    else
+        score_tile_f<ROWS, VECS, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j * DIM,
+                                      padded, out + j, padded, n - j, top);
+}
+
+// Scores of ROWS queries against the `n` keys (padded to `padded`) into `out`, and each
+// row's largest score into `top`.
 template <int ROWS, bool BF16, int DIM>
-void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t padded, float* out) {
+void score_rows(const void* q, int64_t q_row, const Scratch& s, int64_t n, int64_t padded,
+                float* out, float* top) {
     constexpr int kKeyVecs = key_vecs<DIM / 16>;
+    __m512 tops[ROWS];
+    for (int r = 0; r < ROWS; ++r) tops[r] = _mm512_set1_ps(-__builtin_inff());
     // Full tiles, then what is left in tiles of 2 and 1 vectors; with 3-vector tiles a
     // last single vector is taken as 2 + 2 with the tile before (wider tiles reuse more)
     int64_t full = padded;
     if (kKeyVecs == 3 && padded % 48 == 16 && padded >= 64) full = padded - 64;
     int64_t j = 0;
-    for (; j + 16 * kKeyVecs <= full; j += 16 * kKeyVecs) {
-        if (BF16)
-            score_tile_h<ROWS, kKeyVecs, DIM>(static_cast<const uint16_t*>(q), q_row,
-                                              s.keys_h + 2 * j, padded, out + j, padded);
-        else
-            score_tile_f<ROWS, kKeyVecs, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j,
-                                              padded, out + j, padded);
-    }
-    for (; kKeyVecs > 2 && j + 32 <= padded; j += 32) {
-        if (BF16)
-            score_tile_h<ROWS, 2, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
-                                       padded, out + j, padded);
-        else
-            score_tile_f<ROWS, 2, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j, padded,
-                                       out + j, padded);
-    }
-    for (; j < padded; j += 16) {
-        if (BF16)
-            score_tile_h<ROWS, 1, DIM>(static_cast<const uint16_t*>(q), q_row, s.keys_h + 2 * j,
-                                       padded, out + j, padded);
-        else
-            score_tile_f<ROWS, 1, DIM>(static_cast<const float*>(q), q_row, s.keys_f + j, padded,
-                                       out + j, padded);
-    }
+    for (; j + 16 * kKeyVecs <= full; j += 16 * kKeyVecs)
+        score_tile<ROWS, kKeyVecs, BF16, DIM>(q, q_row, s, j, padded, out, n, tops);
+    for (; kKeyVecs > 2 && j + 32 <= padded; j += 32)
+        score_tile<ROWS, 2, BF16, DIM>(q, q_row, s, j, padded, out, n, tops);
+    for (; j < padded; j += 16) score_tile<ROWS, 1, BF16, DIM>(q, q_row, s, j, padded, out, n, tops);
+    for (int r = 0; r < ROWS; ++r) top[r] = _mm512_reduce_max_ps(tops[r]);
 }
 
-// Scores to probabilities in place over the `n` allowed keys (exp(scale * (s - max)) as
-// 2^(s * c - max * c), c = scale * log2(e)); returns 1 / their sum.
-inline float softmax_row(float* row, int64_t n, float scale) {
-    __m512 top = _mm512_set1_ps(-__builtin_inff());
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
-    __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
-    if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, row + j));
+// Scores to probabilities in place over the `n` allowed keys, given their maximum `top`
+// (exp(scale * (s - top)) as 2^(s * c - top * c), c = scale * log2(e)); returns 1 / their sum.
+inline float softmax_row(float* row, int64_t n, float scale, float top) {
     const float c = scale * 1.44269504088896341f;
-    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * c);
-    __m512 factor = _mm512_set1_ps(c);
+    const __m512 shift = _mm512_set1_ps(top * c), factor = _mm512_set1_ps(c);
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= n; j += 16) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
         __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), factor, shift));
         _mm512_storeu_ps(row + j, e);
         sum = _mm512_add_ps(sum, e);
     }
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
     if (tail) {
         __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), factor, shift));
         e = _mm512_maskz_mov_ps(tail, e);
@@ -283,31 +297,74 @@ void weigh_rows(bool bf16, const Scratch& s, int row0, int64_t n, int64_t padded
                                    static_cast<float*>(out) + row0 * out_row, out_row);
 }
 
-// Gathers the allowed keys and values of one (batch, head) into the packed layouts.
+// Transposes 16 rows of 16 floats in registers (row k, element e to row e, element k):
+// pairs of rows interleaved, then groups of four, then 128-bit lanes swapped among
+// groups of four rows.
+inline void transpose16(__m512 (&r)[16]) {
+    __m512 t[16];
+    for (int k = 0; k < 16; k += 2) {
+        t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+    }
+    __m512 u[16];  // lane L of u[4g + m]: element 4L + m of rows 4g .. 4g + 3
+    for (int g = 0; g < 4; ++g) {
+        u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; ++m) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+        __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        __m512 v3 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        r[8 + m] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[12 + m] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
+
+// Gathers the allowed keys and values of one (batch, head) into the packed layouts. float32
+// keys go in groups of 16 (group g: dim x 16 keys, contiguous, so that a score tile reads
+// each of its key vectors as one stream); with no mask the allowed keys are rows 0 .. n-1,
+// transposed 16 x 16 in registers, else they are gathered by index.
 template <bool BF16>
 void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
           int64_t padded) {
     const int64_t dim = p.dim, elem = BF16 ? 2 : 4;
     const int64_t k_row = p.k_stride[2] * elem, v_row = p.v_stride[2] * elem;
     if (!BF16) {
-        int64_t j = 0;
-        if (p.n_k * p.k_stride[2] < (int64_t{1} << 31)) {  // 16 keys at a time, gathered
-            const float* base = reinterpret_cast<const float*>(k);
-            const __m512i row = _mm512_set1_epi32(static_cast<int>(p.k_stride[2]));
-            for (; j + 16 <= n; j += 16) {
-                __m512i at = _mm512_mullo_epi32(_mm512_loadu_si512(s.index + j), row);
-                for (int64_t i = 0; i < dim; ++i)
-                    _mm512_storeu_ps(s.keys_f + i * padded + j,
-                                     _mm512_i32gather_ps(at, base + i, 4));
+        const auto at = [&](int64_t j, int64_t i) { return s.keys_f + j * dim + i * 16; };
+        if (!p.mask) {
+            for (int64_t j = 0; j < n; j += 16)
+                for (int64_t i = 0; i < dim; i += 16) {
+                    __m512 r[16];
+                    for (int64_t e = 0; e < 16; ++e)
+                        r[e] = j + e < n ? _mm512_loadu_ps(reinterpret_cast<const float*>(
+                                               k + (j + e) * k_row) + i)
+                                         : _mm512_setzero_ps();
+                    transpose16(r);
+                    for (int e = 0; e < 16; ++e) _mm512_store_ps(at(j, i + e), r[e]);
+                }
+        } else {
+            int64_t j = 0;
+            if (p.n_k * p.k_stride[2] < (int64_t{1} << 31)) {  // 16 keys at a time, gathered
+                const float* base = reinterpret_cast<const float*>(k);
+                const __m512i row = _mm512_set1_epi32(static_cast<int>(p.k_stride[2]));
+                for (; j + 16 <= n; j += 16) {
+                    __m512i where = _mm512_mullo_epi32(_mm512_loadu_si512(s.index + j), row);
+                    for (int64_t i = 0; i < dim; ++i)
+                        _mm512_store_ps(at(j, i), _mm512_i32gather_ps(where, base + i, 4));
+                }
+            }
+            for (; j < padded; ++j) {  // the last keys, then zeros up to the padded count
+                const float* key =
+                    j < n ? reinterpret_cast<const float*>(k + s.index[j] * k_row) : nullptr;
+                for (int64_t i = 0; i < dim; ++i) at(j / 16 * 16, i)[j % 16] = key ? key[i] : 0.0f;
             }
         }
-        for (; j < n; ++j) {
-            const float* key = reinterpret_cast<const float*>(k + s.index[j] * k_row);
-            for (int64_t i = 0; i < dim; ++i) s.keys_f[i * padded + j] = key[i];
-        }
-        for (j = 0; j < n; ++j) memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
-        for (int64_t i = 0; i < dim; ++i)
-            for (int64_t j = n; j < padded; ++j) s.keys_f[i * padded + j] = 0.0f;
+        for (int64_t j = 0; j < n; ++j) memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
         return;
     }
     const int64_t n_even = (n + 1) / 2 * 2;
@@ -382,12 +439,12 @@ template <bool BF16, int VECS, int ROWS>
 void query_block(const Problem& p, Scratch& s, const char* q, int64_t i0, int64_t n,
                  int64_t padded, char* out) {
     const int64_t elem = BF16 ? 2 : 4, out_row = p.out_stride[2];
-    float inv[ROWS];
-    score_rows<ROWS, BF16, 16 * VECS>(q + i0 * p.q_stride[2] * elem, p.q_stride[2], s, padded,
-                                      s.scores);
+    float inv[ROWS], top[ROWS];
+    score_rows<ROWS, BF16, 16 * VECS>(q + i0 * p.q_stride[2] * elem, p.q_stride[2], s, n,
+                                      padded, s.scores, top);
     for (int r = 0; r < ROWS; ++r) {
         float* row = s.scores + r * padded;
-        inv[r] = softmax_row(row, n, p.scale);
+        inv[r] = softmax_row(row, n, p.scale, top[r]);
 #if RX_BF16
         if (BF16) {
             uint16_t* dst = s.probs_h + r * padded;
