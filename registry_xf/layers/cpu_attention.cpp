@@ -34,11 +34,15 @@
 
 namespace {
 
-// Queries per block, and 16-key vectors per score tile: 8 x 48 scores in registers for heads
-// up to 32 wide, 12 x 32 for wider ones (whose value step then takes 6 rows at a time).
-constexpr int kRows = 12;  // the most of either
+// Queries per score tile, and 16-key vectors per score tile: 8 x 48 scores in registers for
+// heads up to 32 wide, 12 x 32 for wider ones (whose value step then takes 6 rows at a time).
+// Heads up to 32 wide take two tiles of queries per block: the keys read by the first are
+// still in L1 for the second, and so are the values between their two value steps.
+constexpr int kRows = 16;  // the most queries per block
 template <int VECS>
 constexpr int block_rows = VECS > 2 ? 12 : 8;
+template <int VECS>
+constexpr int pair_rows = VECS > 2 ? 12 : 16;
 template <int VECS>
 constexpr int key_vecs = VECS > 2 ? 2 : 3;
 
@@ -440,8 +444,10 @@ void query_block(const Problem& p, Scratch& s, const char* q, int64_t i0, int64_
                  int64_t padded, char* out) {
     const int64_t elem = BF16 ? 2 : 4, out_row = p.out_stride[2];
     float inv[ROWS], top[ROWS];
-    score_rows<ROWS, BF16, 16 * VECS>(q + i0 * p.q_stride[2] * elem, p.q_stride[2], s, n,
-                                      padded, s.scores, top);
+    constexpr int tile = ROWS < block_rows<VECS> ? ROWS : block_rows<VECS>;
+    for (int row0 = 0; row0 < ROWS; row0 += tile)
+        score_rows<tile, BF16, 16 * VECS>(q + (i0 + row0) * p.q_stride[2] * elem, p.q_stride[2],
+                                          s, n, padded, s.scores + row0 * padded, top + row0);
     for (int r = 0; r < ROWS; ++r) {
         float* row = s.scores + r * padded;
         inv[r] = softmax_row(row, n, p.scale, top[r]);
@@ -455,7 +461,7 @@ void query_block(const Problem& p, Scratch& s, const char* q, int64_t i0, int64_
 #endif
     }
     const int64_t n_sum = BF16 ? (n + 1) / 2 * 2 : n;  // bfloat16 takes keys in pairs
-    constexpr int chunk = VECS > 2 && ROWS > 1 ? ROWS / 2 : ROWS;
+    constexpr int chunk = VECS > 2 && ROWS > 1 ? ROWS / 2 : tile;
     for (int row0 = 0; row0 < ROWS; row0 += chunk)
         weigh_rows<chunk, VECS>(BF16, s, row0, n_sum, padded, inv, out + i0 * out_row * elem,
                                 out_row);
@@ -487,15 +493,24 @@ void one_head(const Problem& p, Scratch& s, int64_t b, int64_t h, const Rows* ne
     constexpr int kBlock = block_rows<VECS>;
     const int64_t blocks = (n_q + kBlock - 1) / kBlock;
     const int64_t per_block = (longest + blocks - 1) / blocks;
-    for (int64_t block = 0; block < blocks; ++block) {
-        prefetch_rows(p, next, block * per_block, (block + 1) * per_block);
+    constexpr int kPair = pair_rows<VECS>;
+    for (int64_t block = 0; block < blocks;) {
+        constexpr int tiles = kPair / kBlock;
+        const bool two = tiles > 1 && block + tiles <= blocks && n_q >= kPair;
+        const int64_t step = two ? tiles : 1;
+        prefetch_rows(p, next, block * per_block, (block + step) * per_block);
+        // The last block overlaps the one before (its rows come out the same).
         if (n_q < kBlock) {  // a few queries: one at a time
             for (int64_t i = 0; i < n_q; ++i)
                 query_block<BF16, VECS, 1>(p, s, q, i, n, padded, out);
-        } else {  // the last block overlaps the one before (its rows come out the same)
+        } else if (two) {
+            const int64_t i0 = (block + tiles) * kBlock <= n_q ? block * kBlock : n_q - kPair;
+            query_block<BF16, VECS, kPair>(p, s, q, i0, n, padded, out);
+        } else {
             const int64_t i0 = (block + 1) * kBlock <= n_q ? block * kBlock : n_q - kBlock;
             query_block<BF16, VECS, kBlock>(p, s, q, i0, n, padded, out);
         }
+        block += step;
     }
 }
 
