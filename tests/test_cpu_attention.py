@@ -362,6 +362,67 @@ def test_packed_equals_torch_per_sequence_and_the_padded_entry(
     assert torch.equal(padded_out.transpose(1, 2)[mask], out)
 
 
+# Lengths around the kernel's boundaries: 16-key vectors, 48-key score tiles, blocks of 8 or
+# 12 queries and of 16 (two score tiles) for heads up to 32 wide, and the race's longest texts.
+BOUNDARY_LENGTHS = [1, 2, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 33, 47, 48, 49, 64, 65, 131, 250]
+
+
+@pytest.mark.parametrize(("heads", "d"), [(12, 32), (2, 16), (2, 48), (2, 64)])
+def test_packed_long_sequences_across_tile_boundaries(heads: int, d: int) -> None:
+    """MiniLM's layout (12 heads of 32 in one fused projection) and the other widths, on
+    every length where a tile or block of the kernel ends: torch's results, and the padded
+    entry's (whose keys are gathered through the mask) bit for bit."""
+    kernel_library()
+    g = torch.Generator().manual_seed(d)
+    lengths = BOUNDARY_LENGTHS
+    q, k, v, offsets = packed_qkv(g, lengths, heads, heads, d, torch.float32)
+    scale = d**-0.5
+    out = kernel.cpu_attention_packed(q, k, v, offsets, scale)
+    assert out is not None
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        one = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        expected = reference(*one, None, scale)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end], expected, rtol=0, atol=1e-5)
+    padded_out = kernel.cpu_attention(
+        *(padded(t, lengths) for t in (q, k, v)), key_mask(lengths), scale
+    )
+    assert padded_out is not None
+    assert torch.equal(padded_out.transpose(1, 2)[key_mask(lengths)[:, 0, 0]], out)
+
+
+def test_softmax_of_far_apart_scores_stays_exact() -> None:
+    """Scores hundreds apart (one key dominates, the others' exponentials underflow) and all
+    far below zero: the row maximum taken from the score tiles must come from real keys
+    only, never from the zero scores of the padding keys, or every weight would underflow."""
+    kernel_library()
+    g = torch.Generator().manual_seed(5)
+    lengths = [17, 50, 1]
+    q, k, v, offsets = packed_qkv(g, lengths, 2, 2, 32, torch.float32)
+    q = q * 0 + 4.0  # every query the same, all positive
+    k = k.abs() * -40.0  # every score far below zero: about -700 after scaling
+    k[3] = k[3] * 0.5  # one key per sequence stands out by hundreds
+    k[20] = k[20] * 0.5
+    out = kernel.cpu_attention_packed(q, k, v, offsets, 32**-0.5)
+    assert out is not None and torch.isfinite(out).all()
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        one = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        expected = reference(*one, None, 32**-0.5)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_packed_bfloat16_long_sequences_close_to_float32(d: int) -> None:
+    if not kernel_library().rx_attention_bf16():
+        pytest.skip("the CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(d + 1)
+    q, k, v, offsets = packed_qkv(g, BOUNDARY_LENGTHS, 4, 4, d, torch.bfloat16)
+    out = kernel.cpu_attention_packed(q, k, v, offsets, d**-0.5)
+    assert out is not None and out.dtype == torch.bfloat16
+    exact = kernel.cpu_attention_packed(q.float(), k.float(), v.float(), offsets, d**-0.5)
+    assert exact is not None
+    assert F.cosine_similarity(out.float(), exact, dim=-1).min() > 0.9999
+
+
 @pytest.mark.parametrize("d", [32, 64])
 def test_packed_bfloat16_close_to_float32(d: int) -> None:
     if not kernel_library().rx_attention_bf16():
