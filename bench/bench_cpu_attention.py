@@ -26,22 +26,35 @@ and with ``streams=2``; embeddings of the two are compared (max |difference|). "
 the layers unpadded with the kernel's packed entry (as ``Embedder`` does); "padded" keeps
 the padded batch and the kernel's padded entry (as before the packed entry), and its
 ratio column is padded / ours.
+
+``--against SOURCE`` compares the kernel's packed entry (the one ``Embedder`` uses) with
+another version of it, built from SOURCE (a copy of ``cpu_attention.cpp``, e.g. from
+``git show main:registry_xf/layers/cpu_attention.cpp > /tmp/before.cpp``): the same shapes,
+as packed sequences whose q, k and v are views of one fused projection's rows, the two
+kernels and torch's attention (on the padded batch) alternating. The ratios are the other
+version's median / ours and torch's / ours.
+
+    python bench/bench_cpu_attention.py --against /tmp/before.cpp --dtypes float32 \
+        --shapes race-short race-long 32x190 --threads 1 --clock cpu --runs 41
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from registry_xf.layers import cpu_attention as kernel
+from registry_xf.layers import cpu_kernels
 
 # name, batch, padded length, heads, head width
 SHAPES = [
@@ -62,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--embed", type=int, default=0, help="texts per corpus for passes")
+    parser.add_argument("--against", type=Path, help="another cpu_attention.cpp, packed entry")
     return parser.parse_args(argv)
 
 
@@ -75,6 +89,96 @@ def inputs(
     lengths[0] = n
     mask = (torch.arange(n)[None, :] < lengths[:, None])[:, None, None, :]
     return q, k, v, mask
+
+
+def packed_inputs(
+    batch: int, n: int, heads: int, d: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """The padded shape's sequences packed one after another, as an unpadded encoder hands
+    them over (q, k, v views of one fused projection's rows), offsets, and the padded batch
+    with its mask (for torch's attention)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, n - n // 10), n + 1, (batch,), generator=g)
+    lengths[0] = n
+    tokens = int(lengths.sum())
+    qkv = torch.randn(tokens, 3, heads, d, generator=g).to(dtype)
+    q, k, v = qkv.unbind(1)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    mask = (torch.arange(n)[None, :] < lengths[:, None])[:, None, None, :]
+    pad = [
+        torch.nn.utils.rnn.pad_sequence(
+            list(t.split(lengths.tolist())), batch_first=True
+        ).transpose(1, 2)
+        for t in (q, k, v)
+    ]
+    return q, k, v, offsets, *pad, mask
+
+
+def packed_call(lib, q, k, v, offsets, scale: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The packed entry of library ``lib`` (as ``cpu_attention_packed`` calls it)."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    sizes = (ctypes.c_int64 * 5)(len(offsets) - 1, q.shape[1], k.shape[1], q.shape[2], len(q))
+    strides = (ctypes.c_int64 * 8)(*(s for t in (q, k, v, out) for s in (t.stride(1), t.stride(0))))
+    status = lib.rx_attention_packed(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        ctypes.cast(offsets.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
+        sizes,
+        strides,
+        scale,
+        int(q.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    assert status == 0, status
+    return out
+
+
+def contenders(
+    lib: ctypes.CDLL, other: ctypes.CDLL, packed: tuple[torch.Tensor, ...], scale: float
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """torch's attention on the padded batch, the other version's and our packed entry."""
+    q, k, v, offsets, pq, pk, pv, mask = packed
+    return {
+        "sdpa": lambda: F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, scale=scale),
+        "other": lambda: packed_call(other, q, k, v, offsets, scale),
+        "ours": lambda: packed_call(lib, q, k, v, offsets, scale),
+    }
+
+
+def bench_against(args: argparse.Namespace, lib: ctypes.CDLL, clock: Callable) -> None:
+    """Our packed entry against another version's and torch's attention, alternating."""
+    other = cpu_kernels.library(args.against, kernel._declare)
+    if isinstance(other, str):
+        raise SystemExit(f"{args.against} could not be built: {other}")
+    print(
+        f"{'shape':<15}{'dtype':<10}{'thr':>4}  {'torch sdpa':<30}{'other':<30}{'ours':<30}"
+        f"{'other/ours':>10}{'sdpa/ours':>10}"
+    )
+    for name, batch, n, heads, d in SHAPES:
+        if name not in args.shapes:
+            continue
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            if dtype == torch.bfloat16 and not lib.rx_attention_bf16():
+                continue
+            packed = packed_inputs(batch, n, heads, d, dtype)
+            scale = d**-0.5
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    fns = contenders(lib, other, packed, scale)
+                    error = (fns["other"]().float() - fns["ours"]().float()).abs().max().item()
+                    times = alternate(fns, args.runs, clock)
+                median = {key: statistics.median(t) for key, t in times.items()}
+                print(
+                    f"{name:<15}{dtype_name:<10}{threads:>4}  {spread(times['sdpa']):<30}"
+                    f"{spread(times['other']):<30}{spread(times['ours']):<30}"
+                    f"{median['other'] / median['ours']:9.3f}x"
+                    f"{median['sdpa'] / median['ours']:9.2f}x  max|ours-other| {error:.1e}",
+                    flush=True,
+                )
 
 
 def alternate(
@@ -167,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"load average before: {load_average()}; {args.clock} clock, {args.runs} runs")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    if args.embed:
-        bench_embed(args.embed, args.threads, args.runs, clock)
+    if args.embed or args.against:
+        if args.embed:
+            bench_embed(args.embed, args.threads, args.runs, clock)
+        else:
+            bench_against(args, lib, clock)
         print(f"load average after: {load_average()}")
         return 0
     header = f"{'shape':<15}{'dtype':<10}{'thr':>4}  {'torch sdpa':<30}{'ours':<30}{'ratio':>6}"
