@@ -6,11 +6,19 @@
 //
 // Per (batch, head): the keys that the mask allows are gathered (masked keys add nothing to
 // a softmax, so dropping them is exact), keys are packed transposed and values packed row by
-// row, then for each block of 8 or 12 queries the scores of every allowed key are computed by a
+// row, then for each block of queries the scores of every allowed key are computed by a
 // register-blocked micro-kernel into a small buffer (L1), turned into probabilities in
 // place and multiplied by the packed values by a second micro-kernel. Nothing bigger than
 // one head's keys and values (L2) is touched twice. A batch entry with no allowed key gets
-// zeros. Work is shared among threads by (batch, head) pairs taken from a counter: OpenMP
+// zeros.
+//
+// Where the time goes, for heads of 32 and ~130 keys (all-MiniLM-L6-v2 on long texts, Zen 4):
+// about 80% in the two micro-kernels' multiply-adds, 12% in the softmax, 5% in packing.
+// Hence: a block is 16 queries (two score tiles of 8 x 48) for heads up to 32 wide, so that
+// the second tile finds the keys, and the second value step the values, still in L1; each
+// row's maximum is taken from the score tiles while they are in registers (no separate
+// pass); the exponential is a degree-5 polynomial; without a mask float32 keys are rows
+// 0 .. n-1, transposed 16 x 16 in registers (AVX-512 gathers are slow on Zen 4). Work is shared among threads by (batch, head) pairs taken from a counter: OpenMP
 // threads when built with -fopenmp (as registry_xf builds it), else threads started and
 // joined within the call.
 
