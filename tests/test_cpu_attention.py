@@ -119,10 +119,13 @@ def test_long_sequences_many_threads_and_a_shared_mask() -> None:
     out = kernel.cpu_attention(q, k, v, mask, 0.2)
     assert out is not None
     torch.testing.assert_close(out, reference(q, k, v, mask, 0.2), rtol=0, atol=1e-5)
-    # fewer queries than keys (the rows a last layer reads)
-    out = kernel.cpu_attention(q[:, :, :7], k, v, mask, 0.2)
-    assert out is not None
-    torch.testing.assert_close(out, reference(q[:, :, :7], k, v, mask, 0.2), rtol=0, atol=1e-5)
+    # fewer queries than keys (the rows a last layer reads): one at a time, one block of 16
+    # and one of 8 after it, two blocks of 16 overlapping
+    for n_q in (7, 23, 29):
+        out = kernel.cpu_attention(q[:, :, :n_q], k, v, mask, 0.2)
+        assert out is not None
+        expected = reference(q[:, :, :n_q], k, v, mask, 0.2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("d", [32, 64])
