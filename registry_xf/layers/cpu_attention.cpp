@@ -71,8 +71,9 @@ struct Problem {
     std::atomic<int64_t> next;
 };
 
-// Keys and values of one (batch, head), packed. For float32 keys are stored transposed
-// (dim x padded keys); for bfloat16, transposed by pairs of dims (dim/2 x padded keys x 2)
+// Keys and values of one (batch, head), packed. For float32 keys are stored transposed in
+// groups of 16 keys (padded keys/16 x dim x 16: each of a score tile's key vectors is one
+// stream); for bfloat16, transposed by pairs of dims (dim/2 x padded keys x 2)
 // so that one dot-product instruction takes two dims at once; values likewise by pairs of
 // keys (padded keys/2 x dim x 2) for bfloat16, plain rows (keys x dim) for float32.
 // Probabilities are rows of bfloat16 for bfloat16 values, so that keys j and j+1 of a row
