@@ -128,7 +128,7 @@ def test_long_sequences_many_threads_and_a_shared_mask() -> None:
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [16, 32, 48, 64])
 def test_bfloat16_close_to_float32(d: int) -> None:
     if not kernel_library().rx_attention_bf16():
         pytest.skip("the CPU has no AVX512-BF16")
@@ -413,7 +413,7 @@ def test_softmax_of_far_apart_scores_stays_exact() -> None:
         torch.testing.assert_close(out[start:end], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [16, 32, 48, 64])
 def test_packed_bfloat16_long_sequences_close_to_float32(d: int) -> None:
     if not kernel_library().rx_attention_bf16():
         pytest.skip("the CPU has no AVX512-BF16")
@@ -426,7 +426,7 @@ def test_packed_bfloat16_long_sequences_close_to_float32(d: int) -> None:
     assert F.cosine_similarity(out.float(), exact, dim=-1).min() > 0.9999
 
 
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [16, 32, 48, 64])
 def test_packed_bfloat16_close_to_float32(d: int) -> None:
     if not kernel_library().rx_attention_bf16():
         pytest.skip("the CPU has no AVX512-BF16")

@@ -18,9 +18,11 @@
 // the second tile finds the keys, and the second value step the values, still in L1; each
 // row's maximum is taken from the score tiles while they are in registers (no separate
 // pass); the exponential is a degree-5 polynomial; without a mask float32 keys are rows
-// 0 .. n-1, transposed 16 x 16 in registers (AVX-512 gathers are slow on Zen 4). Work is shared among threads by (batch, head) pairs taken from a counter: OpenMP
-// threads when built with -fopenmp (as registry_xf builds it), else threads started and
-// joined within the call.
+// 0 .. n-1, transposed 16 x 16 in registers (AVX-512 gathers are slow on Zen 4), and
+// bfloat16 keys and values are packed with whole-vector moves (transposes and two-source
+// permutes), not element by element. Work is shared among threads by (batch, head) pairs
+// taken from a counter: OpenMP threads when built with -fopenmp (as registry_xf builds
+// it), else threads started and joined within the call.
 
 #include <immintrin.h>
 #include <pthread.h>
@@ -338,6 +340,55 @@ inline void transpose16(__m512 (&r)[16]) {
     }
 }
 
+#if RX_BF16 && defined(__AVX512BW__)
+// bfloat16 keys and values into their packed layouts with whole-vector moves. A key's pair
+// of dims (2i, 2i + 1) is one 32-bit word of its row, so the keys' layout is the rows' words
+// transposed: 16 keys x 16 words at a time, as float32 keys are. Values pair keys j and
+// j + 1 element by element: one two-source permute per 16 dims of the pair of rows.
+void pack_bf16(Scratch& s, const char* k, int64_t k_row, const char* v, int64_t v_row,
+               int64_t n, int64_t padded, int64_t dim) {
+    const int64_t words = dim / 2;
+    float* keys = reinterpret_cast<float*>(s.keys_h);  // 32-bit words, moved as floats
+    for (int64_t j = 0; j < padded; j += 16)
+        for (int64_t i = 0; i < words; i += 16) {
+            const __mmask16 take =
+                words - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (words - i)) - 1);
+            __m512 r[16];
+            for (int64_t e = 0; e < 16; ++e)
+                r[e] = j + e < n ? _mm512_maskz_loadu_ps(
+                                       take, reinterpret_cast<const float*>(
+                                                 k + s.index[j + e] * k_row) + i)
+                                 : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t e = 0; e < 16 && i + e < words; ++e)
+                _mm512_store_ps(keys + (i + e) * padded + j, r[e]);
+        }
+    // element 2t of a pair's first 32 is row j's dim t, element 2t + 1 row j + 1's (indices
+    // from 32 pick the second source); the next 32 likewise from dim 16
+    alignas(64) uint16_t order[64];
+    for (int t = 0; t < 32; ++t) {
+        order[t] = static_cast<uint16_t>(t / 2 + (t & 1) * 32);
+        order[32 + t] = static_cast<uint16_t>(16 + t / 2 + (t & 1) * 32);
+    }
+    const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 32);
+    for (int64_t j = 0; j < n; j += 2) {
+        const uint16_t* a = reinterpret_cast<const uint16_t*>(v + s.index[j] * v_row);
+        const uint16_t* b =
+            j + 1 < n ? reinterpret_cast<const uint16_t*>(v + s.index[j + 1] * v_row) : nullptr;
+        uint16_t* out = s.values_h + (j / 2) * dim * 2;
+        for (int64_t i = 0; i < dim; i += 32) {
+            const __mmask32 take =
+                dim - i >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (dim - i)) - 1);
+            const __m512i x = _mm512_maskz_loadu_epi16(take, a + i);
+            const __m512i y = b ? _mm512_maskz_loadu_epi16(take, b + i) : _mm512_setzero_si512();
+            _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(x, first, y));
+            if (dim - i > 16)
+                _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(x, second, y));
+        }
+    }
+}
+#endif
+
 // Gathers the allowed keys and values of one (batch, head) into the packed layouts. float32
 // keys go in groups of 16 (group g: dim x 16 keys, contiguous, so that a score tile reads
 // each of its key vectors as one stream); with no mask the allowed keys are rows 0 .. n-1,
@@ -380,6 +431,9 @@ void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
         for (int64_t j = 0; j < n; ++j) memcpy(s.values_f + j * dim, v + s.index[j] * v_row, dim * 4);
         return;
     }
+#if RX_BF16 && defined(__AVX512BW__)
+    pack_bf16(s, k, k_row, v, v_row, n, padded, dim);
+#else
     const int64_t n_even = (n + 1) / 2 * 2;
     for (int64_t j = 0; j < n; ++j) {
         const uint16_t* key = reinterpret_cast<const uint16_t*>(k + s.index[j] * k_row);
@@ -396,6 +450,7 @@ void pack(const Problem& p, Scratch& s, const char* k, const char* v, int64_t n,
         }
     for (int64_t j = n; j < n_even; ++j)
         for (int64_t i = 0; i < dim; ++i) s.values_h[((j / 2) * dim + i) * 2 + (j & 1)] = 0;
+#endif
 }
 
 // Where the rows of q, k, v and out of one (batch, head) start, and how many there are.
