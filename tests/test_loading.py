@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
 from registry_xf.loading.load import _in_eval_mode
-from registry_xf.loading.materialise import on_meta
+from registry_xf.loading.materialise import _FACTORIES, on_meta
 
 
 def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
@@ -36,6 +36,21 @@ def test_building_on_meta_skips_only_meta_initialisation(checkpoints: dict[str, 
         model = rx.build(checkpoints["bert"])
         assert all(p.is_meta for p in model.parameters())
         assert torch.empty(1).device.type == "cpu"
+
+
+def test_building_on_meta_redirects_every_factory_torch_device_does() -> None:
+    """``on_meta`` keeps its own list of factories (torch's is private): a factory torch
+    adds to the list ``torch.device("meta")`` redirects must be added to ours."""
+    torch_device_module = pytest.importorskip("torch.utils._device")
+    listed = getattr(torch_device_module, "_device_constructors", None)
+    if listed is None:
+        pytest.skip("torch no longer lists its device constructors; compare by hand")
+    assert listed() <= _FACTORIES
+    with on_meta():
+        made = [torch.empty(2), torch.zeros(2), torch.arange(3), torch.tensor([1.0])]
+        made.append(torch.full((2,), 1.0))
+    assert all(t.is_meta for t in made)
+    assert not torch.empty(1).is_meta
 
 
 def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
