@@ -393,21 +393,35 @@ class Checkpoint:
         return list(self._handles)
 
     def get(self, name: str) -> torch.Tensor:
-        handle, file = self._handles[name]
         if self._direct:
-            raw = self._raw_file(file)
-            stored = raw.locate(name)
-            tensor = raw.view(stored) if stored is not None else None
+            tensor = self.host_view(name)
             if tensor is not None:
                 return tensor
+        handle, file = self._handles[name]
         try:
             return handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
+    def host_view(self, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` as a CPU view of its file's memory map, whatever the target
+        device (to be copied once, straight into its place there); None where the host
+        or the stored dtype or alignment does not allow it."""
+        if sys.byteorder != "little":
+            return None
+        raw = self._raw_file(self._handles[name][1])
+        stored = raw.locate(name)
+        return raw.view(stored) if stored is not None else None
+
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` of dimension ``dim`` of tensor ``name``: only their
-        bytes are read from the file (a rank's shard of a tensor-parallel model)."""
+        bytes are read from the file (a rank's shard of a tensor-parallel model). On the
+        CPU, a view of the file's memory map where it allows one: the caller copies it
+        once, into its place."""
+        if self._direct:
+            view = self.host_view(name)
+            if view is not None:
+                return view.narrow(dim, start, stop - start)
         handle, file = self._handles[name]
         try:
             found = handle.get_slice(name)

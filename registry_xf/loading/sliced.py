@@ -42,16 +42,14 @@ def read_shard(
         runs = runs_of(order[i] for start, stop in runs for i in range(start, stop))
         reorder = None
     if len(files) > 1 and join_dim == hf_dim:
-        tensor = torch.cat(_across_parts(ckpt, files, shapes, hf_dim, runs), dim=hf_dim)
+        tensor = _joined(_across_parts(ckpt, files, shapes, hf_dim, runs), hf_dim, ckpt, dtype)
+    elif len(files) > 1:
+        parts = [[ckpt.read_slice(f, hf_dim, a, b) for a, b in runs] for f in files]
+        tensor = _joined(parts, hf_dim, ckpt, dtype, join_dim)
     else:
-        parts = [
-            torch.cat([ckpt.read_slice(f, hf_dim, a, b) for a, b in runs], dim=hf_dim)
-            for f in files
-        ]
-        tensor = torch.cat(parts, dim=join_dim) if len(parts) > 1 else parts[0]
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.to(ckpt.device)
+        tensor = _joined(
+            [ckpt.read_slice(files[0], hf_dim, a, b) for a, b in runs], hf_dim, ckpt, dtype
+        )
     if reorder is not None:  # a shard of columns: every row was read, reorder them
         tensor = reorder(tensor, hyper)
     if transpose:
@@ -76,3 +74,38 @@ def _across_parts(
                 pieces.append(ckpt.read_slice(name, dim, low - offset, high - offset))
             offset += shape[dim]
     return pieces
+
+
+def _joined(
+    pieces: Sequence[Any],
+    dim: int,
+    ckpt: Checkpoint,
+    dtype: torch.dtype | None,
+    outer_dim: int | None = None,
+) -> torch.Tensor:
+    """``pieces`` joined on ``dim`` (lists of pieces: each list on ``dim``, the lists on
+    ``outer_dim``), cast to ``dtype`` (floating tensors) on the checkpoint's device: one new
+    tensor, each piece copied once into its slice (pieces are views of the file where
+    ``read_slice`` gives them), not joined, then cast, then moved."""
+    groups = [list(g) for g in pieces] if outer_dim is not None else [list(pieces)]
+    first = groups[0][0]
+    if dtype is None or not first.is_floating_point():
+        dtype = first.dtype
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in groups[0])
+    if outer_dim is not None:
+        shape[outer_dim] = sum(g[0].shape[outer_dim] for g in groups)
+    out = torch.empty(shape, dtype=dtype, device=ckpt.device)
+    outer = 0
+    for group in groups:
+        part = (
+            out.narrow(outer_dim, outer, group[0].shape[outer_dim])
+            if outer_dim is not None
+            else out
+        )
+        start = 0
+        for piece in group:
+            part.narrow(dim, start, piece.shape[dim]).copy_(piece)
+            start += piece.shape[dim]
+        outer += group[0].shape[outer_dim] if outer_dim is not None else 0
+    return out
