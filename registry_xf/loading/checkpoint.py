@@ -433,6 +433,11 @@ class Checkpoint:
                 f"{name!r}: {e}"
             ) from None
 
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """Tensor ``name``'s dtype in torch's terms (None for one torch has no plain
+        dtype for), from its file's header."""
+        return _STORED_DTYPES.get(self.entry(name).dtype)
+
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype and shape from its file's header (no data is read)."""
         handle, file = self._handles[name]

@@ -42,14 +42,10 @@ def read_shard(
         runs = runs_of(order[i] for start, stop in runs for i in range(start, stop))
         reorder = None
     if len(files) > 1 and join_dim == hf_dim:
-        tensor = _joined(_across_parts(ckpt, files, shapes, hf_dim, runs), hf_dim, ckpt, dtype)
-    elif len(files) > 1:
-        parts = [[ckpt.read_slice(f, hf_dim, a, b) for a, b in runs] for f in files]
-        tensor = _joined(parts, hf_dim, ckpt, dtype, join_dim)
+        groups = [_across_parts(files, shapes, hf_dim, runs)]
     else:
-        tensor = _joined(
-            [ckpt.read_slice(files[0], hf_dim, a, b) for a, b in runs], hf_dim, ckpt, dtype
-        )
+        groups = [[(f, a, b) for a, b in runs] for f in files]
+    tensor = _joined(ckpt, groups, dict(zip(files, shapes, strict=True)), hf_dim, join_dim, dtype)
     if reorder is not None:  # a shard of columns: every row was read, reorder them
         tensor = reorder(tensor, hyper)
     if transpose:
@@ -57,55 +53,56 @@ def read_shard(
     return tensor.contiguous()
 
 
+# Entries ``[start, stop)`` of one HF tensor, on the dimension being sharded.
+_Piece = tuple[str, int, int]
+
+
 def _across_parts(
-    ckpt: Checkpoint,
     files: Sequence[str],
     shapes: Sequence[tuple[int, ...]],
     dim: int,
     runs: Sequence[tuple[int, int]],
-) -> list[torch.Tensor]:
-    """The ``runs`` of the parts joined on ``dim``, each read from the part it lies in."""
+) -> list[_Piece]:
+    """The ``runs`` of the parts joined on ``dim``, each in the part it lies in."""
     pieces = []
     for start, stop in runs:
         offset = 0
         for name, shape in zip(files, shapes, strict=True):
             low, high = max(start, offset), min(stop, offset + shape[dim])
             if low < high:
-                pieces.append(ckpt.read_slice(name, dim, low - offset, high - offset))
+                pieces.append((name, low - offset, high - offset))
             offset += shape[dim]
     return pieces
 
 
 def _joined(
-    pieces: Sequence[Any],
-    dim: int,
     ckpt: Checkpoint,
+    groups: Sequence[Sequence[_Piece]],
+    shapes: Mapping[str, tuple[int, ...]],
+    dim: int,
+    join_dim: int,
     dtype: torch.dtype | None,
-    outer_dim: int | None = None,
 ) -> torch.Tensor:
-    """``pieces`` joined on ``dim`` (lists of pieces: each list on ``dim``, the lists on
-    ``outer_dim``), cast to ``dtype`` (floating tensors) on the checkpoint's device: one new
-    tensor, each piece copied once into its slice (pieces are views of the file where
-    ``read_slice`` gives them), not joined, then cast, then moved."""
-    groups = [list(g) for g in pieces] if outer_dim is not None else [list(pieces)]
-    first = groups[0][0]
-    if dtype is None or not first.is_floating_point():
-        dtype = first.dtype
-    shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in groups[0])
-    if outer_dim is not None:
-        shape[outer_dim] = sum(g[0].shape[outer_dim] for g in groups)
+    """The pieces of each group joined on ``dim``, the groups joined on ``join_dim``, in
+    ``dtype`` (floating tensors) on the checkpoint's device: one new tensor, each piece
+    copied into its slice once, from a view of the file where ``read_slice`` gives one
+    (not read, joined, cast, then moved)."""
+    first = groups[0][0][0]
+    stored = ckpt.stored_dtype(first) or ckpt.read_slice(first, dim, 0, 0).dtype
+    if dtype is None or not stored.is_floating_point:
+        dtype = stored
+    shape = list(shapes[first])
+    shape[dim] = sum(stop - start for _, start, stop in groups[0])
+    if len(groups) > 1:
+        shape[join_dim] = sum(shapes[group[0][0]][join_dim] for group in groups)
     out = torch.empty(shape, dtype=dtype, device=ckpt.device)
-    outer = 0
+    offset = 0
     for group in groups:
-        part = (
-            out.narrow(outer_dim, outer, group[0].shape[outer_dim])
-            if outer_dim is not None
-            else out
-        )
-        start = 0
-        for piece in group:
-            part.narrow(dim, start, piece.shape[dim]).copy_(piece)
-            start += piece.shape[dim]
-        outer += group[0].shape[outer_dim] if outer_dim is not None else 0
+        width = shapes[group[0][0]][join_dim]
+        part = out.narrow(join_dim, offset, width) if len(groups) > 1 else out
+        offset += width
+        at = 0
+        for name, start, stop in group:
+            part.narrow(dim, at, stop - start).copy_(ckpt.read_slice(name, dim, start, stop))
+            at += stop - start
     return out
