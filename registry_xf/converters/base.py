@@ -92,7 +92,10 @@ class KeyRule:
         if dtype is None or not first.is_floating_point():
             dtype = first.dtype
         if len(tensors) == 1:
-            joined = first.to(device=device or first.device, dtype=dtype)
+            if first.dtype == dtype and (device is None or first.device == device):
+                joined = first  # the common case, without the cost of a call into torch
+            else:
+                joined = first.to(device=device or first.device, dtype=dtype)
         else:
             shape = list(first.shape)
             shape[self.dim] = sum(t.shape[self.dim] for t in tensors)

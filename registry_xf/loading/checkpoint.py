@@ -387,17 +387,20 @@ class Checkpoint:
         self._stack = stack  # closes the files opened for raw reads with the checkpoint
         self._raw: dict[Path, _RawFile] = {}
         # Files store tensors little-endian; other hosts leave everything to safetensors.
-        self._direct = device.type == "cpu" and sys.byteorder == "little"
+        self.on_cpu = device.type == "cpu"
+        self._direct = self.on_cpu and sys.byteorder == "little"
 
     def keys(self) -> list[str]:
         return list(self._handles)
 
     def get(self, name: str) -> torch.Tensor:
-        if self._direct:
-            tensor = self.host_view(name)
+        handle, file = self._handles[name]
+        if self._direct:  # host_view's work, inline: this is asked for every tensor
+            raw = self._raw_file(file)
+            stored = raw.locate(name)
+            tensor = raw.view(stored) if stored is not None else None
             if tensor is not None:
                 return tensor
-        handle, file = self._handles[name]
         try:
             return handle.get_tensor(name)
         except Exception as e:

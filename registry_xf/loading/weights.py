@@ -197,6 +197,8 @@ class SafetensorsWeights:
             ]
             read = ckpt.read_concatenated([files for _, files in fused], dtype)
             joined = {ours: tensor for (ours, _), tensor in zip(fused, read, strict=True)}
+            # parts are copied to another device as they are joined; on the CPU, nothing moves
+            onto = None if device.type == "cpu" else device
             for ours, rule, files in plan:
                 tensor = joined.get(ours)
                 shard = sharding.of(slots[ours]) if sharding is not None else None
@@ -204,7 +206,7 @@ class SafetensorsWeights:
                     tensor = read_shard(ckpt, rule, files, shard, hyper, dtype)
                 elif tensor is None:
                     parts = _parts_to_join(ckpt, files)
-                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper, ckpt.device)
+                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper, onto)
                     if sharding is not None and _shares_memory(tensor, parts):
                         tensor = tensor.clone()  # replicated: a copy, not a view of a file
                 assign(slots[ours], tensor.contiguous())
@@ -260,7 +262,7 @@ def _parts_to_join(ckpt: Checkpoint, files: Sequence[str]) -> list[torch.Tensor]
     copied once, straight into its slice on that device (not loaded there, then copied
     again into the joined tensor).
     """
-    if len(files) > 1 and ckpt.device.type != "cpu":
+    if len(files) > 1 and not ckpt.on_cpu:
         views = [ckpt.host_view(f) for f in files]
         if all(v is not None for v in views):
             return views  # type: ignore[return-value]
