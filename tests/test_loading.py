@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_encoder, random_batch, requires_minilm, write_hf_checkpoint
+from conftest import (
+    hf_encoder,
+    random_batch,
+    requires_minilm,
+    tiny_hf_configs,
+    write_hf_checkpoint,
+)
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import registry_xf as rx
 from registry_xf.loading.load import _in_eval_mode
-from registry_xf.loading.materialise import on_meta
+from registry_xf.loading.materialise import _FACTORIES, on_meta
 
 
 def test_build_allocates_nothing(checkpoints: dict[str, Path]) -> None:
@@ -36,6 +43,21 @@ def test_building_on_meta_skips_only_meta_initialisation(checkpoints: dict[str, 
         model = rx.build(checkpoints["bert"])
         assert all(p.is_meta for p in model.parameters())
         assert torch.empty(1).device.type == "cpu"
+
+
+def test_building_on_meta_redirects_every_factory_torch_device_does() -> None:
+    """``on_meta`` keeps its own list of factories (torch's is private): a factory torch
+    adds to the list ``torch.device("meta")`` redirects must be added to ours."""
+    torch_device_module = pytest.importorskip("torch.utils._device")
+    listed = getattr(torch_device_module, "_device_constructors", None)
+    if listed is None:
+        pytest.skip("torch no longer lists its device constructors; compare by hand")
+    assert listed() <= _FACTORIES
+    with on_meta():
+        made = [torch.empty(2), torch.zeros(2), torch.arange(3), torch.tensor([1.0])]
+        made.append(torch.full((2,), 1.0))
+    assert all(t.is_meta for t in made)
+    assert not torch.empty(1).is_meta
 
 
 def test_loaded_parameters_are_leaves(checkpoints: dict[str, Path]) -> None:
@@ -234,3 +256,37 @@ def test_unaligned_tensors_are_read(tmp_path: Path) -> None:
         assert torch.equal(ckpt.get("y"), torch.tensor([1.5, -2.0]))
         (joined,) = ckpt.read_concatenated([["y", "y"]])
         assert torch.equal(joined, torch.tensor([1.5, -2.0] * 2))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["stored", "bfloat16"])
+@pytest.mark.parametrize("shard_size", [None, "20KB"], ids=["one-file", "sharded"])
+def test_fused_qkv_is_the_checkpoints_parts_bit_for_bit(
+    tmp_path: Path, dtype: torch.dtype | None, shard_size: str | None
+) -> None:
+    """The fused projection, read part by part into its slices (in place or cast on the
+    way), equals ``torch.cat`` of the stored query, key and value exactly."""
+    import transformers as tf
+
+    torch.manual_seed(3)
+    hf = tf.AutoModel.from_config(tiny_hf_configs()["bert"]())
+    hf.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    stored: dict[str, torch.Tensor] = {}
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 1) == (shard_size is not None)
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
+    model = rx.load(tmp_path, dtype=dtype)
+    params = dict(model.named_parameters())
+    for layer in range(hf.config.num_hidden_layers):
+        prefix = f"encoder.layer.{layer}.attention.self"
+        for kind in ("weight", "bias"):
+            parts = [stored[f"{prefix}.{p}.{kind}"] for p in ("query", "key", "value")]
+            expected = torch.cat(parts)
+            expected = expected.to(dtype) if dtype is not None else expected
+            fused = params[f"layers.{layer}.attention.qkv_proj.{kind}"].detach()
+            assert fused.dtype == expected.dtype
+            assert torch.equal(
+                fused.view(torch.int16 if dtype else torch.int32),
+                expected.view(torch.int16 if dtype else torch.int32),
+            )

@@ -83,18 +83,23 @@ class KeyRule:
         tensors: Sequence[torch.Tensor],
         dtype: torch.dtype | None = None,
         hyper: Mapping[str, Any] | None = None,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Our tensor from the HF parts, cast to ``dtype`` (floating tensors only) in the
-        same pass: parts are copied straight into their slice of one new tensor."""
+        """Our tensor from the HF parts, cast to ``dtype`` (floating tensors only) and
+        moved to ``device`` (None: the parts') in the same pass: parts are copied straight
+        into their slice of one new tensor."""
         first = tensors[0]
         if dtype is None or not first.is_floating_point():
             dtype = first.dtype
         if len(tensors) == 1:
-            joined = first if first.dtype == dtype else first.to(dtype)
+            if first.dtype == dtype and (device is None or first.device == device):
+                joined = first  # the common case, without the cost of a call into torch
+            else:
+                joined = first.to(device=device or first.device, dtype=dtype)
         else:
             shape = list(first.shape)
             shape[self.dim] = sum(t.shape[self.dim] for t in tensors)
-            joined = torch.empty(shape, dtype=dtype, device=first.device)
+            joined = torch.empty(shape, dtype=dtype, device=device or first.device)
             start = 0
             for t in tensors:
                 joined.narrow(self.dim, start, t.shape[self.dim]).copy_(t)

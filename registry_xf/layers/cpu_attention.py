@@ -123,17 +123,8 @@ def _shape_problem(
 
 def _ready(q: torch.Tensor, problem: str | None) -> ctypes.CDLL | None:
     """The library, if the kernel may run on ``q`` (and ``problem`` is None), else None."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None  # a graph: torch's operator, which the compiler or exporter knows
-    if not enabled():
-        _skip(f"{SWITCH} turns it off", logging.INFO)
-        return None
-    if problem:
-        _skip(problem)
-        return None
-    lib = library()
+    lib = cpu_kernels.usable_library(SWITCH, library, _skip, lambda: problem)
     if isinstance(lib, str):
-        _skip(lib, logging.INFO)
         return None
     if q.dtype == torch.bfloat16 and not lib.rx_attention_bf16():
         _skip("bfloat16 on a CPU without AVX512-BF16")

@@ -142,19 +142,9 @@ def bf16_linear(
     sums, in ``out_dtype`` (float32 or bfloat16), or None where the kernel does not apply
     (see the module's docstring). ``packed()`` gives ``pack_weight(weight)`` (kept by the
     caller), asked only when the kernel runs."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None  # a graph: oneDNN's operator, which the compiler or exporter knows
-    if not enabled():
-        _skip(f"{SWITCH} turns it off", logging.INFO)
-        return None
-    problem = _problem(x, weight, residual)
-    if problem:
-        _skip(problem)
-        return None
-    lib = library()
+    lib = cpu_kernels.usable_library(SWITCH, library, _skip, lambda: _problem(x, weight, residual))
     if isinstance(lib, str):
-        _skip(lib, logging.INFO)
-        return None
+        return None  # oneDNN's operator (in a graph, the one the compiler or exporter knows)
     n, k = weight.shape
     m = x.numel() // k
     threads = 1 if m * n * k < PARALLEL_FROM else torch.get_num_threads()

@@ -106,25 +106,19 @@ def library() -> ctypes.CDLL | str:
 
 def ready(x: torch.Tensor) -> ctypes.CDLL | None:
     """The library, where the kernel may take ``x`` (2-D rows); None otherwise (logged)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None  # a graph: torch's operators, which the compiler or exporter knows
-    if not enabled():
-        _skip(f"{SWITCH} turns it off", logging.INFO)
-        return None
+    lib = cpu_kernels.usable_library(SWITCH, library, _skip, lambda: _problem(x))
+    return None if isinstance(lib, str) else lib
+
+
+def _problem(x: torch.Tensor) -> str | None:
+    """Why ``x`` is not a case the kernel takes (None when it is)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        _skip(f"a {x.dtype} tensor on {x.device}")
-        return None
+        return f"a {x.dtype} tensor on {x.device}"
     if x.dim() != 2 or x.stride(1) != 1 or x.stride(0) < x.shape[1]:
-        _skip("rows that are not contiguous")
-        return None
+        return "rows that are not contiguous"
     if x.requires_grad and torch.is_grad_enabled():
-        _skip("autograd")
-        return None
-    lib = library()
-    if isinstance(lib, str):
-        _skip(lib, logging.INFO)
-        return None
-    return lib
+        return "autograd"
+    return None
 
 
 def _threads(elements: int) -> int:

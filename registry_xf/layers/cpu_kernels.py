@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
@@ -60,6 +62,33 @@ class OnceLog:
         if reason not in self.seen:
             self.seen.add(reason)
             self.log.log(level, "%s not used: %s; using %s", self.kernel, reason, self.instead)
+
+
+def usable_library(
+    switch: str,
+    library: Callable[[], ctypes.CDLL | str],
+    skip: OnceLog,
+    problem: Callable[[], str | None] | None = None,
+) -> ctypes.CDLL | str:
+    """The kernel's library where it may run now, else why not (logged once per reason
+    by ``skip``, but for a graph being compiled or traced, where torch's operators are
+    what the compiler or exporter knows). Asked in this order, so that a cheaper or more
+    general reason wins: a graph, the environment ``switch``, the call's own ``problem``
+    (asked only then), the library (built on first use by ``library``)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return "a graph being compiled or traced"
+    if not switched_on(switch):
+        reason = f"{switch} turns it off"
+        skip(reason, logging.INFO)
+        return reason
+    found = problem() if problem is not None else None
+    if found:
+        skip(found)
+        return found
+    lib = library()
+    if isinstance(lib, str):
+        skip(lib, logging.INFO)
+    return lib
 
 
 @functools.cache

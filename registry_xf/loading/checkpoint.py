@@ -387,14 +387,15 @@ class Checkpoint:
         self._stack = stack  # closes the files opened for raw reads with the checkpoint
         self._raw: dict[Path, _RawFile] = {}
         # Files store tensors little-endian; other hosts leave everything to safetensors.
-        self._direct = device.type == "cpu" and sys.byteorder == "little"
+        self.on_cpu = device.type == "cpu"
+        self._direct = self.on_cpu and sys.byteorder == "little"
 
     def keys(self) -> list[str]:
         return list(self._handles)
 
     def get(self, name: str) -> torch.Tensor:
         handle, file = self._handles[name]
-        if self._direct:
+        if self._direct:  # host_view's work, inline: this is asked for every tensor
             raw = self._raw_file(file)
             stored = raw.locate(name)
             tensor = raw.view(stored) if stored is not None else None
@@ -405,9 +406,25 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
+    def host_view(self, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` as a CPU view of its file's memory map, whatever the target
+        device (to be copied once, straight into its place there); None where the host
+        or the stored dtype or alignment does not allow it."""
+        if sys.byteorder != "little":
+            return None
+        raw = self._raw_file(self._handles[name][1])
+        stored = raw.locate(name)
+        return raw.view(stored) if stored is not None else None
+
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` of dimension ``dim`` of tensor ``name``: only their
-        bytes are read from the file (a rank's shard of a tensor-parallel model)."""
+        bytes are read from the file (a rank's shard of a tensor-parallel model). On the
+        CPU, a view of the file's memory map where it allows one: the caller copies it
+        once, into its place."""
+        if self._direct:
+            view = self.host_view(name)
+            if view is not None:
+                return view.narrow(dim, start, stop - start)
         handle, file = self._handles[name]
         try:
             found = handle.get_slice(name)
@@ -418,6 +435,11 @@ class Checkpoint:
                 f"{file}: cannot read entries {start}:{stop} of dimension {dim} of tensor "
                 f"{name!r}: {e}"
             ) from None
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """Tensor ``name``'s dtype in torch's terms (None for one torch has no plain
+        dtype for), from its file's header."""
+        return _STORED_DTYPES.get(self.entry(name).dtype)
 
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype and shape from its file's header (no data is read)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._device import DeviceContext, _device_constructors
+from torch.overrides import TorchFunctionMode
 
 # What modules' ``__init__``/``reset_parameters`` call to give parameters initial values:
 # torch.nn.init's functions and the in-place tensor methods they come down to.
@@ -43,20 +43,73 @@ _INITIALISERS: frozenset[Callable[..., Any]] = frozenset(
 )
 
 
-class _BuildOnMeta(DeviceContext):
-    """``torch.device("meta")`` that also makes initialising a meta tensor a no-op.
+# The factory functions that take a ``device`` argument, and so create tensors on the
+# default device when given none: what ``torch.device("meta")`` as a context manager
+# redirects (its list, ``torch.utils._device._device_constructors``, is private; a test
+# compares the two, so that a factory torch adds is noticed).
+_FACTORIES: frozenset[Callable[..., Any]] = frozenset(
+    [
+        *(
+            getattr(torch, name)
+            for name in (
+                "empty",
+                "empty_permuted",
+                "empty_strided",
+                "empty_quantized",
+                "ones",
+                "arange",
+                "bartlett_window",
+                "blackman_window",
+                "eye",
+                "full",
+                "hamming_window",
+                "hann_window",
+                "kaiser_window",
+                "linspace",
+                "logspace",
+                "rand",
+                "randn",
+                "randint",
+                "randperm",
+                "range",
+                "sparse_coo_tensor",
+                "sparse_compressed_tensor",
+                "sparse_csr_tensor",
+                "sparse_csc_tensor",
+                "sparse_bsr_tensor",
+                "sparse_bsc_tensor",
+                "tril_indices",
+                "triu_indices",
+                "zeros",
+                "asarray",
+                "tensor",
+                "as_tensor",
+                "scalar_tensor",
+            )
+            if hasattr(torch, name)
+        ),
+        torch.fft.fftfreq,
+        torch.fft.rfftfreq,
+        torch.nested.nested_tensor,
+    ]
+)
 
-    Safe: a meta tensor holds no values, so an initialiser can only return it unchanged;
-    but torch still runs the op's shape checks and, for some (``normal_``), a Python
-    decomposition, which made up much of the time of building a model at every load.
-    Models built on meta get their values from a checkpoint or ``materialise_random``.
-    One mode, not the device's and a second one: every torch call made while a model is
-    built (hundreds at each load) goes through Python once instead of twice. Entered and
-    left as ``torch.device`` is (the device mode stays at the bottom of the stack).
+_META = torch.device("meta")
+
+
+class _BuildOnMeta(TorchFunctionMode):
+    """What ``torch.device("meta")`` does as a context manager (factories without a
+    ``device`` create meta tensors), and initialising a meta tensor a no-op.
+
+    Skipping is safe: a meta tensor holds no values, so an initialiser can only return it
+    unchanged; but torch still runs the op's shape checks and, for some (``normal_``), a
+    Python decomposition, which made up much of the time of building a model at every
+    load. Models built on meta get their values from a checkpoint or ``materialise_random``.
+    One mode, not ``torch.device``'s and a second one: every torch call made while a model
+    is built (hundreds at each load) goes through Python once instead of twice. A public
+    ``TorchFunctionMode``, pushed on top of the stack: an outer ``torch.device`` context
+    stays below it and sees only calls whose device is already set.
     """
-
-    def __init__(self) -> None:
-        super().__init__("meta")
 
     def __torch_function__(
         self,
@@ -70,8 +123,8 @@ class _BuildOnMeta(DeviceContext):
             target = args[0] if args else kwargs.get("tensor")
             if isinstance(target, torch.Tensor) and target.is_meta:
                 return target
-        elif func in _device_constructors() and kwargs.get("device") is None:
-            kwargs["device"] = self.device
+        elif func in _FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = _META
         return func(*args, **kwargs)
 
 

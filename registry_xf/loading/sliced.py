@@ -42,16 +42,10 @@ def read_shard(
         runs = runs_of(order[i] for start, stop in runs for i in range(start, stop))
         reorder = None
     if len(files) > 1 and join_dim == hf_dim:
-        tensor = torch.cat(_across_parts(ckpt, files, shapes, hf_dim, runs), dim=hf_dim)
+        groups = [_across_parts(files, shapes, hf_dim, runs)]
     else:
-        parts = [
-            torch.cat([ckpt.read_slice(f, hf_dim, a, b) for a, b in runs], dim=hf_dim)
-            for f in files
-        ]
-        tensor = torch.cat(parts, dim=join_dim) if len(parts) > 1 else parts[0]
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.to(ckpt.device)
+        groups = [[(f, a, b) for a, b in runs] for f in files]
+    tensor = _joined(ckpt, groups, dict(zip(files, shapes, strict=True)), hf_dim, join_dim, dtype)
     if reorder is not None:  # a shard of columns: every row was read, reorder them
         tensor = reorder(tensor, hyper)
     if transpose:
@@ -59,20 +53,56 @@ def read_shard(
     return tensor.contiguous()
 
 
+# Entries ``[start, stop)`` of one HF tensor, on the dimension being sharded.
+_Piece = tuple[str, int, int]
+
+
 def _across_parts(
-    ckpt: Checkpoint,
     files: Sequence[str],
     shapes: Sequence[tuple[int, ...]],
     dim: int,
     runs: Sequence[tuple[int, int]],
-) -> list[torch.Tensor]:
-    """The ``runs`` of the parts joined on ``dim``, each read from the part it lies in."""
+) -> list[_Piece]:
+    """The ``runs`` of the parts joined on ``dim``, each in the part it lies in."""
     pieces = []
     for start, stop in runs:
         offset = 0
         for name, shape in zip(files, shapes, strict=True):
             low, high = max(start, offset), min(stop, offset + shape[dim])
             if low < high:
-                pieces.append(ckpt.read_slice(name, dim, low - offset, high - offset))
+                pieces.append((name, low - offset, high - offset))
             offset += shape[dim]
     return pieces
+
+
+def _joined(
+    ckpt: Checkpoint,
+    groups: Sequence[Sequence[_Piece]],
+    shapes: Mapping[str, tuple[int, ...]],
+    dim: int,
+    join_dim: int,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The pieces of each group joined on ``dim``, the groups joined on ``join_dim``, in
+    ``dtype`` (floating tensors) on the checkpoint's device: one new tensor, each piece
+    copied into its slice once, from a view of the file where ``read_slice`` gives one
+    (not read, joined, cast, then moved)."""
+    first = groups[0][0][0]
+    stored = ckpt.stored_dtype(first) or ckpt.read_slice(first, dim, 0, 0).dtype
+    if dtype is None or not stored.is_floating_point:
+        dtype = stored
+    shape = list(shapes[first])
+    shape[dim] = sum(stop - start for _, start, stop in groups[0])
+    if len(groups) > 1:
+        shape[join_dim] = sum(shapes[group[0][0]][join_dim] for group in groups)
+    out = torch.empty(shape, dtype=dtype, device=ckpt.device)
+    offset = 0
+    for group in groups:
+        width = shapes[group[0][0]][join_dim]
+        part = out.narrow(join_dim, offset, width) if len(groups) > 1 else out
+        offset += width
+        at = 0
+        for name, start, stop in group:
+            part.narrow(dim, at, stop - start).copy_(ckpt.read_slice(name, dim, start, stop))
+            at += stop - start
+    return out

@@ -197,17 +197,18 @@ class SafetensorsWeights:
             ]
             read = ckpt.read_concatenated([files for _, files in fused], dtype)
             joined = {ours: tensor for (ours, _), tensor in zip(fused, read, strict=True)}
+            # parts are copied to another device as they are joined; on the CPU, nothing moves
+            onto = None if device.type == "cpu" else device
             for ours, rule, files in plan:
                 tensor = joined.get(ours)
                 shard = sharding.of(slots[ours]) if sharding is not None else None
                 if shard is not None:
                     tensor = read_shard(ckpt, rule, files, shard, hyper, dtype)
-                elif sharding is not None:  # replicated: a copy, not a view of a whole file
-                    parts = [ckpt.get(f) for f in files]
-                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper).clone()
                 elif tensor is None:
-                    parts = [ckpt.get(f) for f in files]
-                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper)
+                    parts = _parts_to_join(ckpt, files)
+                    tensor = (rule or _IDENTITY).join(parts, dtype, hyper, onto)
+                    if sharding is not None and _shares_memory(tensor, parts):
+                        tensor = tensor.clone()  # replicated: a copy, not a view of a file
                 assign(slots[ours], tensor.contiguous())
                 report.loaded.append(ours)
         _materialise_allowed_missing(model, slots, report, device, dtype)
@@ -252,6 +253,25 @@ class SafetensorsWeights:
 
 
 _IDENTITY = KeyRule("", ("",))
+
+
+def _parts_to_join(ckpt: Checkpoint, files: Sequence[str]) -> list[torch.Tensor]:
+    """The stored parts of one of our tensors, as ``KeyRule.join`` copies them into it.
+
+    Several parts bound for another device are CPU views of the files, so that each is
+    copied once, straight into its slice on that device (not loaded there, then copied
+    again into the joined tensor).
+    """
+    if len(files) > 1 and not ckpt.on_cpu:
+        views = [ckpt.host_view(f) for f in files]
+        if all(v is not None for v in views):
+            return views  # type: ignore[return-value]
+    return [ckpt.get(f) for f in files]
+
+
+def _shares_memory(tensor: torch.Tensor, parts: Sequence[torch.Tensor]) -> bool:
+    address = tensor.untyped_storage().data_ptr()
+    return any(p.untyped_storage().data_ptr() == address for p in parts)
 
 
 def _expected_kind(dtype: torch.dtype) -> str:
