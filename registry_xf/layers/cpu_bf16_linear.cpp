@@ -228,36 +228,53 @@ void epilogue(const Problem& p, __m512 acc[kRows][kVecs], int64_t row, int rows,
     }
 }
 
-// LayerNorm of y's float32 rows [row, row + rows) in place: mean, then the mean of squared
-// deviations (both in float32), then (v - mean) / sqrt(variance + eps) * weight + bias.
+// LayerNorm of a micro-tile's float32 rows [row, row + rows) of y in place: the mean, then
+// the mean of squared deviations (both in float32), then (v - mean) / sqrt(variance + eps)
+// * weight + bias. The rows go side by side through each pass: independent sums in flight.
 void normalise_rows(const Problem& p, int64_t row, int rows) {
     const int64_t n = p.n;
     const float inv_n = 1.0f / static_cast<float>(n);
-    for (int i = 0; i < rows; ++i) {
-        float* v = static_cast<float*>(p.y) + (row + i) * p.ldy;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < n; c += 16) {
-            const int64_t left = n - c;
-            const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-            sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, v + c));
+    float* v[kRows];
+    __m512 sum[kRows], mean[kRows], scale[kRows];
+    for (int i = 0; i < kRows; ++i) {
+        v[i] = static_cast<float*>(p.y) + (row + (i < rows ? i : 0)) * p.ldy;
+        sum[i] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        for (int i = 0; i < kRows; ++i)
+            if (i < rows) sum[i] = _mm512_add_ps(sum[i], _mm512_maskz_loadu_ps(mask, v[i] + c));
+    }
+    for (int i = 0; i < kRows; ++i) {
+        mean[i] = _mm512_set1_ps(_mm512_reduce_add_ps(sum[i]) * inv_n);
+        sum[i] = _mm512_setzero_ps();  // now the squared deviations
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        for (int i = 0; i < kRows; ++i) {
+            if (i >= rows) continue;
+            const __m512 d = _mm512_maskz_sub_ps(mask, _mm512_maskz_loadu_ps(mask, v[i] + c), mean[i]);
+            sum[i] = _mm512_fmadd_ps(d, d, sum[i]);
         }
-        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inv_n);
-        __m512 squares = _mm512_setzero_ps();
-        for (int64_t c = 0; c < n; c += 16) {
-            const int64_t left = n - c;
-            const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-            const __m512 d = _mm512_maskz_sub_ps(mask, _mm512_maskz_loadu_ps(mask, v + c), mean);
-            squares = _mm512_fmadd_ps(d, d, squares);
-        }
-        const float variance = _mm512_reduce_add_ps(squares) * inv_n;
-        const __m512 scale = _mm512_set1_ps(1.0f / __builtin_sqrtf(variance + p.eps));
-        for (int64_t c = 0; c < n; c += 16) {
-            const int64_t left = n - c;
-            const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-            __m512 out = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, v + c), mean), scale);
-            if (p.norm_weight) out = _mm512_mul_ps(out, _mm512_maskz_loadu_ps(mask, p.norm_weight + c));
-            if (p.norm_bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, p.norm_bias + c));
-            _mm512_mask_storeu_ps(v + c, mask, out);
+    }
+    for (int i = 0; i < kRows; ++i) {
+        const float variance = _mm512_reduce_add_ps(sum[i]) * inv_n;
+        scale[i] = _mm512_set1_ps(1.0f / __builtin_sqrtf(variance + p.eps));
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 weight = p.norm_weight ? _mm512_maskz_loadu_ps(mask, p.norm_weight + c)
+                                            : _mm512_set1_ps(1.0f);
+        const __m512 bias = p.norm_bias ? _mm512_maskz_loadu_ps(mask, p.norm_bias + c)
+                                        : _mm512_setzero_ps();
+        for (int i = 0; i < kRows; ++i) {
+            if (i >= rows) continue;
+            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, v[i] + c), mean[i]);
+            const __m512 out = _mm512_fmadd_ps(_mm512_mul_ps(d, scale[i]), weight, bias);
+            _mm512_mask_storeu_ps(v[i] + c, mask, out);
         }
     }
 }
