@@ -341,6 +341,24 @@ def test_layer_norm_inside_the_kernel(
     assert not torch.equal(fused, plain)
 
 
+@settings(max_examples=CASES, deadline=None)
+@given(
+    m=st.integers(1, 200),
+    k=st.integers(1, 300),
+    n=st.integers(1, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_shapes_with_the_norm_inside(m: int, k: int, n: int, seed: int) -> None:
+    require_kernel()
+    x, weight, bias, residual = operands(m, k, n, seed=seed)
+    norm = layer_norm_of(n, seed=seed)
+    packed = kernel.pack_weight(weight)
+    plain = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual)
+    fused = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual, torch.float32, norm)
+    want = norm(plain)
+    assert float((fused - want).abs().max()) <= 1e-5 * max(float(want.abs().max()), 1.0)
+
+
 def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """No norm on a bfloat16 output, over another width, or with the norm switched off:
     None from the kernel, and ``linear_plus`` then runs the norm after the kernel; an
