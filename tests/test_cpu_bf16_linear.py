@@ -23,6 +23,7 @@ from torch import nn
 import registry_xf as rx
 from registry_xf.layers import cpu_bf16_linear as kernel
 from registry_xf.layers import cpu_kernels
+from registry_xf.layers.norms import LayerNorm, RMSNorm
 from registry_xf.layers.packed_linear import (
     PackedLinear,
     linear_plus,
@@ -289,3 +290,157 @@ def test_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.Monke
         )
         assert cosines.min() >= 0.9999, (switch, cosines.min())
     assert not np.allclose(found["0"], exact, atol=1e-6)  # products did run in bfloat16
+
+
+def layer_norm_of(n: int, seed: int, affine: bool = True, bias: bool = True) -> nn.LayerNorm:
+    norm = LayerNorm(n, eps=1e-12, elementwise_affine=affine, bias=bias)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if affine:
+            norm.weight.normal_(1, 0.5, generator=g)
+        if norm.bias is not None:
+            norm.bias.normal_(0, 0.5, generator=g)
+    return norm.requires_grad_(False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("m", "k", "n", "affine", "bias"),
+    [
+        (37, 130, 97, True, True),  # odd everywhere, one thread's product
+        (301, 384, 200, True, True),  # several blocks of rows for two threads
+        (61, 1536, 384, True, True),  # one block of rows: two threads split it, not the panels
+        (1, 384, 384, True, False),  # one row; a LayerNorm without bias
+        (45, 64, 65, False, False),  # no weight either; a last panel of one column
+    ],
+)
+def test_layer_norm_inside_the_kernel(
+    threads: int, m: int, k: int, n: int, affine: bool, bias: bool
+) -> None:
+    """The kernel's LayerNorm of its finished rows equals torch's LayerNorm of its output
+    to float32 rounding, for odd row counts, widths that are not whole panels, 1 and 2
+    threads, with and without the norm's weight and bias."""
+    require_kernel()
+    x, weight, linear_bias, residual = operands(m, k, n, seed=m + k + n)
+    residual = residual * 4 + 2  # rows whose mean and spread are far from 0 and 1
+    norm = layer_norm_of(n, seed=k, affine=affine, bias=bias)
+    packed = kernel.pack_weight(weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = kernel.bf16_linear(x, weight, lambda: packed, linear_bias, None, residual)
+        fused = kernel.bf16_linear(
+            x, weight, lambda: packed, linear_bias, None, residual, torch.float32, norm
+        )
+    finally:
+        torch.set_num_threads(previous)
+    assert plain is not None and fused is not None and fused.shape == (m, n)
+    want = norm(plain)
+    scale = float(want.abs().max())
+    assert float((fused - want).abs().max()) <= 1e-5 * scale
+    assert not torch.equal(fused, plain)
+
+
+@settings(max_examples=CASES, deadline=None)
+@given(
+    m=st.integers(1, 200),
+    k=st.integers(1, 300),
+    n=st.integers(1, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_shapes_with_the_norm_inside(m: int, k: int, n: int, seed: int) -> None:
+    require_kernel()
+    x, weight, bias, residual = operands(m, k, n, seed=seed)
+    norm = layer_norm_of(n, seed=seed)
+    packed = kernel.pack_weight(weight)
+    plain = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual)
+    fused = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual, torch.float32, norm)
+    want = norm(plain)
+    assert float((fused - want).abs().max()) <= 1e-5 * max(float(want.abs().max()), 1.0)
+
+
+def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No norm on a bfloat16 output, over another width, or with the norm switched off:
+    None from the kernel, and ``linear_plus`` then runs the norm after the kernel; an
+    RMSNorm, a LayerNorm subclass or a hooked LayerNorm is never passed to the kernel."""
+    require_kernel()
+    x, weight, bias, residual = operands(40, 96, 80, seed=12)
+    packed = kernel.pack_weight(weight)
+    norm = layer_norm_of(80, seed=13)
+
+    def fused(out_dtype: torch.dtype, layer_norm: nn.LayerNorm) -> torch.Tensor | None:
+        call = kernel.bf16_linear
+        return call(x, weight, lambda: packed, bias, None, residual, out_dtype, layer_norm)
+
+    assert fused(torch.bfloat16, norm) is None
+    assert fused(torch.float32, layer_norm_of(40, seed=13)) is None
+    monkeypatch.setenv(kernel.NORM_SWITCH, "0")
+    assert fused(torch.float32, norm) is None
+    monkeypatch.delenv(kernel.NORM_SWITCH)
+    assert fused(torch.float32, norm) is not None
+
+    class ScaledLayerNorm(LayerNorm):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return super().forward(t) * 2
+
+    hooked = layer_norm_of(80, seed=13)
+    hooked.register_forward_hook(lambda module, args, out: out + 1)
+    layer = packed_layer(96, 80, seed=14)
+    norms = [RMSNorm(80), ScaledLayerNorm(80), hooked]
+    passed: list[object] = []
+    real = kernel.bf16_linear
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor | None:
+        passed.append(args[7] if len(args) > 7 else kwargs.get("norm"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "bf16_linear", recorded)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        for other in norms:
+            got = linear_plus(layer, x, residual, other)
+            assert torch.equal(got, other(linear_plus(layer, x, residual)))
+        assert not any(p is not None for p in passed)
+        monkeypatch.setenv(kernel.NORM_SWITCH, "0")  # the kernel, then torch's LayerNorm
+        unfused = linear_plus(layer, x, residual, norm)
+        monkeypatch.delenv(kernel.NORM_SWITCH)
+        got = linear_plus(layer, x, residual, norm)
+    assert passed[-1] is norm
+    assert float((got - unfused).abs().max()) <= 1e-5 * float(unfused.abs().max())
+
+
+def test_minilm_shaped_embeddings_with_the_norm_inside(
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A post-norm BERT under ``matmul_dtype="bfloat16"``: both norms of every layer run
+    inside the kernel, and the embeddings equal those with torch's LayerNorms to float32
+    rounding (batches of odd token counts, one and two threads)."""
+    require_kernel()
+    texts = ["the cat sat on the mat and the dog ran far away", "hello world", "a dog"] * 7
+    mixed = rx.Embedder(str(minilm_shaped), matmul_dtype="bfloat16", batch_tokens=256)
+    norms_passed: list[int] = []
+    real = kernel.bf16_linear
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
+        norm = args[7] if len(args) > 7 else kwargs.get("norm")
+        norms_passed.append(out is not None and norm is not None)
+        return out
+
+    monkeypatch.setattr(kernel, "bf16_linear", counted)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            found = {}
+            for switch in ("0", "1"):
+                monkeypatch.setenv(kernel.NORM_SWITCH, switch)
+                norms_passed.clear()
+                found[switch] = mixed.embed(texts)
+                assert any(norms_passed) == (switch == "1")
+            cosines = (found["0"] * found["1"]).sum(1) / (
+                np.linalg.norm(found["0"], axis=1) * np.linalg.norm(found["1"], axis=1)
+            )
+            assert cosines.min() >= 0.999999, (threads, cosines.min())
+            assert np.abs(found["0"] - found["1"]).max() < 1e-4
+    finally:
+        torch.set_num_threads(previous)

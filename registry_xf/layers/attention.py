@@ -34,11 +34,13 @@ class SelfAttention(nn.Module):
 
     ``query_index`` (positions) computes the output at those positions only, from keys and
     values of every position: a last layer whose head reads one token needs no more.
-    ``residual`` is added to the output (inside the output projection where it can).
+    ``residual`` is added to the output (inside the output projection where it can), and
+    ``norm`` then normalises the sum (a post-norm layer's norm; the bfloat16 kernel applies
+    a LayerNorm inside the projection too).
     """
 
     selects_queries = True  # forward takes query_index
-    adds_residual = True  # forward takes residual
+    adds_residual = True  # forward takes residual and norm
 
     def __init__(
         self,
@@ -121,6 +123,7 @@ class SelfAttention(nn.Module):
         cache: LayerCache | None = None,
         query_index: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
     ) -> torch.Tensor:
         out = None
         if mask.unpadded is not None and self._packs(x, mask, cache, query_index):
@@ -128,8 +131,9 @@ class SelfAttention(nn.Module):
         if out is None:
             out = self._attend_padded(x, mask, positions, cache, query_index)
         if residual is not None:  # added inside the projection where its weight is packed
-            return linear_plus(self.o_proj, out, residual)
-        return self.o_proj(out)
+            return linear_plus(self.o_proj, out, residual, norm)
+        out = self.o_proj(out)
+        return out if norm is None else norm(out)
 
     def _attend_padded(
         self,

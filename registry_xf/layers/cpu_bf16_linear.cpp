@@ -16,6 +16,12 @@
 // buffer, and after the last slice the epilogue adds the bias,
 // applies the activation, adds the residual and stores float32 or bfloat16 columns.
 //
+// A LayerNorm over the n columns may follow (a post-norm transformer layer's norm after its
+// residual sum): then one thread owns whole rows (pieces are blocks of rows times all the
+// panels), and after the last panel's epilogue of a micro-tile it normalises those rows of
+// y in place while they are still in cache (float32 mean and variance, two passes over the
+// row), instead of a separate pass over the whole output.
+//
 // Threads take (block of rows, group of panels) pieces from a counter: OpenMP threads (the
 // runtime torch has loaded), or just the caller's thread. Scratch is allocated per call and
 // per thread: calls from several Python threads at once share nothing.
@@ -63,6 +69,10 @@ struct Problem {
     int y_bf16;
     int64_t ldy;
     int act;
+    int norm;                  // 1: LayerNorm each finished row of y (float32 y only)
+    const float* norm_weight;  // n float32 or null (ones)
+    const float* norm_bias;    // n float32 or null (zeros)
+    float eps;
     int64_t block_rows, blocks, groups, panels_per_group;
     std::atomic<int64_t> next;
 };
@@ -218,6 +228,57 @@ void epilogue(const Problem& p, __m512 acc[kRows][kVecs], int64_t row, int rows,
     }
 }
 
+// LayerNorm of a micro-tile's float32 rows [row, row + rows) of y in place: the mean, then
+// the mean of squared deviations (both in float32), then (v - mean) / sqrt(variance + eps)
+// * weight + bias. The rows go side by side through each pass: independent sums in flight.
+void normalise_rows(const Problem& p, int64_t row, int rows) {
+    const int64_t n = p.n;
+    const float inv_n = 1.0f / static_cast<float>(n);
+    float* v[kRows];
+    __m512 sum[kRows], mean[kRows], scale[kRows];
+    for (int i = 0; i < kRows; ++i) {
+        v[i] = static_cast<float*>(p.y) + (row + (i < rows ? i : 0)) * p.ldy;
+        sum[i] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        for (int i = 0; i < kRows; ++i)
+            if (i < rows) sum[i] = _mm512_add_ps(sum[i], _mm512_maskz_loadu_ps(mask, v[i] + c));
+    }
+    for (int i = 0; i < kRows; ++i) {
+        mean[i] = _mm512_set1_ps(_mm512_reduce_add_ps(sum[i]) * inv_n);
+        sum[i] = _mm512_setzero_ps();  // now the squared deviations
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        for (int i = 0; i < kRows; ++i) {
+            if (i >= rows) continue;
+            const __m512 d = _mm512_maskz_sub_ps(mask, _mm512_maskz_loadu_ps(mask, v[i] + c), mean[i]);
+            sum[i] = _mm512_fmadd_ps(d, d, sum[i]);
+        }
+    }
+    for (int i = 0; i < kRows; ++i) {
+        const float variance = _mm512_reduce_add_ps(sum[i]) * inv_n;
+        scale[i] = _mm512_set1_ps(1.0f / __builtin_sqrtf(variance + p.eps));
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        const int64_t left = n - c;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 weight = p.norm_weight ? _mm512_maskz_loadu_ps(mask, p.norm_weight + c)
+                                            : _mm512_set1_ps(1.0f);
+        const __m512 bias = p.norm_bias ? _mm512_maskz_loadu_ps(mask, p.norm_bias + c)
+                                        : _mm512_setzero_ps();
+        for (int i = 0; i < kRows; ++i) {
+            if (i >= rows) continue;
+            const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, v[i] + c), mean[i]);
+            const __m512 out = _mm512_fmadd_ps(_mm512_mul_ps(d, scale[i]), weight, bias);
+            _mm512_mask_storeu_ps(v[i] + c, mask, out);
+        }
+    }
+}
+
 // One piece: a block of rows times a group of panels.
 void piece(const Problem& p, int64_t block, int64_t group, uint32_t* a, float* sums) {
     const int64_t row0 = block * p.block_rows;
@@ -239,8 +300,11 @@ void piece(const Problem& p, int64_t block, int64_t group, uint32_t* a, float* s
                            tile_sums, acc);
                 if (last) {
                     const int64_t left = rows - t * kRows;
-                    epilogue(p, acc, row0 + t * kRows, left < kRows ? int(left) : kRows,
-                             panel * kCols);
+                    const int tile_rows = left < kRows ? int(left) : kRows;
+                    epilogue(p, acc, row0 + t * kRows, tile_rows, panel * kCols);
+                    // the rows' last columns: normalise them (a norm: one group of panels)
+                    if (p.norm && panel == p.panels - 1)
+                        normalise_rows(p, row0 + t * kRows, tile_rows);
                 } else {
                     for (int i = 0; i < kRows; ++i)
                         for (int j = 0; j < kVecs; ++j)
@@ -281,11 +345,14 @@ int rx_bf16_linear_panel_width(void) { return 64; }
 // x: m x k float32 (x_bf16 = 0) or bfloat16 (1); w: the packed weight; bias: n float32 or
 // null; residual: m x n float32 or null; y: m x n float32 (y_bf16 = 0) or bfloat16 (1).
 // act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU, applied before the residual is added.
+// norm 1: then a LayerNorm of each row of y (float32 y only) with norm_weight and norm_bias
+// (n float32 each, or null) and eps.
 // Returns 0; 1 when no thread could allocate its scratch memory (y incomplete); 2 in a
-// build without AVX512-BF16.
+// build without AVX512-BF16; 3 for a norm on a bfloat16 y.
 int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bias,
                    const float* residual, void* y, int y_bf16, const int64_t* sizes, int act,
-                   int threads) {
+                   int threads, int norm, const float* norm_weight, const float* norm_bias,
+                   float eps) {
 #if RX_BF16
     Problem p;
     p.x = x;
@@ -304,19 +371,25 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     p.y = y;
     p.y_bf16 = y_bf16;
     p.act = act;
+    p.norm = norm;
+    p.norm_weight = norm_weight;
+    p.norm_bias = norm_bias;
+    p.eps = eps;
+    if (norm && y_bf16) return 3;
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
     const int64_t tiles = (p.m + kRows - 1) / kRows;
     // Rows per block: as many whole micro-tiles as fit kBlockBytes (the weight is read once
     // per block). With several threads, equal shares: the panels split in as many groups as
-    // threads where the rows fit one block, else a multiple of the threads in blocks.
+    // threads where the rows fit one block and no norm needs whole rows, else a multiple of
+    // the threads in blocks.
     int64_t block_tiles = kBlockBytes / (4 * p.k_pairs) / kRows;
     if (block_tiles > kMaxBlockRows / kRows) block_tiles = kMaxBlockRows / kRows;
     if (block_tiles < 1) block_tiles = 1;
     int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
     int64_t groups = 1;
     if (threads > 1) {
-        if (blocks == 1 && p.panels >= threads) {
+        if (blocks == 1 && p.panels >= threads && !norm) {
             groups = threads;
         } else {
             blocks = (blocks + threads - 1) / threads * threads;
@@ -342,7 +415,8 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     return failed == threads ? 1 : 0;
 #else
     (void)x, (void)x_bf16, (void)w, (void)bias, (void)residual, (void)y, (void)y_bf16;
-    (void)sizes, (void)act, (void)threads;
+    (void)sizes, (void)act, (void)threads, (void)norm, (void)norm_weight, (void)norm_bias;
+    (void)eps;
     return 2;
 #endif
 }

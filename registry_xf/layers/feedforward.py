@@ -14,7 +14,7 @@ from .packed_linear import linear_plus, linear_then_activation
 
 
 class FeedForward(nn.Module):
-    adds_residual = True  # forward takes residual
+    adds_residual = True  # forward takes residual and norm
     """``down(act(up(x)))``, or gated: ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU).
 
     A gated layer with ``fused=True`` computes gate and up with one matrix ``gate_up_proj``
@@ -56,9 +56,15 @@ class FeedForward(nn.Module):
         self.up_proj, self.gate_proj = up, gate
         self.fused = False
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
+    ) -> torch.Tensor:
         """The layer's output, plus ``residual`` if given (added inside the last multiply
-        where the weights are packed; in inference only, as dropout then does nothing)."""
+        where the weights are packed; in inference only, as dropout then does nothing),
+        then ``norm`` if given (a post-norm layer's; inside the multiply where it can)."""
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = self.activation(gate) * up
@@ -69,12 +75,13 @@ class FeedForward(nn.Module):
                 up, down = self.up_proj, self.down_proj
                 out = int8_feed_forward(up, self.activation, down, x, residual)
                 if out is not None:
-                    return out
+                    return out if norm is None else norm(out)
             h = linear_then_activation(self.up_proj, self.activation, x)
         if residual is not None and not self.training:
-            return linear_plus(self.down_proj, h, residual)
+            return linear_plus(self.down_proj, h, residual, norm)
         out = self.dropout(self.down_proj(h))
-        return out if residual is None else out + residual
+        out = out if residual is None else out + residual
+        return out if norm is None else norm(out)
 
 
 @registry.layers.register("registry_xf.FeedForward.v1")

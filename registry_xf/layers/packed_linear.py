@@ -30,6 +30,7 @@ from torch import nn
 
 from . import cpu_bf16_linear
 from .int8_linear import Int8Linear
+from .norms import LayerNorm
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +190,28 @@ def linear_then_activation(
     return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, *post_op)
 
 
-def linear_plus(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``linear(x) + residual``; a packed layer adds inside its multiply (a oneDNN post-op),
-    saving a pass over the output (a residual connection's sum); so does an int8 layer."""
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a LayerNorm the bfloat16 kernel may apply in its place: torch's
+    or registry_xf's class itself (a subclass may compute something else), without hooks."""
+    return type(norm) in (nn.LayerNorm, LayerNorm) and not _hooked(norm)
+
+
+def linear_plus(
+    linear: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm: nn.Module | None = None,
+) -> torch.Tensor:
+    """``linear(x) + residual``, then ``norm`` where given (a post-norm layer's); a packed
+    layer adds inside its multiply (a oneDNN post-op), saving a pass over the output (a
+    residual connection's sum); so does an int8 layer. Under CPU autocast the bfloat16
+    kernel also applies a plain LayerNorm ``norm`` to the rows it has just finished."""
+    if norm is not None:
+        if _fusable(linear) and _plain_layer_norm(norm) and linear.autocast_dtype(x) is not None:
+            out = linear.kernel_linear(x, residual=residual, out_dtype=torch.float32, norm=norm)
+            if out is not None:
+                return out
+        return norm(linear_plus(linear, x, residual))
     if type(linear) is Int8Linear and not _hooked(linear):
         out_shape = (*x.shape[:-1], linear.out_features)
         if residual.shape == out_shape:
@@ -302,10 +322,11 @@ class PackedLinear(nn.Linear):
         activation: str | None = None,
         residual: torch.Tensor | None = None,
         out_dtype: torch.dtype = torch.bfloat16,
+        norm: nn.LayerNorm | None = None,
     ) -> torch.Tensor | None:
-        """``activation(self(x)) + residual`` by the bfloat16 kernel (``cpu_bf16_linear``),
-        with its packed copy of the weight made on first use and kept; None where the kernel
-        does not apply."""
+        """``activation(self(x)) + residual``, then the LayerNorm ``norm`` where given, by
+        the bfloat16 kernel (``cpu_bf16_linear``), with its packed copy of the weight made
+        on first use and kept; None where the kernel does not apply."""
         weight = self.weight
         return cpu_bf16_linear.bf16_linear(
             x,
@@ -315,6 +336,7 @@ class PackedLinear(nn.Linear):
             activation,
             residual,
             out_dtype,
+            norm,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

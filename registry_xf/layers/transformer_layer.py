@@ -71,10 +71,11 @@ class TransformerLayer(nn.Module):
         query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.residual == "post" and self._fuses_residuals():
-            # inference: the residual sums happen inside the output projections
-            attn = self._attend(x, mask, positions, cache, query_index, _rows(x, query_index))
-            x = self.attention_norm(attn)
-            return self.feed_forward_norm(self.feed_forward(x, residual=x))
+            # inference: the residual sums (and norms, where they can) happen inside the
+            # output projections
+            rows = _rows(x, query_index)
+            x = self._attend(x, mask, positions, cache, query_index, rows, self.attention_norm)
+            return self.feed_forward(x, residual=x, norm=self.feed_forward_norm)
         if self.residual == "post":
             attn = self._attend(x, mask, positions, cache, query_index)
             x = self.attention_norm(_rows(x, query_index) + self.dropout(attn))
@@ -108,17 +109,24 @@ class TransformerLayer(nn.Module):
         cache: LayerCache | None,
         query_index: torch.Tensor | None,
         residual: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
     ) -> torch.Tensor:
+        """Attention's output, plus ``residual``, then ``norm`` (each where given; an
+        attention that adds residuals takes both)."""
         extra = {"residual": residual} if residual is not None else {}
+        if norm is not None:
+            extra["norm"] = norm
         if query_index is None:
             return self.attention(h, mask, positions, cache, **extra)
         if getattr(self.attention, "selects_queries", False):
             return self.attention(h, mask, positions, cache, query_index=query_index, **extra)
         out = self.attention(h, mask, positions, cache).index_select(1, query_index)
-        return out if residual is None else out + residual
+        out = out if residual is None else out + residual
+        return out if norm is None else norm(out)
 
     def _fuses_residuals(self) -> bool:
-        """Whether attention and feed-forward add the residual themselves: in inference
+        """Whether attention and feed-forward add the residual (and apply a post-norm)
+        themselves: in inference
         (dropout does nothing), without cross-attention, where both parts can."""
         return (
             not self.training
