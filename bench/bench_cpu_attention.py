@@ -115,22 +115,8 @@ def packed_inputs(
 
 
 def packed_call(lib, q, k, v, offsets, scale: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The packed entry of library ``lib`` (as ``cpu_attention_packed`` calls it)."""
-    out = torch.empty(q.shape, dtype=q.dtype)
-    sizes = (ctypes.c_int64 * 5)(len(offsets) - 1, q.shape[1], k.shape[1], q.shape[2], len(q))
-    strides = (ctypes.c_int64 * 8)(*(s for t in (q, k, v, out) for s in (t.stride(1), t.stride(0))))
-    status = lib.rx_attention_packed(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        out.data_ptr(),
-        ctypes.cast(offsets.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
-        sizes,
-        strides,
-        scale,
-        int(q.dtype == torch.bfloat16),
-        torch.get_num_threads(),
-    )
+    """The packed entry of library ``lib`` on torch's thread count."""
+    out, status = kernel.call_packed(lib, q, k, v, offsets, scale, torch.get_num_threads())
     assert status == 0, status
     return out
 

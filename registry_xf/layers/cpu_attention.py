@@ -213,6 +213,37 @@ def _packed_problem(
     return _tensor_problem(q, k, v)
 
 
+def call_packed(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: float,
+    threads: int,
+) -> tuple[torch.Tensor, int]:
+    """The packed entry of ``lib`` (this kernel's library, or another build of it) on
+    checked inputs: the output and the kernel's status (0: done). The one place that
+    knows the entry's arguments."""
+    n, h, d = q.shape
+    out = torch.empty((n, h, d), dtype=q.dtype)
+    sizes = (ctypes.c_int64 * 5)(len(offsets) - 1, h, k.shape[1], d, n)
+    strides = (ctypes.c_int64 * 8)(*(s for t in (q, k, v, out) for s in (t.stride(1), t.stride(0))))
+    status = lib.rx_attention_packed(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        ctypes.cast(offsets.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
+        sizes,
+        strides,
+        scale,
+        int(q.dtype == torch.bfloat16),
+        threads,
+    )
+    return out, status
+
+
 def cpu_attention_packed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -232,22 +263,8 @@ def cpu_attention_packed(
     if lib is None:
         return None
     n, h, d = q.shape
-    out = torch.empty((n, h, d), dtype=q.dtype)
-    sizes = (ctypes.c_int64 * 5)(len(offsets) - 1, h, k.shape[1], d, n)
-    strides = (ctypes.c_int64 * 8)(*(s for t in (q, k, v, out) for s in (t.stride(1), t.stride(0))))
     work = n * n // (len(offsets) - 1) * h * d  # sequences of equal lengths
-    status = lib.rx_attention_packed(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        out.data_ptr(),
-        ctypes.cast(offsets.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
-        sizes,
-        strides,
-        float(scale),
-        int(q.dtype == torch.bfloat16),
-        _threads(work),
-    )
+    out, status = call_packed(lib, q, k, v, offsets, float(scale), _threads(work))
     if status:
         if status == 3:
             raise InputError(
