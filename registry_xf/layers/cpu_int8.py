@@ -73,11 +73,6 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def enabled() -> bool:
-    """Whether the environment lets the kernel run (``REGISTRY_XF_CPU_INT8``)."""
-    return cpu_kernels.switched_on(SWITCH)
-
-
 _skip = cpu_kernels.OnceLog(logger, "CPU int8 kernel", "the torch loops")
 
 
