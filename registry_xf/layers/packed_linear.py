@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_bf16_linear
+from . import cpu_linear
 from .int8_linear import Int8Linear
 from .norms import LayerNorm
 
@@ -39,6 +39,9 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 AUTOCAST_PACKED_DTYPES = (torch.bfloat16,)
 # Packing keeps a second copy of each weight: automatic packing stops at this size.
 AUTO_PACK_LIMIT_BYTES = 1 << 30
+# float32 products of at least this many rows go to the CPU linear kernel (``cpu_linear``),
+# fewer to oneDNN, whose call costs less (decoding steps, a short input).
+F32_KERNEL_FROM_ROWS = 128
 _COPY = "_registry_xf_packed"  # the weight's attribute holding its packed copy
 
 
@@ -145,9 +148,10 @@ def _fused_activation(activation: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
-# oneDNN's post-op (name + algorithm) -> the bfloat16 kernel's activation. The kernel runs
-# where it fuses what oneDNN's autocast path does in passes of its own (rounding x, adding a
-# residual): an activation or a residual; a plain product is as fast in oneDNN.
+# oneDNN's post-op (name + algorithm) -> the CPU linear kernel's activation. For bfloat16
+# products the kernel runs where it fuses what oneDNN's autocast path does in passes of its
+# own (rounding x, adding a residual): an activation or a residual; a plain bfloat16 product
+# is as fast in oneDNN. For float32 it runs for every product of enough rows.
 _KERNEL_ACTIVATIONS = {"gelunone": "gelu", "gelutanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -184,6 +188,10 @@ def linear_then_activation(
         or x.numel() == x.shape[-1]
     ):
         return activation(linear(x))
+    if post_op[0] + post_op[2] in _KERNEL_ACTIVATIONS:
+        out = linear.f32_kernel_linear(x, _KERNEL_ACTIVATIONS[post_op[0] + post_op[2]])
+        if out is not None:
+            return out
     packed = packed_weight(linear.weight)
     if packed is None:
         return activation(linear(x))
@@ -191,7 +199,7 @@ def linear_then_activation(
 
 
 def _plain_layer_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a LayerNorm the bfloat16 kernel may apply in its place: torch's
+    """Whether ``norm`` is a LayerNorm the CPU linear kernel may apply in its place: torch's
     or registry_xf's class itself (a subclass may compute something else), without hooks."""
     return type(norm) in (nn.LayerNorm, LayerNorm) and not _hooked(norm)
 
@@ -203,12 +211,16 @@ def linear_plus(
     norm: nn.Module | None = None,
 ) -> torch.Tensor:
     """``linear(x) + residual``, then ``norm`` where given (a post-norm layer's); a packed
-    layer adds inside its multiply (a oneDNN post-op), saving a pass over the output (a
-    residual connection's sum); so does an int8 layer. Under CPU autocast the bfloat16
-    kernel also applies a plain LayerNorm ``norm`` to the rows it has just finished."""
+    layer adds inside its multiply (a oneDNN post-op or the CPU linear kernel), saving a
+    pass over the output (a residual connection's sum); so does an int8 layer. The CPU
+    linear kernel (float32, or bfloat16 under CPU autocast) also applies a plain LayerNorm
+    ``norm`` to the rows it has just finished."""
     if norm is not None:
-        if _fusable(linear) and _plain_layer_norm(norm) and linear.autocast_dtype(x) is not None:
-            out = linear.kernel_linear(x, residual=residual, out_dtype=torch.float32, norm=norm)
+        if _fusable(linear) and _plain_layer_norm(norm):
+            if linear.autocast_dtype(x) is not None:
+                out = linear.kernel_linear(x, residual=residual, out_dtype=torch.float32, norm=norm)
+            else:
+                out = linear.f32_kernel_linear(x, residual=residual, norm=norm)
             if out is not None:
                 return out
         return norm(linear_plus(linear, x, residual))
@@ -229,6 +241,9 @@ def linear_plus(
         or residual.dtype != x.dtype
     ):
         return linear(x) + residual
+    out = linear.f32_kernel_linear(x, residual=residual)
+    if out is not None:
+        return out
     packed = packed_weight(linear.weight)
     if packed is None:
         return linear(x) + residual
@@ -323,21 +338,44 @@ class PackedLinear(nn.Linear):
         residual: torch.Tensor | None = None,
         out_dtype: torch.dtype = torch.bfloat16,
         norm: nn.LayerNorm | None = None,
+        products: torch.dtype = torch.bfloat16,
     ) -> torch.Tensor | None:
         """``activation(self(x)) + residual``, then the LayerNorm ``norm`` where given, by
-        the bfloat16 kernel (``cpu_bf16_linear``), with its packed copy of the weight made
-        on first use and kept; None where the kernel does not apply."""
+        the CPU linear kernel (``cpu_linear``) with ``products`` (bfloat16 or float32), with
+        its packed copy of the weight made on first use and kept; None where the kernel
+        does not apply."""
         weight = self.weight
-        return cpu_bf16_linear.bf16_linear(
+        return cpu_linear.linear(
             x,
             weight,
-            lambda: _kept_copy(weight, f"{_COPY}_kernel", cpu_bf16_linear.pack_weight),
+            lambda: _kept_copy(
+                weight, f"{_COPY}_kernel_{products}", lambda w: cpu_linear.pack_weight(w, products)
+            ),
             self.bias,
             activation,
             residual,
             out_dtype,
             norm,
+            products,
         )
+
+    def f32_kernel_linear(
+        self,
+        x: torch.Tensor,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+        norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor | None:
+        """``kernel_linear`` with float32 products, for a float32 ``x`` of at least
+        ``F32_KERNEL_FROM_ROWS`` rows that this layer multiplies with packed weights
+        (``uses_packed``); None elsewhere, or where the kernel does not apply."""
+        if (
+            x.dtype != torch.float32
+            or x.numel() < F32_KERNEL_FROM_ROWS * x.shape[-1]
+            or not self.uses_packed(x)
+        ):
+            return None
+        return self.kernel_linear(x, activation, residual, torch.float32, norm, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -347,6 +385,9 @@ class PackedLinear(nn.Linear):
             return F.linear(x, weight, self.bias) if out is None else out
         if torch.compiler.is_compiling():  # the operator: opaque to the compiler
             return torch.ops.registry_xf.packed_linear(x, weight, self.bias)
+        out = self.f32_kernel_linear(x)
+        if out is not None:
+            return out
         return _packed_linear(x, weight, self.bias)  # eagerly, without the dispatcher
 
 

@@ -1,20 +1,28 @@
-// y = act(x w^T + bias) [+ residual] on AVX512-BF16 CPUs: bfloat16 products, float32 sums.
+// y = act(x w^T + bias) [+ residual] [then LayerNorm] on AVX-512 CPUs: float32 products, or
+// bfloat16 products (AVX512-BF16) with float32 sums.
 //
-// Built by registry_xf/layers/cpu_bf16_linear.py with the system C++ compiler on first use;
-// no torch headers: pointers, sizes and strides (in elements) come from Python.
+// Built by registry_xf/layers/cpu_linear.py with the system C++ compiler on first use; no
+// torch headers: pointers, sizes and strides (in elements) come from Python.
 //
-// The weight (n x k) is packed once, by Python, into panels of 64 output columns: panel p
-// holds, for each pair of k (k padded to even), the 64 columns' two bfloat16 values side by
-// side ([panels][k/2][64][2]), so that one vdpbf16ps multiplies a broadcast pair of x by
-// 16 columns' pairs and adds both products to 16 float32 sums. Columns past n are zeros.
+// The weight (n x k) is packed once, by Python, into panels of 64 output columns, so that one
+// vector load gives 16 columns' values at one k:
+// - float32 products: panel p holds, for each k, the 64 columns' values ([panels][k][64]);
+//   a micro-kernel step broadcasts one x value and multiply-adds it into 16 sums per vector.
+// - bfloat16 products: for each pair of k (k padded to even), the 64 columns' two bfloat16
+//   values side by side ([panels][k/2][64][2]), so that one vdpbf16ps multiplies a broadcast
+//   pair of x by 16 columns' pairs and adds both products to 16 float32 sums.
+// Columns past n are zeros.
 //
-// x (float32 or bfloat16) is copied a block of rows at a time into bfloat16 rows (rounded
-// to nearest even while copying: no separate conversion pass), zero-padded to an even k and
-// to whole micro-tiles of rows (a block fills about 384 KiB of L2, so the weight is read once
-// per block). A register-blocked micro-kernel computes 6 rows x 64 columns (24 accumulators)
-// over a slice of k (all of it up to 1,536); the sums of earlier slices wait in a float32
-// buffer, and after the last slice the epilogue adds the bias,
-// applies the activation, adds the residual and stores float32 or bfloat16 columns.
+// A register-blocked micro-kernel computes 6 rows x 64 columns (24 accumulators) over a slice
+// of k; the sums of earlier slices wait in a float32 buffer, and after the last slice the
+// epilogue adds the bias, applies the activation, adds the residual and stores float32 or
+// bfloat16 columns. Rows go in blocks that fill about 384 KiB of L2, so the weight is read
+// once per block:
+// - float32 x is read in place (its rows contiguous); only a last micro-tile of fewer than 6
+//   rows is copied, padded with zero rows;
+// - for bfloat16 products x (float32 or bfloat16) is copied a block at a time into bfloat16
+//   rows (rounded to nearest even while copying: no separate conversion pass), zero-padded
+//   to an even k and to whole micro-tiles of rows.
 //
 // A LayerNorm over the n columns may follow (a post-norm transformer layer's norm after its
 // residual sum): then one thread owns whole rows (pieces are blocks of rows times all the
@@ -42,15 +50,16 @@
 #define RX_BF16 0
 #endif
 
-#if RX_BF16
 namespace {
 
 constexpr int kCols = 64;         // columns per weight panel (4 vectors of 16)
 constexpr int kVecs = kCols / 16;
 constexpr int kRows = 6;          // rows per micro-tile
-// k pairs per slice: the panel streams from L2 (faster than slicing k to fit it in L1, whose
-// partial sums cost more than they save); k up to 1,536 in one slice.
+// k per slice. bfloat16: pairs; the panel streams from L2 (faster than slicing k to fit it
+// in L1, whose partial sums cost more than they save); k up to 1,536 in one slice. float32:
+// a micro-tile's 6 rows of x stay in L1 over a slice (x is read in place, rows apart).
 constexpr int64_t kPairsL1 = 768;
+constexpr int64_t kFloatsL1 = 384;
 constexpr int64_t kBlockBytes = 384 << 10;  // a block of x's rows in bfloat16: in L2
 constexpr int64_t kMaxBlockRows = 768;
 
@@ -60,7 +69,8 @@ struct Problem {
     const void* x;
     int x_bf16;
     int64_t m, k, ldx;
-    const uint32_t* w;  // packed panels, as 32-bit pairs
+    const void* w;  // packed panels: float32 values, or bfloat16 pairs as 32-bit words
+    int w_f32;      // 1: float32 products (x and y float32), 0: bfloat16 products
     int64_t n, k_pairs, panels;
     const float* bias;      // may be null
     const float* residual;  // may be null
@@ -143,6 +153,15 @@ inline __m512 activate(__m512 v, int act) {
     }
 }
 
+// A micro-tile's sums at the start of a slice: zeros for the first, else the earlier
+// slices' sums.
+inline void start_sums(bool first, const float* sums, __m512 acc[kRows][kVecs]) {
+    for (int i = 0; i < kRows; ++i)
+        for (int j = 0; j < kVecs; ++j)
+            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + i * kCols + 16 * j);
+}
+
+#if RX_BF16
 // Rows [row0, row0 + rows) of x into bfloat16 rows of `pairs` 32-bit pairs each (k padded
 // with zeros to 2 x pairs); rows past `rows` up to a whole micro-tile are zeros.
 void copy_rows(const Problem& p, int64_t row0, int64_t rows, uint32_t* a, int64_t pairs) {
@@ -172,15 +191,9 @@ void copy_rows(const Problem& p, int64_t row0, int64_t rows, uint32_t* a, int64_
 
 // Six rows x 64 columns over k pairs [0, pairs) of a slice: a points at the tile's first row
 // (row stride lda pairs), w at the panel's slice. first: start from zeros, else from sums.
-inline void micro_tile(const uint32_t* a, int64_t lda, const uint32_t* w, int64_t pairs,
-                       bool first, float* sums, __m512 acc[kRows][kVecs]) {
-    if (first) {
-        for (int i = 0; i < kRows; ++i)
-            for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
-    } else {
-        for (int i = 0; i < kRows; ++i)
-            for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_loadu_ps(sums + i * kCols + 16 * j);
-    }
+inline void micro_tile_bf16(const uint32_t* a, int64_t lda, const uint32_t* w, int64_t pairs,
+                            bool first, const float* sums, __m512 acc[kRows][kVecs]) {
+    start_sums(first, sums, acc);
     const uint32_t* a0 = a;
     const uint32_t* a3 = a + 3 * lda;
     for (int64_t q = 0; q < pairs; ++q) {
@@ -205,6 +218,45 @@ inline void micro_tile(const uint32_t* a, int64_t lda, const uint32_t* w, int64_
 #undef RX_ROW
     }
 }
+#endif  // RX_BF16
+
+// Six float32 rows x 64 columns over k [0, depth) of a slice: a points at the tile's first
+// row at the slice's first k (row stride lda floats), w at the panel's slice.
+inline void micro_tile_f32(const float* a, int64_t lda, const float* w, int64_t depth,
+                           bool first, const float* sums, __m512 acc[kRows][kVecs]) {
+    start_sums(first, sums, acc);
+    const float* a0 = a;
+    const float* a3 = a + 3 * lda;
+    for (int64_t q = 0; q < depth; ++q) {
+        const __m512 w0 = _mm512_loadu_ps(w + q * kCols);
+        const __m512 w1 = _mm512_loadu_ps(w + q * kCols + 16);
+        const __m512 w2 = _mm512_loadu_ps(w + q * kCols + 32);
+        const __m512 w3 = _mm512_loadu_ps(w + q * kCols + 48);
+#define RX_ROW(i, base, off)                                  \
+    {                                                         \
+        const __m512 x = _mm512_set1_ps(base[off + q]);       \
+        acc[i][0] = _mm512_fmadd_ps(x, w0, acc[i][0]);        \
+        acc[i][1] = _mm512_fmadd_ps(x, w1, acc[i][1]);        \
+        acc[i][2] = _mm512_fmadd_ps(x, w2, acc[i][2]);        \
+        acc[i][3] = _mm512_fmadd_ps(x, w3, acc[i][3]);        \
+    }
+        RX_ROW(0, a0, 0)
+        RX_ROW(1, a0, lda)
+        RX_ROW(2, a0, 2 * lda)
+        RX_ROW(3, a3, 0)
+        RX_ROW(4, a3, lda)
+        RX_ROW(5, a3, 2 * lda)
+#undef RX_ROW
+    }
+}
+
+// The last rows [row0, row0 + rows) of float32 x (fewer than a micro-tile) into a, zero rows
+// after them up to a whole micro-tile (row stride k).
+void copy_tail_f32(const Problem& p, int64_t row0, int64_t rows, float* a) {
+    const float* src = static_cast<const float*>(p.x);
+    for (int64_t r = 0; r < rows; ++r) memcpy(a + r * p.k, src + (row0 + r) * p.ldx, p.k * 4);
+    memset(a + rows * p.k, 0, (kRows - rows) * p.k * 4);
+}
 
 // The finished sums of rows [row, row + rows) x columns [col, col + 64) to y.
 void epilogue(const Problem& p, __m512 acc[kRows][kVecs], int64_t row, int rows, int64_t col) {
@@ -218,12 +270,14 @@ void epilogue(const Problem& p, __m512 acc[kRows][kVecs], int64_t row, int rows,
             __m512 v = activate(_mm512_add_ps(acc[i][j], bias), p.act);
             if (p.residual)
                 v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.residual + (row + i) * p.ldr + c));
+#if RX_BF16
             if (p.y_bf16) {
                 uint16_t* dst = static_cast<uint16_t*>(p.y) + (row + i) * p.ldy + c;
                 _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
-            } else {
-                _mm512_mask_storeu_ps(static_cast<float*>(p.y) + (row + i) * p.ldy + c, mask, v);
+                continue;
             }
+#endif
+            _mm512_mask_storeu_ps(static_cast<float*>(p.y) + (row + i) * p.ldy + c, mask, v);
         }
     }
 }
@@ -279,25 +333,49 @@ void normalise_rows(const Problem& p, int64_t row, int rows) {
     }
 }
 
-// One piece: a block of rows times a group of panels.
-void piece(const Problem& p, int64_t block, int64_t group, uint32_t* a, float* sums) {
+// One piece: a block of rows times a group of panels. scratch: the block's rows in bfloat16
+// (bfloat16 products), or a last partial micro-tile of float32 rows.
+void piece(const Problem& p, int64_t block, int64_t group, void* scratch, float* sums) {
     const int64_t row0 = block * p.block_rows;
     const int64_t rows = p.m - row0 < p.block_rows ? p.m - row0 : p.block_rows;
-    const int64_t lda = p.k_pairs;
-    copy_rows(p, row0, rows, a, lda);
     const int64_t tiles = (rows + kRows - 1) / kRows;
+    // float32: tiles before `whole` are read in place (row stride ldx), the last from scratch
+    const float* xf = static_cast<const float*>(p.x) + row0 * p.ldx;
+    const int64_t whole = p.w_f32 ? rows / kRows : 0;
+    if (p.w_f32 && whole < tiles)
+        copy_tail_f32(p, row0 + whole * kRows, rows - whole * kRows, static_cast<float*>(scratch));
+#if RX_BF16
+    if (!p.w_f32) copy_rows(p, row0, rows, static_cast<uint32_t*>(scratch), p.k_pairs);
+#endif
+    const int64_t depth = p.w_f32 ? p.k : p.k_pairs;  // k in the weight's steps
+    const int64_t slice = p.w_f32 ? kFloatsL1 : kPairsL1;
     const int64_t p0 = group * p.panels_per_group;
     const int64_t p1 = p0 + p.panels_per_group < p.panels ? p0 + p.panels_per_group : p.panels;
     __m512 acc[kRows][kVecs];
     for (int64_t panel = p0; panel < p1; ++panel) {
-        const uint32_t* wp = p.w + panel * p.k_pairs * kCols;
-        for (int64_t q0 = 0; q0 < p.k_pairs; q0 += kPairsL1) {
-            const int64_t pairs = p.k_pairs - q0 < kPairsL1 ? p.k_pairs - q0 : kPairsL1;
-            const bool first = q0 == 0, last = q0 + pairs == p.k_pairs;
+        const int64_t panel_offset = panel * depth * kCols;  // in the weight's steps' units
+        for (int64_t q0 = 0; q0 < depth; q0 += slice) {
+            const int64_t steps = depth - q0 < slice ? depth - q0 : slice;
+            const bool first = q0 == 0, last = q0 + steps == depth;
             for (int64_t t = 0; t < tiles; ++t) {
                 float* tile_sums = sums + t * kRows * kCols;
-                micro_tile(a + t * kRows * lda + q0, lda, wp + q0 * kCols, pairs, first,
-                           tile_sums, acc);
+                if (p.w_f32) {
+                    const float* w = static_cast<const float*>(p.w) + panel_offset + q0 * kCols;
+                    if (t < whole)
+                        micro_tile_f32(xf + t * kRows * p.ldx + q0, p.ldx, w, steps, first,
+                                       tile_sums, acc);
+                    else
+                        micro_tile_f32(static_cast<const float*>(scratch) + q0, p.k, w, steps,
+                                       first, tile_sums, acc);
+                }
+#if RX_BF16
+                else {
+                    const uint32_t* w =
+                        static_cast<const uint32_t*>(p.w) + panel_offset + q0 * kCols;
+                    micro_tile_bf16(static_cast<const uint32_t*>(scratch) + t * kRows * p.k_pairs
+                                        + q0, p.k_pairs, w, steps, first, tile_sums, acc);
+                }
+#endif
                 if (last) {
                     const int64_t left = rows - t * kRows;
                     const int tile_rows = left < kRows ? int(left) : kRows;
@@ -316,44 +394,49 @@ void piece(const Problem& p, int64_t block, int64_t group, uint32_t* a, float* s
 }
 
 int work(Problem& p) {
-    const int64_t tile_rows = p.block_rows;
-    uint32_t* a = static_cast<uint32_t*>(aligned_alloc(64, tile_rows * p.k_pairs * 4 + 64));
-    float* sums = static_cast<float*>(aligned_alloc(64, tile_rows * kCols * 4));
-    int failed = !a || !sums;
+    const int64_t scratch_bytes =
+        p.w_f32 ? kRows * p.k * 4 : p.block_rows * p.k_pairs * 4;
+    void* scratch = aligned_alloc(64, (scratch_bytes + 127) / 64 * 64);
+    float* sums = static_cast<float*>(aligned_alloc(64, p.block_rows * kCols * 4));
+    int failed = !scratch || !sums;
     if (!failed) {
         const int64_t pieces = p.blocks * p.groups;
         for (int64_t t = p.next.fetch_add(1); t < pieces; t = p.next.fetch_add(1))
-            piece(p, t / p.groups, t % p.groups, a, sums);
+            piece(p, t / p.groups, t % p.groups, scratch, sums);
     }
-    free(a);
+    free(scratch);
     free(sums);
     return failed;
 }
 
 }  // namespace
-#endif
 
 extern "C" {
 
-// 1 when this build has the kernel (the CPU has AVX512-BF16).
-int rx_bf16_linear_available(void) { return RX_BF16; }
+// 1 when this build has bfloat16 products (the CPU has AVX512-BF16); float32 always.
+int rx_linear_has_bf16(void) { return RX_BF16; }
 
-// Columns per weight panel: the packed weight is [ceil(n / 64)][ceil(k / 2)][64][2] bfloat16.
-int rx_bf16_linear_panel_width(void) { return 64; }
+// Columns per weight panel: the packed weight is [ceil(n / 64)][k][64] float32, or
+// [ceil(n / 64)][ceil(k / 2)][64][2] bfloat16.
+int rx_linear_panel_width(void) { return kCols; }
 
 // sizes: m, k, n, ldx, ldr, ldy (row strides in elements; rows contiguous).
-// x: m x k float32 (x_bf16 = 0) or bfloat16 (1); w: the packed weight; bias: n float32 or
-// null; residual: m x n float32 or null; y: m x n float32 (y_bf16 = 0) or bfloat16 (1).
+// x: m x k float32 (x_bf16 = 0) or bfloat16 (1); w: the packed weight, float32 (w_f32 = 1)
+// or bfloat16 (0); bias: n float32 or null; residual: m x n float32 or null; y: m x n
+// float32 (y_bf16 = 0) or bfloat16 (1).
 // act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 ReLU, applied before the residual is added.
 // norm 1: then a LayerNorm of each row of y (float32 y only) with norm_weight and norm_bias
 // (n float32 each, or null) and eps.
-// Returns 0; 1 when no thread could allocate its scratch memory (y incomplete); 2 in a
-// build without AVX512-BF16; 3 for a norm on a bfloat16 y.
-int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bias,
-                   const float* residual, void* y, int y_bf16, const int64_t* sizes, int act,
-                   int threads, int norm, const float* norm_weight, const float* norm_bias,
-                   float eps) {
-#if RX_BF16
+// Returns 0; 1 when no thread could allocate its scratch memory (y incomplete); 2 for
+// bfloat16 products or a bfloat16 y in a build without AVX512-BF16; 3 for a norm on a
+// bfloat16 y; 4 for float32 products with a bfloat16 x.
+int rx_linear(const void* x, int x_bf16, const void* w, int w_f32, const float* bias,
+              const float* residual, void* y, int y_bf16, const int64_t* sizes, int act,
+              int threads, int norm, const float* norm_weight, const float* norm_bias,
+              float eps) {
+    if (!RX_BF16 && (!w_f32 || y_bf16)) return 2;
+    if (norm && y_bf16) return 3;
+    if (w_f32 && x_bf16) return 4;
     Problem p;
     p.x = x;
     p.x_bf16 = x_bf16;
@@ -363,7 +446,8 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     p.ldx = sizes[3];
     p.ldr = sizes[4];
     p.ldy = sizes[5];
-    p.w = reinterpret_cast<const uint32_t*>(w);
+    p.w = w;
+    p.w_f32 = w_f32;
     p.k_pairs = (p.k + 1) / 2;
     p.panels = (p.n + kCols - 1) / kCols;
     p.bias = bias;
@@ -375,7 +459,6 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     p.norm_weight = norm_weight;
     p.norm_bias = norm_bias;
     p.eps = eps;
-    if (norm && y_bf16) return 3;
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
     const int64_t tiles = (p.m + kRows - 1) / kRows;
@@ -383,7 +466,8 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     // per block). With several threads, equal shares: the panels split in as many groups as
     // threads where the rows fit one block and no norm needs whole rows, else a multiple of
     // the threads in blocks.
-    int64_t block_tiles = kBlockBytes / (4 * p.k_pairs) / kRows;
+    const int64_t row_bytes = w_f32 ? 4 * p.k : 4 * p.k_pairs;
+    int64_t block_tiles = kBlockBytes / row_bytes / kRows;
     if (block_tiles > kMaxBlockRows / kRows) block_tiles = kMaxBlockRows / kRows;
     if (block_tiles < 1) block_tiles = 1;
     int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
@@ -413,12 +497,6 @@ int rx_bf16_linear(const void* x, int x_bf16, const uint16_t* w, const float* bi
     failed = work(p);
 #endif
     return failed == threads ? 1 : 0;
-#else
-    (void)x, (void)x_bf16, (void)w, (void)bias, (void)residual, (void)y, (void)y_bf16;
-    (void)sizes, (void)act, (void)threads, (void)norm, (void)norm_weight, (void)norm_bias;
-    (void)eps;
-    return 2;
-#endif
 }
 
 }  // extern "C"

