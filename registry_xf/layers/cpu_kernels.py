@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -125,10 +126,30 @@ def kernels_dir() -> Path:
     return Path(base) / "registry_xf" / "kernels"
 
 
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def local_headers(source: Path) -> list[Path]:
+    """The headers ``source`` includes by ``#include "name"`` from its own folder, and
+    theirs in turn, each once, in the order first met."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        text = pending.pop(0).read_bytes()
+        for name in _LOCAL_INCLUDE.findall(text):
+            header = source.parent / name.decode()
+            if header not in found:
+                found.append(header)
+                pending.append(header)
+    return found
+
+
 def library_path(source: Path, program: str) -> Path:
-    """The cached library's path for this source, compiler, flags and CPU."""
+    """The cached library's path for this source and the headers it includes, the
+    compiler, the flags and the CPU: editing any of them builds a new library."""
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), program.encode(), " ".join(FLAGS).encode()):
+    parts = [source.read_bytes()] + [header.read_bytes() for header in local_headers(source)]
+    for part in (*parts, program.encode(), " ".join(FLAGS).encode()):
         digest.update(part)
         digest.update(b"\0")
     digest.update(_cpu_id().encode())
@@ -189,7 +210,10 @@ def load(source: Path, program: str) -> ctypes.CDLL | str:
         return reason
     if shutil.which(program) is None:
         return f"no C++ compiler {program!r} (set {COMPILER} to one)"
-    path = library_path(source, program)
+    try:
+        path = library_path(source, program)
+    except OSError as e:  # the source or a header it includes is missing or unreadable
+        return f"could not read {source.name} or a header it includes: {e}"
     if not path.exists():
         logger.info("Building %s with %s into %s", source.name, program, path)
         try:

@@ -41,6 +41,8 @@
 
 #include <atomic>
 
+#include "cpu_activations.h"
+
 #ifndef __AVX512F__
 #error "this kernel needs AVX-512 (compile with -march=native on a CPU that has it)"
 #endif
@@ -60,10 +62,10 @@ constexpr int kRows = 6;          // rows per micro-tile
 // a micro-tile's 6 rows of x stay in L1 over a slice (x is read in place, rows apart).
 constexpr int64_t kPairsL1 = 768;
 constexpr int64_t kFloatsL1 = 384;
-constexpr int64_t kBlockBytes = 384 << 10;  // a block of x's rows in bfloat16: in L2
+constexpr int64_t kBlockBytes = 384 << 10;  // a block of x's rows (as multiplied): in L2
 constexpr int64_t kMaxBlockRows = 768;
 
-enum Activation { kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3 };
+using rx_activations::activate;  // the activation codes: cpu_activations.h
 
 struct Problem {
     const void* x;
@@ -86,77 +88,6 @@ struct Problem {
     int64_t block_rows, blocks, groups, panels_per_group;
     std::atomic<int64_t> next;
 };
-
-// e^y for y <= 0 (below -87 gives ~0): 2^n e^r, |r| <= ln2 / 2, degree-7 Taylor polynomial.
-inline __m512 exp_nonpositive(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504089f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-// erf(z) = z P(z^2) / Q(z^2), P and Q of degree 5 fitted to erf(z) / z on [0, 4] (absolute
-// error below 4e-7 in float32 arithmetic); z is clamped to [-4, 4], where erf is 1 to within
-// 2e-8. The division is a reciprocal estimate and one Newton step: about half the work of a
-// form through e^(-z^2), which matters in the epilogue of a product with a short k.
-inline __m512 erf_ps(__m512 z) {
-    z = _mm512_max_ps(_mm512_min_ps(z, _mm512_set1_ps(4.0f)), _mm512_set1_ps(-4.0f));
-    const __m512 t = _mm512_mul_ps(z, z);
-    __m512 p = _mm512_set1_ps(1.974405677e-06f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(2.879530075e-04f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(4.002087284e-03f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(5.346273258e-02f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.962200254e-01f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.128378987e+00f));
-    __m512 q = _mm512_set1_ps(3.747170922e-05f);
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.215876546e-03f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.544143539e-02f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.164635941e-01f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(5.072266459e-01f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.0f));
-    __m512 r = _mm512_rcp14_ps(q);  // q >= 1: a relative error below 2^-14, then below 2^-27
-    r = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.0f)), r, r);
-    return _mm512_mul_ps(_mm512_mul_ps(z, p), r);
-}
-
-// tanh(u) = 1 - 2 / (e^{2u} + 1), through e^{-2|u|} to stay in range; sign restored.
-inline __m512 tanh_ps(__m512 u) {
-    const __m512 a = _mm512_abs_ps(u);
-    const __m512 e = exp_nonpositive(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
-    const __m512 positive = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e),
-                                          _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(INT32_MIN));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(positive), sign));
-}
-
-inline __m512 activate(__m512 v, int act) {
-    switch (act) {
-        case kGeluErf: {
-            const __m512 e = erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
-            return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)),
-                                 _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
-        }
-        case kGeluTanh: {
-            const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-            const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                           _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
-            return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)),
-                                 _mm512_add_ps(tanh_ps(u), _mm512_set1_ps(1.0f)));
-        }
-        case kRelu: return _mm512_max_ps(v, _mm512_setzero_ps());
-        default: return v;
-    }
-}
 
 // A micro-tile's sums at the start of a slice: zeros for the first, else the earlier
 // slices' sums.

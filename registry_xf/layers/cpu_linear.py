@@ -9,11 +9,11 @@ layer (BERT) normalises the output projection's sum with its residual right away
 while it is still in cache (float32 statistics, the module's epsilon, weight and bias),
 saving the norm's own pass over the output.
 
-- **float32** (the packed layers' eager path): x is read in place. The products run
-  slightly faster than oneDNN's packed ones on one Zen 4 core (about 93% of its float32
-  peak at 2,048 rows against 90%); with the norm folded in, a float32 pass of
-  all-MiniLM-L6-v2 takes a few percent less time. ``REGISTRY_XF_CPU_F32_LINEAR=0``
-  leaves them to oneDNN.
+- **float32** (packed layers, eagerly, from ``packed_linear.F32_KERNEL_FROM_ROWS`` rows): x is
+  read in place. The products run at the speed of oneDNN's packed ones (about 92% of one
+  Zen 4 core's float32 peak at 2,048 rows); what the kernel saves are the LayerNorms'
+  passes and part of the epilogues' cost: float32 passes of all-MiniLM-L6-v2 take 1 to
+  2.5% less time. ``REGISTRY_XF_CPU_F32_LINEAR=0`` leaves them to oneDNN.
 - **bfloat16** (``matmul_dtype="bfloat16"``, CPU autocast): oneDNN's bfloat16 products
   need their float32 inputs converted first (a pass of its own over every activation); the
   kernel rounds x to bfloat16 while copying blocks of it into cache. Its products alone run
