@@ -12,8 +12,8 @@ saving the norm's own pass over the output.
 - **float32** (packed layers, eagerly, from ``packed_linear.F32_KERNEL_FROM_ROWS`` rows): x is
   read in place. The products run at the speed of oneDNN's packed ones (about 92% of one
   Zen 4 core's float32 peak at 2,048 rows); what the kernel saves are the LayerNorms'
-  passes and part of the epilogues' cost: float32 passes of all-MiniLM-L6-v2 take 1 to
-  2.5% less time. ``REGISTRY_XF_CPU_F32_LINEAR=0`` leaves them to oneDNN.
+  passes and part of the epilogues' cost (the GELU above all): float32 passes of
+  all-MiniLM-L6-v2 take about 3% less time. ``REGISTRY_XF_CPU_F32_LINEAR=0`` leaves them to oneDNN.
 - **bfloat16** (``matmul_dtype="bfloat16"``, CPU autocast): oneDNN's bfloat16 products
   need their float32 inputs converted first (a pass of its own over every activation); the
   kernel rounds x to bfloat16 while copying blocks of it into cache. Its products alone run
