@@ -73,9 +73,10 @@ def expected(
     bias: torch.Tensor | None,
     activation: str | None,
     residual: torch.Tensor | None,
+    products: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """torch's float32 product of the bfloat16-rounded operands, then the epilogue."""
-    xr, wr = x.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double()
+    """The float64 product of the operands rounded to ``products``, then the epilogue."""
+    xr, wr = x.to(products).double(), weight.to(products).double()
     out = xr @ wr.T + (0 if bias is None else bias.double())
     out = ACTIVATIONS[activation](out)
     return out if residual is None else out + residual.double()
@@ -88,9 +89,13 @@ def run(
     activation: str | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    norm: nn.LayerNorm | None = None,
+    products: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor | None:
-    packed = kernel.pack_weight(weight)
-    return kernel.linear(x, weight, lambda: packed, bias, activation, residual, out_dtype)
+    packed = kernel.pack_weight(weight, products)
+    return kernel.linear(
+        x, weight, lambda: packed, bias, activation, residual, out_dtype, norm, products
+    )
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -459,17 +464,8 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
 # float32 products
 
 
-def expected_f32(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    """The float64 product of the float32 operands, then the epilogue."""
-    out = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    out = ACTIVATIONS[activation](out)
-    return out if residual is None else out + residual.double()
+def expected_f32(*args: object) -> torch.Tensor:
+    return expected(*args, products=torch.float32)
 
 
 def run_f32(
@@ -480,10 +476,7 @@ def run_f32(
     residual: torch.Tensor | None = None,
     norm: nn.LayerNorm | None = None,
 ) -> torch.Tensor | None:
-    packed = kernel.pack_weight(weight, torch.float32)
-    return kernel.linear(
-        x, weight, lambda: packed, bias, activation, residual, torch.float32, norm, torch.float32
-    )
+    return run(x, weight, bias, activation, residual, torch.float32, norm, torch.float32)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
