@@ -20,11 +20,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "cpu_activations.h"
-
 #ifndef __AVX512F__
 #error "this kernel needs AVX-512 (compile with -march=native on a CPU that has it)"
 #endif
+
+#include "cpu_activations.h"
 
 namespace {
 

@@ -1,14 +1,15 @@
 """Small C++ kernels for x86-64 CPUs with AVX-512, compiled on first use and cached.
 
-Each kernel is one ``.cpp`` file beside this module, with a C interface and no torch
-headers: pointers, sizes and strides come from Python through ctypes (which releases the
-GIL during the call). ``library(source, declare)`` builds it with the system C++ compiler
-(``REGISTRY_XF_CXX``, else ``CXX``, else ``c++``) at the first call in a process that has no
-cached copy, and caches it under ``$XDG_CACHE_HOME/registry_xf/kernels`` (``~/.cache/...``)
-by a hash of its source, the compiler, the flags and the CPU, so a machine with another CPU
-never loads it. It is written to a temporary file and renamed into place: a concurrent build
-in another process never leaves a half-written library at that name, and temporary files of
-killed builds are removed by later builds.
+Each kernel is one ``.cpp`` file beside this module (with the headers it includes from
+there, such as ``cpu_activations.h``), with a C interface and no torch headers: pointers,
+sizes and strides come from Python through ctypes (which releases the GIL during the call).
+``library(source, declare)`` builds it with the system C++ compiler (``REGISTRY_XF_CXX``,
+else ``CXX``, else ``c++``) at the first call in a process that has no cached copy, and
+caches it under ``$XDG_CACHE_HOME/registry_xf/kernels`` (``~/.cache/...``) by a hash of its
+source and those headers, the compiler, the flags and the CPU, so an edited header rebuilds
+it and a machine with another CPU never loads it. It is written to a temporary file and
+renamed into place: a concurrent build in another process never leaves a half-written
+library at that name, and temporary files of killed builds are removed by later builds.
 
 Kernels use OpenMP for threads and link libgomp by its usual name, so the runtime torch has
 loaded serves them: one pool of threads for both, none competing with torch's for the cores.

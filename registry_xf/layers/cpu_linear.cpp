@@ -41,11 +41,12 @@
 
 #include <atomic>
 
-#include "cpu_activations.h"
-
 #ifndef __AVX512F__
 #error "this kernel needs AVX-512 (compile with -march=native on a CPU that has it)"
 #endif
+
+#include "cpu_activations.h"
+
 #ifdef __AVX512BF16__
 #define RX_BF16 1
 #else
