@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,29 @@ def require_kernel(products: torch.dtype = torch.bfloat16) -> None:
     lib = kernel.library(products)
     if isinstance(lib, str):
         pytest.skip(f"the kernel is unavailable here: {lib}")
+
+
+@dataclass
+class KernelCall:
+    ran: bool  # the kernel computed the result (else the caller runs oneDNN)
+    norm: object  # the LayerNorm it was given, or None
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[KernelCall]:
+    """Every call of the kernel's entry (``kernel.linear``) from here on, as the layers
+    make them."""
+    calls: list[KernelCall] = []
+    real = kernel.linear
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
+        norm = args[7] if len(args) > 7 else kwargs.get("norm")
+        calls.append(KernelCall(out is not None, norm))
+        return out
+
+    monkeypatch.setattr(kernel, "linear", recorded)
+    return calls
 
 
 def operands(
@@ -262,7 +286,9 @@ def packed_layer(k: int, n: int, seed: int) -> PackedLinear:
 
 
 @pytest.mark.parametrize("entry", ["activation", "residual", "plain"])
-def test_packed_layers_under_autocast(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+def test_packed_layers_under_autocast(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls: list[KernelCall], entry: str
+) -> None:
     """``linear_then_activation`` and ``linear_plus`` give what oneDNN's path gives (to
     bfloat16 rounding), in the same dtypes; a plain product stays with oneDNN."""
     layer = packed_layer(96, 160, seed=9)
@@ -274,15 +300,6 @@ def test_packed_layers_under_autocast(monkeypatch: pytest.MonkeyPatch, entry: st
         "residual": lambda: linear_plus(layer, x, residual),
         "plain": lambda: layer(x),
     }[entry]
-    ran: list[int] = []
-    real = kernel.linear
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        out = real(*args, **kwargs)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(kernel, "linear", counted)
     results = {}
     for switch in ("0", "1"):
         monkeypatch.setenv(kernel.SWITCHES[torch.bfloat16], switch)
@@ -292,7 +309,7 @@ def test_packed_layers_under_autocast(monkeypatch: pytest.MonkeyPatch, entry: st
     assert ours.dtype == onednn.dtype and ours.shape == onednn.shape
     assert_matches(ours.double(), onednn.double(), rtol=2e-2)
     uses_kernel = entry != "plain" and not isinstance(kernel.library(), str)
-    assert any(ran) == uses_kernel
+    assert any(call.ran for call in kernel_calls) == uses_kernel
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +421,9 @@ def assert_normalised(fused: torch.Tensor, rows: torch.Tensor, norm: nn.LayerNor
     assert bool(((fused.double() - want).abs() <= allowed).all())
 
 
-def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layer_norm_not_in_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls: list[KernelCall]
+) -> None:
     """No norm on a bfloat16 output, over another width, or with the norm switched off:
     None from the kernel, and ``linear_plus`` then runs the norm after the kernel; an
     RMSNorm, a LayerNorm subclass or a hooked LayerNorm is never passed to the kernel."""
@@ -432,29 +451,22 @@ def test_layer_norm_not_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     hooked.register_forward_hook(lambda module, args, out: out + 1)
     layer = packed_layer(96, 80, seed=14)
     norms = [RMSNorm(80), ScaledLayerNorm(80), hooked]
-    passed: list[object] = []
-    real = kernel.linear
-
-    def recorded(*args: object, **kwargs: object) -> torch.Tensor | None:
-        passed.append(args[7] if len(args) > 7 else kwargs.get("norm"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "linear", recorded)
+    kernel_calls.clear()  # the direct calls above
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         for other in norms:
             got = linear_plus(layer, x, residual, other)
             assert torch.equal(got, other(linear_plus(layer, x, residual)))
-        assert not any(p is not None for p in passed)
+        assert all(call.norm is None for call in kernel_calls)
         monkeypatch.setenv(kernel.NORM_SWITCH, "0")  # the kernel, then torch's LayerNorm
         unfused = linear_plus(layer, x, residual, norm)
         monkeypatch.delenv(kernel.NORM_SWITCH)
         got = linear_plus(layer, x, residual, norm)
-    assert passed[-1] is norm
+    assert kernel_calls[-1].norm is norm
     assert float((got - unfused).abs().max()) <= 1e-5 * float(unfused.abs().max())
 
 
 def test_minilm_shaped_embeddings_with_the_norm_inside(
-    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch, kernel_calls: list[KernelCall]
 ) -> None:
     """A post-norm BERT under ``matmul_dtype="bfloat16"``: both norms of every layer run
     inside the kernel, and the embeddings equal those with torch's LayerNorms to float32
@@ -462,16 +474,6 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
     require_kernel()
     texts = ["the cat sat on the mat and the dog ran far away", "hello world", "a dog"] * 7
     mixed = rx.Embedder(str(minilm_shaped), matmul_dtype="bfloat16", batch_tokens=256)
-    norms_passed: list[int] = []
-    real = kernel.linear
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        out = real(*args, **kwargs)
-        norm = args[7] if len(args) > 7 else kwargs.get("norm")
-        norms_passed.append(out is not None and norm is not None)
-        return out
-
-    monkeypatch.setattr(kernel, "linear", counted)
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -479,9 +481,10 @@ def test_minilm_shaped_embeddings_with_the_norm_inside(
             found = {}
             for switch in ("0", "1"):
                 monkeypatch.setenv(kernel.NORM_SWITCH, switch)
-                norms_passed.clear()
+                kernel_calls.clear()
                 found[switch] = mixed.embed(texts)
-                assert any(norms_passed) == (switch == "1")
+                normed = any(call.ran and call.norm is not None for call in kernel_calls)
+                assert normed == (switch == "1")
             cosines = (found["0"] * found["1"]).sum(1) / (
                 np.linalg.norm(found["0"], axis=1) * np.linalg.norm(found["1"], axis=1)
             )
@@ -591,7 +594,9 @@ def test_f32_products_without_avx512_bf16(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("entry", ["activation", "residual", "norm", "plain"])
-def test_f32_packed_layers(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+def test_f32_packed_layers(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls: list[KernelCall], entry: str
+) -> None:
     """Each entry point calls the kernel for float32 inputs of ``F32_KERNEL_FROM_ROWS`` rows
     or more and oneDNN below that or with the switch off, with the same results to float32
     rounding."""
@@ -599,15 +604,6 @@ def test_f32_packed_layers(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
     layer = packed_layer(96, 160, seed=23)
     norm = layer_norm_of(160, seed=24)
     gelu = nn.GELU()
-    ran: list[bool] = []
-    real = kernel.linear
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        out = real(*args, **kwargs)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(kernel, "linear", counted)
     g = torch.Generator().manual_seed(25)
     for rows in (F32_KERNEL_FROM_ROWS - 1, F32_KERNEL_FROM_ROWS, 3 * F32_KERNEL_FROM_ROWS + 5):
         x, residual = torch.randn(rows, 96, generator=g), torch.randn(rows, 160, generator=g)
@@ -622,34 +618,28 @@ def test_f32_packed_layers(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
         results = {}
         for switch in ("0", "1"):
             monkeypatch.setenv(kernel.SWITCHES[torch.float32], switch)
-            ran.clear()
+            kernel_calls.clear()
             with torch.inference_mode():
                 results[switch] = call()
-            assert any(ran) == (switch == "1" and rows >= F32_KERNEL_FROM_ROWS)
+            ran = any(made.ran for made in kernel_calls)
+            assert ran == (switch == "1" and rows >= F32_KERNEL_FROM_ROWS)
         onednn, ours = results["0"], results["1"]
         assert ours.dtype == torch.float32 and ours.shape == onednn.shape
         assert float((ours - onednn).abs().max()) <= 1e-5 * float(onednn.abs().max())
     with torch.enable_grad():  # training: oneDNN or torch, never the kernel
-        ran.clear()
+        kernel_calls.clear()
         layer(x)
-        assert not any(ran)
+        assert not any(made.ran for made in kernel_calls)
 
 
-def test_f32_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_f32_minilm_shaped_embeddings(
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch, kernel_calls: list[KernelCall]
+) -> None:
     """float32 embeddings with the kernel (every product, both norms of every layer) equal
     oneDNN's to float32 rounding, on one and two threads."""
     require_kernel(torch.float32)
     texts = ["the cat sat on the mat and the dog ran far away", "hello world", "a dog"] * 20
     embedder = rx.Embedder(str(minilm_shaped), batch_tokens=512)
-    calls: list[bool] = []
-    real = kernel.linear
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(kernel, "linear", counted)
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -657,9 +647,9 @@ def test_f32_minilm_shaped_embeddings(minilm_shaped: Path, monkeypatch: pytest.M
             found = {}
             for switch in ("0", "1"):
                 monkeypatch.setenv(kernel.SWITCHES[torch.float32], switch)
-                calls.clear()
+                kernel_calls.clear()
                 found[switch] = embedder.embed(texts)
-                assert any(calls) == (switch == "1")
+                assert any(call.ran for call in kernel_calls) == (switch == "1")
             assert np.abs(found["0"] - found["1"]).max() < 1e-5
     finally:
         torch.set_num_threads(previous)
