@@ -3,14 +3,16 @@
 Writes a randomly initialised Llama-shaped checkpoint, then measures, on the same inputs:
 load time and peak memory (each in a fresh process, from after the imports to the first
 logits), and greedy decoding speed (tokens/s) at batch 1 and batch 8, ours
-(``registry_xf.Generator``, eager and with ``compile=True``) against HF ``generate``, same
-dtype on both sides (the time to compile is reported apart, not counted). Batch 1 is
-bound by memory bandwidth (every weight but the input embedding table is read once per
-token), so the script also measures the machine's matrix-vector read bandwidth and prints
-the bound it implies.
+(``registry_xf.Generator``, eager and with ``compile=True``; on a CUDA device also with
+``cuda_graphs=True``, eager and compiled) against HF ``generate``, same dtype on both
+sides (the time to compile is reported apart, not counted). Batch 1 is bound by memory
+bandwidth (every weight but the input embedding table is read once per token), so the
+script also measures the machine's matrix-vector read bandwidth and prints the bound it
+implies.
 
     python bench/bench_decoder.py            # full run
     python bench/bench_decoder.py --quick    # smoke run (small model, few tokens)
+    python bench/bench_decoder.py --device cuda --dtype bfloat16 --bound-only --size 1b
 """
 
 from __future__ import annotations
@@ -61,23 +63,37 @@ print(json.dumps({"seconds": elapsed, "peak_bytes": rss("VmHWM:") - base}))
 """
 
 
-def write_checkpoint(path: Path, quick: bool, dtype: torch.dtype) -> tuple[int, int]:
+# Llama shapes: (width, intermediate width, layers, heads, key/value heads). "1b" is
+# TinyLlama-1.1B's.
+SIZES = {
+    "quick": (256, 688, 2, 4, 2),
+    "100m": (768, 2048, 12, 12, 4),
+    "1b": (2048, 5632, 22, 32, 4),
+}
+
+
+def write_checkpoint(
+    path: Path, size: str, dtype: torch.dtype, device: str = "cpu"
+) -> tuple[int, int]:
     """Write the checkpoint; return its weight bytes and the bytes one decode step reads
-    (every weight but the input embedding table, of which a step reads one row)."""
+    (every weight but the input embedding table, of which a step reads one row). The
+    random weights are drawn on ``device`` (a 1B model's take minutes on a CPU)."""
     import transformers as tf
 
     torch.manual_seed(0)
+    width, intermediate, layers, heads, kv_heads = SIZES[size]
     config = tf.LlamaConfig(
         vocab_size=32000,
-        hidden_size=256 if quick else 768,
-        intermediate_size=688 if quick else 2048,
-        num_hidden_layers=2 if quick else 12,
-        num_attention_heads=4 if quick else 12,
-        num_key_value_heads=2 if quick else 4,
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    model = tf.LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(path)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     table = model.get_input_embeddings().weight
@@ -152,18 +168,17 @@ def bound_only(path: Path, args: argparse.Namespace, new_tokens: int, step_bytes
 
     dtype = getattr(torch, args.dtype)
     model = registry_xf.load(path, device=args.device, dtype=args.dtype)
-    sides = {"ours": registry_xf.Generator(model)}
-    if not args.no_compile:
-        sides["ours_compiled"] = registry_xf.Generator(model, compile=True)
+    sides = our_sides(model, args)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 32000, (1, args.prompt_tokens), generator=g).to(args.device)
-    for side, generator in sides.items():  # warm-up; compiles the compiled side
+    for side, generator in sides.items():  # warm-up; compiles the compiled sides
         decode(side, generator, prompts, 4)
     shares: dict[str, list[float]] = {side: [] for side in sides}
+    outputs: dict[str, list] = {}
     for _ in range(args.runs):
         bound = read_bandwidth(args.device, dtype) / step_bytes
         for side, generator in sides.items():
-            seconds, _ = decode(side, generator, prompts, new_tokens)
+            seconds, outputs[side] = decode(side, generator, prompts, new_tokens)
             shares[side].append(new_tokens / seconds / bound)
         last = ", ".join(f"{side} {values[-1]:.0%}" for side, values in shares.items())
         print(f"bound {bound:.1f} tok/s: {last}")
@@ -171,6 +186,32 @@ def bound_only(path: Path, args: argparse.Namespace, new_tokens: int, step_bytes
         "median share of the bound: "
         + ", ".join(f"{s} {statistics.median(v):.0%}" for s, v in shares.items())
     )
+    print(
+        f"new tokens equal to eager's (from the first, of {new_tokens}): "
+        + ", ".join(f"{s} {leading_agreement(o, outputs['ours'])}" for s, o in outputs.items())
+    )
+    if args.json:
+        medians = {s: statistics.median(v) for s, v in shares.items()}
+        agreement = {s: leading_agreement(o, outputs["ours"]) for s, o in outputs.items()}
+        Path(args.json).write_text(
+            json.dumps({"share_of_bound_batch1": medians, "tokens_equal_to_eager": agreement})
+        )
+
+
+def our_sides(model, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
+    """Our generators: eager, compiled, and on a CUDA device recorded in CUDA graphs."""
+    import registry_xf
+
+    sides = {"ours": registry_xf.Generator(model)}
+    if not args.no_compile:
+        sides["ours_compiled"] = registry_xf.Generator(model, compile=True)
+    if args.device.startswith("cuda") and not args.no_graphs:
+        sides["ours_graphs"] = registry_xf.Generator(model, cuda_graphs=True)
+        if not args.no_compile:
+            sides["ours_compiled_graphs"] = registry_xf.Generator(
+                model, compile=True, cuda_graphs=True
+            )
+    return sides
 
 
 def main() -> None:
@@ -191,7 +232,13 @@ def main() -> None:
     parser.add_argument(
         "--no-compile",
         action="store_true",
-        help="leave out the compiled side (compiling takes minutes on some machines)",
+        help="leave out the compiled sides (compiling takes minutes on some machines)",
+    )
+    parser.add_argument(
+        "--no-graphs", action="store_true", help="leave out the CUDA-graph sides (CUDA only)"
+    )
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="100m", help="the Llama shape (--quick: quick)"
     )
     args = parser.parse_args()
     if args.threads:
@@ -207,7 +254,8 @@ def main() -> None:
     results: dict = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama"
-        model_bytes, step_bytes = write_checkpoint(path, args.quick, dtype)
+        size = "quick" if args.quick else args.size
+        model_bytes, step_bytes = write_checkpoint(path, size, dtype, args.device)
         results["model_bytes"] = model_bytes
         results["bytes_read_per_step"] = step_bytes
         print(
@@ -228,10 +276,7 @@ def main() -> None:
 
         ours = registry_xf.load(path, device=args.device, dtype=args.dtype)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        sides = {"ours": registry_xf.Generator(ours)}
-        if not args.no_compile:
-            sides["ours_compiled"] = registry_xf.Generator(ours, compile=True)
-        sides["hf"] = hf
+        sides = {**our_sides(ours, args), "hf": hf}
         ours_sides = [side for side in sides if side != "hf"]
         g = torch.Generator().manual_seed(0)
         bandwidths: list[float] = []
@@ -241,7 +286,7 @@ def main() -> None:
             prompts = prompts.to(args.device)
             times: dict[str, list[float]] = {side: [] for side in sides}
             outputs = {}
-            for side, model in sides.items():  # warm-up; compiles the compiled side
+            for side, model in sides.items():  # warm-up; compiles the compiled sides
                 seconds, _ = decode(side, model, prompts, 4)
                 if side == "ours_compiled":
                     results[f"compile_s_batch{batch}"] = seconds
@@ -282,7 +327,12 @@ def main() -> None:
         "MB",
         f"(weights: {model_bytes / 1e6:.0f} MB)",
     )
-    labels = {"ours": "", "ours_compiled": ", compiled"}
+    labels = {
+        "ours": "",
+        "ours_compiled": ", compiled",
+        "ours_graphs": ", CUDA graphs",
+        "ours_compiled_graphs": ", compiled + graphs",
+    }
     for batch, target in ((1, ""), (8, "target >= 1.5x")):
         for side in ours_sides:
             label = labels[side]

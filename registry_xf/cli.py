@@ -309,7 +309,7 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     }
     GenerationSettings(**settings)  # bad settings fail before the model is loaded
     model = _load_model(args, overrides)
-    generator = Generator(model, compile=args.compile)
+    generator = Generator(model, compile=args.compile, cuda_graphs=args.cuda_graphs)
     for piece in generator.stream(args.prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -513,6 +513,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="run the model through torch.compile (slow first step, faster after)",
+    )
+    generate.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="record the decoding step in a CUDA graph and replay it (with --device cuda)",
     )
     generate.set_defaults(func=_cmd_generate)
 

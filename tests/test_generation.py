@@ -614,6 +614,9 @@ def test_cli_generate(llama_dir: Path, model: torch.nn.Module, capsys) -> None: 
         stop=["e", "a"],
     )[0]
     assert out == expected + "\n"
+    # the steps of fixed shape a CUDA graph records (unrecorded on a CPU): the same text
+    assert main([*argv, "--cuda-graphs"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
     assert (
         main(["generate", "--model", str(llama_dir), "x", "--top-p", "2", "--temperature", "1"])
         == 2

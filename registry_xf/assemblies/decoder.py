@@ -30,10 +30,11 @@ class CausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def positions_from_mask(key_mask: torch.Tensor, n_new: int) -> torch.Tensor:
-    """Positions of the last ``n_new`` tokens: real tokens count from 0, padding gets 0."""
-    positions = key_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -n_new:]
+def positions_from_mask(key_mask: torch.Tensor, n_new: int | None) -> torch.Tensor:
+    """Positions of the last ``n_new`` tokens (of all, with None): real tokens count from
+    0, padding gets 0."""
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions if n_new is None else positions[:, -n_new:]
 
 
 def _is_int(value: object) -> bool:
@@ -92,11 +93,20 @@ class Decoder(Assembly):
         positions: torch.Tensor | None,
         cache: KVCache | None,
         n_layers: int | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> None:
         """Refuse inputs of the wrong kind or shape, and a cache that does not fit them,
         before torch sees them. Kinds and shapes only, and a few microseconds: a decoding
         step stays cheap, and the checks trace under torch.compile."""
         check_input_ids(input_ids, None)
+        if cache_position is not None:
+            self.check_fixed_step(input_ids, attention_mask, cache, cache_position)
+            if positions is not None:
+                check_ids_like("positions", positions, input_ids, batch_of_one=True)
+            assert cache is not None
+            n_layers = len(self.layers.applied()) if n_layers is None else n_layers
+            cache.check_fits(input_ids.shape[0], 0, input_ids.shape[1], n_layers)
+            return
         batch, n_new = input_ids.shape[0], input_ids.shape[1]
         if cache is not None and not isinstance(cache, KVCache):
             raise InputError(
@@ -142,6 +152,45 @@ class Decoder(Assembly):
                 "cache with the model's new_cache after moving the model"
             )
 
+    def check_fixed_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        cache_position: torch.Tensor,
+    ) -> None:
+        """What a step of fixed shape needs: a cache, a mask over all of it, one position
+        (a long tensor on the cache's device) per new token, and no bias shared by the
+        layers (T5's relative positions are computed for the last queries)."""
+        if cache is None:
+            raise InputError("cache_position needs a cache to write into (model.new_cache)")
+        if self.attention_bias is not None:
+            raise InputError(
+                "cache_position (a step of fixed shape) does not apply to a decoder with "
+                "shared attention scores (T5's relative positions)"
+            )
+        if not isinstance(cache_position, torch.Tensor) or cache_position.dtype != torch.long:
+            found = getattr(cache_position, "dtype", type(cache_position).__name__)
+            raise InputError(f"cache_position must be a tensor of torch.long; found {found}")
+        expected = (input_ids.shape[1],)
+        if tuple(cache_position.shape) != expected or cache_position.device != cache.device:
+            raise InputError(
+                f"cache_position must have the shape {expected} (one position per new "
+                f"token) on the cache's device {cache.device}; found "
+                f"{tuple(cache_position.shape)} on {cache_position.device}"
+            )
+        if attention_mask is None:
+            raise InputError(
+                "cache_position needs an attention_mask over the whole cache: (batch, "
+                f"{cache.max_length}), 1 for the tokens written so far and the new ones"
+            )
+        check_attention_mask(
+            attention_mask,
+            (input_ids.shape[0], cache.max_length),
+            "(batch, the cache's max_length)",
+            input_ids.device,
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -151,15 +200,23 @@ class Decoder(Assembly):
         *,
         output_hidden_states: bool = False,
         memory: EncoderMemory | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Decode ``input_ids`` (batch, new tokens).
 
         ``attention_mask`` (1 = real token) covers the cached tokens too: (batch, cached +
         new). ``positions`` default to counting the real tokens. ``memory`` is the
         encoder's output, for layers that cross-attend (an encoder-decoder's decoder).
+
+        ``cache_position`` (new tokens,), on the cache's device, makes a step of fixed
+        shape: the new keys and values are written at those slots of ``cache``, the mask
+        covers the whole cache (0 for slots not written yet), attention reads every slot,
+        and no value is read back to the host, so each step is the same work on tensors
+        of the same shapes (what a CUDA graph records). The cache's own length counter is
+        left alone: the caller knows where it writes.
         """
         layers = self.layers.applied()
-        self.check_inputs(input_ids, attention_mask, positions, cache, len(layers))
+        self.check_inputs(input_ids, attention_mask, positions, cache, len(layers), cache_position)
         n_new = input_ids.shape[1]
         # With a mask, the cached length is read from its shape: under torch.compile a
         # shape stays symbolic, where the cache's own counter would compile every length.
@@ -171,35 +228,42 @@ class Decoder(Assembly):
             n_past = cache.length
         # any nonzero mask value is one real token (a 2 must not count twice in positions)
         key_mask = attention_mask.bool() if attention_mask is not None else None
+        fixed = cache_position is not None
         if positions is None:
             if key_mask is None:
                 positions = torch.arange(n_past, n_past + n_new, device=input_ids.device)[None]
                 positions = positions.expand(input_ids.shape[0], -1)
+            elif fixed:
+                positions = positions_from_mask(key_mask, None).index_select(1, cache_position)
             else:
                 positions = positions_from_mask(key_mask, n_new)
         if (
             self.max_positions is not None
             and n_new
-            and not torch.compiler.is_compiling()  # a value read back would break the graph
+            # a value read back would break a compiled graph, or a recorded one
+            and not torch.compiler.is_compiling()
+            and not fixed
             and int(positions.max()) >= self.max_positions
         ):
             raise InputError(
                 f"position {int(positions.max())} is beyond the model's {self.max_positions} "
                 "positions: the prompt (plus new tokens) is too long for this model"
             )
-        self.embeddings.check(input_ids, None, positions)
-        mask = AttentionMask(key_mask, causal=True)
+        if not fixed:  # the check reads the ids back; a step of fixed shape must not
+            self.embeddings.check(input_ids, None, positions)
+        mask = AttentionMask(key_mask, causal=True, query_positions=cache_position)
         if self.attention_bias is not None:
             mask.bias = self.attention_bias(n_new, n_past + n_new)
         extra = {"memory": memory} if memory is not None else {}
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
         for i, layer in enumerate(layers):
-            layer_cache = cache.layer(i, n_past) if cache is not None else None
+            start = cache_position if fixed else n_past
+            layer_cache = cache.layer(i, start) if cache is not None else None
             h = layer(h, mask, positions, layer_cache, **extra)
             if output_hidden_states:
                 states.append(h)
-        if cache is not None:
+        if cache is not None and not fixed:
             cache.set_length(n_past + n_new)
         if self.final_norm is not None:
             h = self.final_norm(h)
@@ -242,14 +306,17 @@ class CausalLM(Assembly):
         *,
         output_hidden_states: bool = False,
         last_only: bool = False,
+        cache_position: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Logits for every position, or only the last one (``last_only``, for generation)."""
+        """Logits for every position, or only the last one (``last_only``, for generation).
+        ``cache_position`` makes a step of fixed shape (see :meth:`Decoder.forward`)."""
         out = self.decoder(
             input_ids,
             attention_mask,
             positions,
             cache,
             output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
         )
         h = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
         return CausalLMOutput(

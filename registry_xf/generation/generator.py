@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,13 +13,17 @@ from typing import Any
 import torch
 
 from ..errors import InputError, RegistryXFError
+from ..layers.kv_cache import KVCache
 from ..registry import registry
+from .cuda_graph import DecodingGraph, check_recordable, start_copy_to_host
 from .processors import LogitsProcessor, next_tokens
 from .seq2seq import decoding_step, is_encoder_decoder, seq2seq_steps, start_decoding
 from .settings import GenerationSettings, SettingsError
 from .stopping import GenerationState, StoppingCriterion, StopStrings
 
 REPLACEMENT_CHAR = "\ufffd"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +57,13 @@ class Generator:
     batch size, prompt length or step (an encoder-decoder's prompt graph holds the
     encoder, the cross-attention keys and values and the start token). Worth it for long
     or repeated generation.
+
+    ``cuda_graphs=True`` records a causal LM's decoding step once per call in a CUDA
+    graph and replays it for every new token (see :mod:`~registry_xf.generation.cuda_graph`):
+    at small batches a step is then no longer bound by the host launching its kernels. It
+    combines with ``compile=True`` (the compiled step is what is recorded). On a device
+    other than CUDA the steps run in the same fixed shape, unrecorded, and a warning says
+    so.
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class Generator:
         logits_processors: Sequence[LogitsProcessor] = (),
         stopping_criteria: Sequence[StoppingCriterion] = (),
         compile: bool = False,
+        cuda_graphs: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             # A source (Hub id, directory, package, .cfg): loaded on the CPU as stored. The
@@ -82,6 +95,15 @@ class Generator:
         self.settings = settings if settings is not None else GenerationSettings()
         self.extra_processors = list(logits_processors)
         self.extra_criteria = list(stopping_criteria)
+        if cuda_graphs:
+            if is_encoder_decoder(model):
+                raise RegistryXFError(
+                    "cuda_graphs=True applies to causal language models; an "
+                    "encoder-decoder's decoding steps are not recorded"
+                )
+            check_recordable(model)
+        self.cuda_graphs = cuda_graphs
+        self._warned_unrecorded = False
         self.compiled = compile
         self._forward = compile_for_generation(model) if compile else model
         # an encoder-decoder's two graphs: the prompt (encoder, cross-attention keys and
@@ -270,6 +292,18 @@ class Generator:
             return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
 
+    def _decoding_graph(self, cache: KVCache, mask: torch.Tensor) -> DecodingGraph:
+        """The recorded decoding step of one call: on a CUDA device, else unrecorded."""
+        record = mask.device.type == "cuda"
+        if not record and not self._warned_unrecorded:
+            logger.warning(
+                "cuda_graphs=True: the model is on %s, not a CUDA device; decoding steps "
+                "run in the fixed shape a graph needs, unrecorded (no gain)",
+                mask.device,
+            )
+            self._warned_unrecorded = True
+        return DecodingGraph(self._forward, cache, mask, record=record)
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, with the tokenizer's special tokens, not truncated."""
         if self.tokenizer is None:
@@ -389,6 +423,7 @@ class Generator:
         with torch.inference_mode():
             out = forward(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
         logits = out.logits[:, -1]
+        graph = self._decoding_graph(cache, mask) if self.cuda_graphs else None
         for step in range(s.max_new_tokens):
             length = width + step
             active = ~finished
@@ -409,6 +444,18 @@ class Generator:
             for criterion in criteria:
                 done |= criterion(state).to(device=device, dtype=torch.bool)
             finished = finished | done
+            if graph is not None:
+                # The next step is launched before this one's results are read back, so
+                # that the device computes it while the host hands them out (and its
+                # result is dropped if every sequence is done).
+                results = start_copy_to_host(token, active, finished)
+                if step + 1 < s.max_new_tokens:
+                    logits = graph(token, length)
+                read = GenerationStep(*results())
+                yield read
+                if bool(read.finished.all()):
+                    return
+                continue
             yield GenerationStep(token, active, finished)
             if bool(finished.all()):
                 return

@@ -73,12 +73,17 @@ class EOSToken:
 
     def __init__(self, eos_token_ids: Sequence[int]):
         self.eos_token_ids = list(eos_token_ids)
+        # the ids as a tensor on the device last asked for: copying them there at every
+        # step would make the host wait for the device each time
+        self._on_device: torch.Tensor | None = None
 
     def __call__(self, state: GenerationState) -> torch.Tensor:
         if not self.eos_token_ids or state.n_new == 0:
             return torch.zeros_like(state.finished)
-        eos = torch.tensor(self.eos_token_ids, device=state.input_ids.device)
-        return torch.isin(state.input_ids[:, -1], eos)
+        device = state.input_ids.device
+        if self._on_device is None or self._on_device.device != device:
+            self._on_device = torch.tensor(self.eos_token_ids, device=device)
+        return torch.isin(state.input_ids[:, -1], self._on_device)
 
     def __repr__(self) -> str:
         return f"EOSToken({self.eos_token_ids})"

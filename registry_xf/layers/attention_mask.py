@@ -23,6 +23,11 @@ class AttentionMask:
     Eagerly, masks are left out where nothing is masked (so the fused kernels run without
     one). Inside ``torch.compile`` that test would read values back and break the graph, so
     there a key mask is always applied and dead rows always zeroed: the same results.
+
+    ``query_positions`` (queries,) places the queries among the keys when the keys are a
+    whole preallocated cache, written or not (a decoding step of fixed shape, see
+    :class:`~registry_xf.layers.kv_cache.KVCache`); such a step never reads a value back
+    to the host either, so it masks as a compiled one does.
     """
 
     key_mask: torch.Tensor | None
@@ -33,6 +38,7 @@ class AttentionMask:
     unpadded: Unpadded | None = None
     # what relative-position attention shares between layers (DeBERTa's relative rows)
     relative: Any = None
+    query_positions: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
@@ -53,10 +59,14 @@ class AttentionMask:
         mask = None
         if self.key_mask is not None and self._padded(n_keys):
             mask = self.key_mask[:, None, None, :n_keys].to(device=device, dtype=torch.bool)
-        needs_causal = self.causal and n_queries > 1
+        # a query at a given slot must not see the (stale or empty) slots after it
+        needs_causal = self.causal and (n_queries > 1 or self.query_positions is not None)
         needs_window = window is not None and n_keys > window
         if needs_causal or needs_window:
-            q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+            if self.query_positions is not None:
+                q_pos = self.query_positions.to(device)[:, None]
+            else:
+                q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
             k_pos = torch.arange(n_keys, device=device)[None, :]
             allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
             if self.causal:
@@ -91,13 +101,19 @@ class AttentionMask:
             dead = None
             if mask is not None:
                 rows = ~mask.any(-1, keepdim=True)
-                if torch.compiler.is_compiling() or bool(rows.any()):
+                if self._no_readback() or bool(rows.any()):
                     dead = rows
                     mask = mask | rows
             self._cache[key] = (mask, dead, False)
         return self._cache[key]
 
     def _padded(self, n_keys: int) -> bool:
-        """Whether any of the first ``n_keys`` keys is masked (assumed so when compiling)."""
+        """Whether any of the first ``n_keys`` keys is masked (assumed so when compiling
+        or in a step of fixed shape)."""
         assert self.key_mask is not None
-        return torch.compiler.is_compiling() or not bool(self.key_mask[:, :n_keys].all())
+        return self._no_readback() or not bool(self.key_mask[:, :n_keys].all())
+
+    def _no_readback(self) -> bool:
+        """Whether values must stay on the device: inside ``torch.compile`` (reading one
+        would break the graph) and in a step of fixed shape (a CUDA graph may record it)."""
+        return torch.compiler.is_compiling() or self.query_positions is not None

@@ -4,6 +4,11 @@ Each layer's keys and values live in two preallocated tensors; each step writes 
 entries in place (``index_copy_``) instead of concatenating, so memory stays flat and
 shapes static. One pair of tensors per layer, not one for all layers, so that a compiled
 graph writing one layer's entries never copies the others'.
+
+A step may also say where to write with a tensor on the device (``cache_position``)
+instead of a Python number: it then reads every position back, written or not (the
+attention mask hides the others), so each step has the same shapes and nothing on the
+host changes between steps, which a CUDA graph needs.
 """
 
 from __future__ import annotations
@@ -25,24 +30,36 @@ def _size(name: str, value: object) -> int:
 
 
 class LayerCache:
-    """One layer's view of the cache for one forward pass: new entries go at ``start``."""
+    """One layer's view of the cache for one forward pass: new entries go at ``start``, a
+    position, or a tensor of the positions (one per new entry) on the cache's device."""
 
-    def __init__(self, parent: KVCache, index: int, start: int):
+    def __init__(self, parent: KVCache, index: int, start: int | torch.Tensor):
         self.parent = parent
         self.index = index
         self.start = start
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (batch, kv_heads, n, head_width); return all so far."""
+        """Store the new keys/values (batch, kv_heads, n, head_width); return all so far,
+        or, with positions in a tensor, every position the cache holds."""
         start = self.start
+        keys, values = self.parent.keys[self.index], self.parent.values[self.index]
+        self._check_kind(k, keys)
+        if isinstance(start, torch.Tensor):
+            keys.index_copy_(2, start, k)
+            values.index_copy_(2, start, v)
+            return keys, values
         end = start + k.shape[2]
         if end > self.parent.max_length:
             raise InputError(
                 f"KV cache overflow: {end} positions needed, the cache holds "
                 f"{self.parent.max_length}; create it with a larger max_length"
             )
-        keys = self.parent.keys[self.index]
-        values = self.parent.values[self.index]
+        where = torch.arange(start, end, device=keys.device)
+        keys.index_copy_(2, where, k)
+        values.index_copy_(2, where, v)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _check_kind(self, k: torch.Tensor, keys: torch.Tensor) -> None:
         if (
             k.shape[1] != keys.shape[1]
             or k.shape[3] != keys.shape[3]
@@ -55,10 +72,6 @@ class LayerCache:
                 f"{k.shape[3]} ({k.dtype}, {k.device}): make the cache with this model's "
                 "new_cache"
             )
-        where = torch.arange(start, end, device=keys.device)
-        keys.index_copy_(2, where, k)
-        values.index_copy_(2, where, v)
-        return keys[:, :, :end], values[:, :, :end]
 
 
 class KVCache:
@@ -106,8 +119,9 @@ class KVCache:
                 f"{start + n_new}, the cache holds {held[2]}; create it with a larger max_length"
             )
 
-    def layer(self, index: int, start: int) -> LayerCache:
-        """Layer ``index``'s view, writing the next entries at position ``start``."""
+    def layer(self, index: int, start: int | torch.Tensor) -> LayerCache:
+        """Layer ``index``'s view, writing the next entries at position ``start`` (or at
+        the positions a tensor holds)."""
         return LayerCache(self, index, start)
 
     def set_length(self, n: int) -> None:

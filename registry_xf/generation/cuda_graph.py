@@ -1,0 +1,125 @@
+"""Decoding steps recorded once in a CUDA graph and replayed for every token after.
+
+One decoding step of a small model is hundreds of short kernels, and at batch 1 the GPU
+waits on the host to launch each: the step is bound by launches, not by reading the
+weights. A CUDA graph records the launches of one step and replays them all at once.
+A graph replays the same kernels on the same memory, so the step it records must have
+the same shapes every time and read nothing back to the host: the new token and the
+slot it is written to sit in buffers the graph reads, the attention mask covers the
+whole KV cache (see ``cache_position`` in :meth:`~registry_xf.assemblies.decoder.Decoder.forward`),
+and the cache is written in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import RegistryXFError
+from ..layers.kv_cache import KVCache
+from ..layers.positions import RotaryEmbeddings
+
+# Runs before recording: lazy set-up (library handles, workspaces, a compiled graph's
+# first call) must happen outside the graph. Each run writes the same keys and values to
+# the same slot, so running the step again changes nothing.
+WARMUP_RUNS = 2
+
+
+class DecodingGraph:
+    """One decoding step of ``forward`` (a causal LM, or its compiled form) for a batch
+    whose ``mask`` (batch, the cache's max_length) the generator updates in place.
+
+    Call it with each step's new tokens (batch,) and the slot they go to; it returns the
+    next logits (batch, vocab). On a CUDA device the first call records the step and every
+    call replays it; the logits are then the graph's own output buffer, overwritten by the
+    next call. Elsewhere (``record=False``) the same fixed-shape step runs as it is: the
+    same numbers, without the gain.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        cache: KVCache,
+        mask: torch.Tensor,
+        *,
+        record: bool,
+    ):
+        if record and mask.device.type != "cuda":
+            raise RegistryXFError(f"a CUDA graph needs a CUDA device; the step is on {mask.device}")
+        self.forward = forward
+        self.cache = cache
+        self.mask = mask
+        self.record = record
+        self.token = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=mask.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=mask.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        self.token.copy_(tokens[:, None])
+        self.position.fill_(position)
+        if not self.record:
+            return self.run()
+        if self.graph is None:
+            self.logits = self.capture()
+        assert self.graph is not None and self.logits is not None
+        self.graph.replay()
+        return self.logits
+
+    def run(self) -> torch.Tensor:
+        """The step itself, from the buffers: the logits of the new tokens."""
+        with torch.inference_mode():
+            out = self.forward(
+                self.token,
+                self.mask,
+                cache=self.cache,
+                last_only=True,
+                cache_position=self.position,
+            )
+        return out.logits[:, -1]
+
+    def capture(self) -> torch.Tensor:
+        """Warm up on a side stream, then record the step; its output buffer is returned."""
+        side = torch.cuda.Stream(device=self.mask.device)
+        side.wait_stream(torch.cuda.current_stream(self.mask.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.run()
+        torch.cuda.current_stream(self.mask.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            logits = self.run()
+        return logits
+
+
+def check_recordable(model: torch.nn.Module) -> None:
+    """Refuse, before any work, a model whose decoding step cannot have a fixed shape."""
+    for name, module in model.named_modules():
+        if isinstance(module, RotaryEmbeddings) and module.scaling is not None:
+            if module.scaling["type"] == "dynamic":
+                raise RegistryXFError(
+                    f"cuda_graphs=True: {name} uses dynamic RoPE scaling, whose frequencies "
+                    "follow the longest position of each step; a recorded step needs fixed "
+                    "ones"
+                )
+
+
+def start_copy_to_host(*tensors: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """Start copying ``tensors`` to the host; the function returned waits for these
+    copies alone, not for the work given to the device after them, and returns them.
+    Tensors already on the host are returned as they are."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return lambda: tensors
+    copies = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+    for copy, tensor in zip(copies, tensors, strict=True):
+        copy.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> tuple[torch.Tensor, ...]:
+        copied.synchronize()
+        return copies
+
+    return wait
