@@ -61,6 +61,30 @@ def test_fixed_shape_steps_give_the_growing_steps_tokens(
     assert caplog.text.count("not a CUDA device") == 1
 
 
+def test_recorded_steps_are_kept_for_calls_of_the_same_shape(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Calls whose caches round up to the same block reuse one step (its cache emptied,
+    its stale slots masked); another batch size gets its own; four are kept."""
+    from registry_xf.generation import cuda_graph
+
+    model = rx.load(checkpoints["mistral"])
+    growing, fixed = Generator(model), Generator(model, cuda_graphs=True)
+    assert greedy(fixed) == greedy(growing)
+    (first,) = fixed._recorded.steps.values()
+    shorter = dict(max_new_tokens=9, eos_token_ids=[])
+    assert fixed.generate_ids(PROMPTS[::-1], **shorter) == growing.generate_ids(
+        PROMPTS[::-1], **shorter
+    )
+    assert list(fixed._recorded.steps.values()) == [first]
+    assert first.mask.shape == (3, min(cuda_graph.SLOTS_PER_BLOCK, model.max_positions))
+    for n in (1, 2, 4, 5):
+        batch = (PROMPTS * 2)[:n]
+        assert fixed.generate_ids(batch, **shorter) == growing.generate_ids(batch, **shorter)
+    assert len(fixed._recorded.steps) == cuda_graph.KEPT_STEPS
+    assert first not in fixed._recorded.steps.values()
+
+
 def test_sequences_finishing_early_and_sampling(checkpoints: dict[str, Path]) -> None:
     """Finished sequences are fed padding while the others go on; a seeded sampler draws
     the same tokens from the same logits."""
@@ -100,6 +124,17 @@ def test_a_fixed_shape_step_gives_the_growing_steps_logits(
         got = model(ids[:, length:], whole, cache=fixed, cache_position=at).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     assert fixed.length == length  # the caller keeps count
+
+
+def test_alibi_places_queries_at_their_slots() -> None:
+    """Queries at slots 10 and 11 of a 20-slot cache get the biases they get as the last
+    two of 12 keys."""
+    from registry_xf.layers.positions import ALiBi
+
+    alibi = ALiBi(n_heads=6)
+    at = alibi(2, 20, torch.tensor([10, 11]))
+    assert at.shape == (1, 6, 2, 20)
+    assert torch.equal(at[..., :12], alibi(2, 12))
 
 
 @pytest.mark.skipif(not _can_compile_cpu_kernels(), reason="no C++ compiler or Python headers")

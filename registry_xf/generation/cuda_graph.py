@@ -12,6 +12,7 @@ and the cache is written in place.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,12 @@ import torch
 from ..errors import RegistryXFError
 from ..layers.kv_cache import KVCache
 from ..layers.positions import RotaryEmbeddings
+
+# A recorded step's cache holds a whole number of these slots, so that calls of other
+# lengths reuse it; attention reads the few extra slots, masked.
+SLOTS_PER_BLOCK = 128
+# The recorded steps a generator keeps (with their caches) for calls of the same shape.
+KEPT_STEPS = 4
 
 # Runs before recording: lazy set-up (library handles, workspaces, a compiled graph's
 # first call) must happen outside the graph. Each run writes the same keys and values to
@@ -92,6 +99,43 @@ class DecodingGraph:
         with torch.cuda.graph(self.graph):
             logits = self.run()
         return logits
+
+
+class RecordedSteps:
+    """A generator's decoding steps for its latest batch shapes, each with its KV cache
+    and attention mask, so that a call of a shape seen before records nothing.
+
+    A step is kept per (batch size, cache length rounded up to whole blocks of
+    ``SLOTS_PER_BLOCK`` slots, at most the model's positions); the ``KEPT_STEPS`` used
+    last are kept, their caches with them.
+    """
+
+    def __init__(self, model: Any, forward: Callable[..., Any]):
+        self.model = model
+        self.forward = forward
+        self.steps: OrderedDict[tuple, DecodingGraph] = OrderedDict()
+
+    def get(self, batch: int, length: int) -> DecodingGraph:
+        """A step for ``batch`` sequences of up to ``length`` tokens, its cache emptied and
+        its mask zeroed for a new call."""
+        device = self.model.device
+        slots = -(-length // SLOTS_PER_BLOCK) * SLOTS_PER_BLOCK
+        limit = getattr(self.model, "max_positions", None)
+        if limit is not None:
+            slots = max(min(slots, limit), length)
+        key = (batch, slots, device)
+        step = self.steps.pop(key, None)
+        if step is None:
+            cache = self.model.new_cache(batch, slots)
+            mask = torch.zeros((batch, slots), dtype=torch.long, device=device)
+            step = DecodingGraph(self.forward, cache, mask, record=device.type == "cuda")
+        else:
+            step.cache.reset()
+            step.mask.zero_()
+        self.steps[key] = step
+        while len(self.steps) > KEPT_STEPS:
+            self.steps.popitem(last=False)
+        return step
 
 
 def check_recordable(model: torch.nn.Module) -> None:

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, RegistryXFError
-from ..layers.kv_cache import KVCache
 from ..registry import registry
-from .cuda_graph import DecodingGraph, check_recordable, start_copy_to_host
+from .cuda_graph import DecodingGraph, RecordedSteps, check_recordable, start_copy_to_host
 from .processors import LogitsProcessor, next_tokens
 from .seq2seq import decoding_step, is_encoder_decoder, seq2seq_steps, start_decoding
 from .settings import GenerationSettings, SettingsError
@@ -58,12 +57,13 @@ class Generator:
     encoder, the cross-attention keys and values and the start token). Worth it for long
     or repeated generation.
 
-    ``cuda_graphs=True`` records a causal LM's decoding step once per call in a CUDA
-    graph and replays it for every new token (see :mod:`~registry_xf.generation.cuda_graph`):
-    at small batches a step is then no longer bound by the host launching its kernels. It
-    combines with ``compile=True`` (the compiled step is what is recorded). On a device
-    other than CUDA the steps run in the same fixed shape, unrecorded, and a warning says
-    so.
+    ``cuda_graphs=True`` records a causal LM's decoding step in a CUDA graph and replays
+    it for every new token (see :mod:`~registry_xf.generation.cuda_graph`): at small
+    batches a step is then no longer bound by the host launching its kernels. A step is
+    recorded once per batch size and cache length (in blocks of 128 slots), and the four
+    used last are kept, with their caches, for later calls. It combines with
+    ``compile=True`` (the compiled step is what is recorded). On a device other than
+    CUDA the steps run in the same fixed shape, unrecorded, and a warning says so.
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class Generator:
         self._warned_unrecorded = False
         self.compiled = compile
         self._forward = compile_for_generation(model) if compile else model
+        self._recorded = RecordedSteps(model, self._forward)
         # an encoder-decoder's two graphs: the prompt (encoder, cross-attention keys and
         # values, the decoder's start token), and one decoding step
         self._start, self._step = start_decoding, decoding_step
@@ -292,17 +293,18 @@ class Generator:
             return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
 
-    def _decoding_graph(self, cache: KVCache, mask: torch.Tensor) -> DecodingGraph:
-        """The recorded decoding step of one call: on a CUDA device, else unrecorded."""
-        record = mask.device.type == "cuda"
-        if not record and not self._warned_unrecorded:
+    def _decoding_graph(self, batch: int, length: int) -> DecodingGraph:
+        """The recorded decoding step for a call of ``batch`` sequences of up to ``length``
+        tokens: on a CUDA device, else unrecorded."""
+        step = self._recorded.get(batch, length)
+        if not step.record and not self._warned_unrecorded:
             logger.warning(
                 "cuda_graphs=True: the model is on %s, not a CUDA device; decoding steps "
                 "run in the fixed shape a graph needs, unrecorded (no gain)",
-                mask.device,
+                step.mask.device,
             )
             self._warned_unrecorded = True
-        return DecodingGraph(self._forward, cache, mask, record=record)
+        return step
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, with the tokenizer's special tokens, not truncated."""
@@ -410,6 +412,11 @@ class Generator:
             ids[row, width - len(prompt) : width] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) : width] = 1
         ids, mask = ids.to(device), mask.to(device)
+        graph = cache = None
+        if self.cuda_graphs:  # the recorded step's own cache and mask, which it reads
+            graph = self._decoding_graph(batch, total)
+            graph.mask[:, :total] = mask
+            cache, mask = graph.cache, graph.mask
         rng = None
         seed = s.seed
         parallel = getattr(getattr(model, "record", None), "parallel", None)
@@ -419,11 +426,11 @@ class Generator:
             rng = torch.Generator(device=device).manual_seed(seed)
         decode = self.decode if self.tokenizer is not None else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        cache = model.new_cache(batch, total)
+        if cache is None:
+            cache = model.new_cache(batch, total)
         with torch.inference_mode():
             out = forward(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
         logits = out.logits[:, -1]
-        graph = self._decoding_graph(cache, mask) if self.cuda_graphs else None
         for step in range(s.max_new_tokens):
             length = width + step
             active = ~finished

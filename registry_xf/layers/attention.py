@@ -257,7 +257,7 @@ class SelfAttention(nn.Module):
             allowed, is_causal = mask.bool_mask(n_q, n_k, q.device, self.window), False
         bias = None
         if self.alibi is not None:
-            bias = self.alibi(n_q, n_k)
+            bias = self.alibi(n_q, n_k, mask.query_positions)
         if mask.bias is not None:
             bias = mask.bias if bias is None else bias + mask.bias
         if bias is not None:

@@ -206,10 +206,16 @@ class ALiBi(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         self.slopes = alibi_slopes(self.n_heads).to(device)
 
-    def forward(self, n_queries: int, n_keys: int) -> torch.Tensor:
-        """The additive bias (1, heads, queries, keys) in float32."""
+    def forward(
+        self, n_queries: int, n_keys: int, query_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The additive bias (1, heads, queries, keys) in float32; the queries are the last
+        keys, or sit at ``query_positions`` among them."""
         device = self.slopes.device
-        q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        if query_positions is not None:
+            q_pos = query_positions.to(device)[:, None]
+        else:
+            q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
         k_pos = torch.arange(n_keys, device=device)[None, :]
         distance = (q_pos - k_pos).abs().float()
         return (-self.slopes[:, None, None] * distance)[None]
