@@ -89,15 +89,16 @@ class DecodingGraph:
 
     def capture(self) -> torch.Tensor:
         """Warm up on a side stream, then record the step; its output buffer is returned."""
-        side = torch.cuda.Stream(device=self.mask.device)
-        side.wait_stream(torch.cuda.current_stream(self.mask.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.run()
-        torch.cuda.current_stream(self.mask.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            logits = self.run()
+        with torch.cuda.device(self.mask.device):  # the model's GPU, not the current one
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self.run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                logits = self.run()
         return logits
 
 
@@ -160,7 +161,7 @@ def start_copy_to_host(*tensors: torch.Tensor) -> Callable[[], tuple[torch.Tenso
     for copy, tensor in zip(copies, tensors, strict=True):
         copy.copy_(tensor, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(tensors[0].device))
 
     def wait() -> tuple[torch.Tensor, ...]:
         copied.synchronize()
