@@ -198,20 +198,26 @@ def bound_only(path: Path, args: argparse.Namespace, new_tokens: int, step_bytes
         )
 
 
+# Our generators: eager, compiled, and (CUDA only) recorded in CUDA graphs.
+OUR_SIDES = {
+    "ours": {},
+    "ours_compiled": {"compile": True},
+    "ours_graphs": {"cuda_graphs": True},
+    "ours_compiled_graphs": {"compile": True, "cuda_graphs": True},
+}
+
+
 def our_sides(model, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
-    """Our generators: eager, compiled, and on a CUDA device recorded in CUDA graphs."""
+    """The generators of our sides that the options leave in ("ours", eager, always)."""
     import registry_xf
 
-    sides = {"ours": registry_xf.Generator(model)}
-    if not args.no_compile:
-        sides["ours_compiled"] = registry_xf.Generator(model, compile=True)
-    if args.device.startswith("cuda") and not args.no_graphs:
-        sides["ours_graphs"] = registry_xf.Generator(model, cuda_graphs=True)
-        if not args.no_compile:
-            sides["ours_compiled_graphs"] = registry_xf.Generator(
-                model, compile=True, cuda_graphs=True
-            )
-    return sides
+    names = args.sides or list(OUR_SIDES)
+    if args.no_compile:
+        names = [n for n in names if "compiled" not in n]
+    if args.no_graphs or not args.device.startswith("cuda"):
+        names = [n for n in names if "graphs" not in n]
+    names = ["ours", *(n for n in names if n != "ours")]
+    return {n: registry_xf.Generator(model, **OUR_SIDES[n]) for n in names}
 
 
 def main() -> None:
@@ -239,6 +245,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--size", choices=sorted(SIZES), default="100m", help="the Llama shape (--quick: quick)"
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=list(OUR_SIDES),
+        help="our sides to run (default: all that the device and options allow)",
     )
     args = parser.parse_args()
     if args.threads:
