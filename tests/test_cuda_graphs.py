@@ -157,16 +157,21 @@ def test_what_a_fixed_shape_step_refuses(checkpoints: dict[str, Path]) -> None:
     whole = torch.ones(1, 8, dtype=torch.long)
     cache = model.new_cache(1, 8)
     at = torch.tensor([0, 1])
+    bad = torch.tensor([[5, 999]])
     cases = [
         (dict(attention_mask=whole, cache_position=at), "needs a cache"),
         (dict(attention_mask=whole, cache=cache, cache_position=at.int()), "torch.long"),
         (dict(attention_mask=whole, cache=cache, cache_position=at[:1]), r"shape \(2,\)"),
         (dict(attention_mask=whole[:, :4], cache=cache, cache_position=at), "max_length"),
         (dict(cache=cache, cache_position=at), "attention_mask over the whole cache"),
+        (dict(attention_mask=whole, cache=cache, cache_position=at + 7), "outside the cache's 8"),
+        (dict(attention_mask=whole, cache=cache, cache_position=at - 1), "-1 is outside"),
+        # token ids are checked in a step of fixed shape too, where it is not recorded
+        (dict(attention_mask=whole, cache=cache, cache_position=at, input_ids=bad), "999"),
     ]
     for kwargs, message in cases:
         with pytest.raises(InputError, match=message):
-            model(ids, **kwargs)
+            model(**{"input_ids": ids, **kwargs})
     assert all(not keys.any() for keys in cache.keys)  # nothing was written
 
 

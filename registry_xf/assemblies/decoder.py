@@ -16,6 +16,7 @@ from ..errors import ConfigError, ConfigProblem, InputError
 from ..layers.attention_mask import AttentionMask
 from ..layers.cross_attention import EncoderMemory
 from ..layers.kv_cache import KVCache
+from ..layers.tracing import values_readable
 from ..registry import registry
 from ..types import PositionCount
 from .base import Assembly, within_size_bound
@@ -190,6 +191,13 @@ class Decoder(Assembly):
             "(batch, the cache's max_length)",
             input_ids.device,
         )
+        if cache_position.numel() and values_readable():
+            low, high = (int(x) for x in torch.aminmax(cache_position))
+            if low < 0 or high >= cache.max_length:
+                raise InputError(
+                    f"cache_position {low if low < 0 else high} is outside the cache's "
+                    f"{cache.max_length} slots"
+                )
 
     def forward(
         self,
@@ -210,10 +218,11 @@ class Decoder(Assembly):
 
         ``cache_position`` (new tokens,), on the cache's device, makes a step of fixed
         shape: the new keys and values are written at those slots of ``cache``, the mask
-        covers the whole cache (0 for slots not written yet), attention reads every slot,
-        and no value is read back to the host, so each step is the same work on tensors
-        of the same shapes (what a CUDA graph records). The cache's own length counter is
-        left alone: the caller knows where it writes.
+        covers the whole cache (0 for slots not written yet) and attention reads every
+        slot, so each step is the same work on tensors of the same shapes, with no value
+        needed on the host (what a CUDA graph records; the checks of values are left out
+        while it records). The cache's own length counter is left alone: the caller
+        knows where it writes.
         """
         layers = self.layers.applied()
         self.check_inputs(input_ids, attention_mask, positions, cache, len(layers), cache_position)
@@ -240,17 +249,14 @@ class Decoder(Assembly):
         if (
             self.max_positions is not None
             and n_new
-            # a value read back would break a compiled graph, or a recorded one
-            and not torch.compiler.is_compiling()
-            and not fixed
+            and values_readable()  # not while compiling or recording a graph
             and int(positions.max()) >= self.max_positions
         ):
             raise InputError(
                 f"position {int(positions.max())} is beyond the model's {self.max_positions} "
                 "positions: the prompt (plus new tokens) is too long for this model"
             )
-        if not fixed:  # the check reads the ids back; a step of fixed shape must not
-            self.embeddings.check(input_ids, None, positions)
+        self.embeddings.check(input_ids, None, positions)
         mask = AttentionMask(key_mask, causal=True, query_positions=cache_position)
         if self.attention_bias is not None:
             mask.bias = self.attention_bias(n_new, n_past + n_new)

@@ -8,6 +8,7 @@ from torch import nn
 from ..errors import ConfigError, ConfigProblem, InputError
 from ..registry import registry
 from ..types import PositiveFloat, Probability, TypeVocabSize, VocabSize, Width
+from .tracing import values_readable
 
 
 class TransformerEmbeddings(nn.Module):
@@ -59,10 +60,10 @@ class TransformerEmbeddings(nn.Module):
     ) -> None:
         """Refuse ids the tables do not have, with a clear error instead of an index crash.
 
-        Skipped inside ``torch.compile``: reading values back would break the graph (the
-        same call run eagerly is checked).
+        Skipped inside ``torch.compile`` and while a CUDA graph records: reading values
+        back would break the graph (the same call run eagerly is checked).
         """
-        if torch.compiler.is_compiling():
+        if not values_readable():
             return
         if positions is not None and positions.numel():
             table = getattr(self.positions, "max_positions", None)
