@@ -188,12 +188,62 @@ def test_models_whose_steps_cannot_be_recorded_are_refused(tmp_path: Path) -> No
         DecodingGraph(lambda *args, **kwargs: None, None, mask, record=True)  # type: ignore[arg-type]
 
 
-def test_encoder_decoders_are_refused(tmp_path: Path) -> None:
-    from test_seq2seq import write_t5
+SEQ2SEQ = ["t5", "flan", "bart", "marian"]
 
-    model = rx.load(write_t5(tmp_path / "t5", "t5"))
-    with pytest.raises(RegistryXFError, match="causal language models"):
-        Generator(model, cuda_graphs=True)
+
+@pytest.fixture(scope="module")
+def seq2seq_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from test_seq2seq import write_bart_like, write_t5
+
+    root = tmp_path_factory.mktemp("fixed_seq2seq")
+    writers = {"t5": write_t5, "flan": write_t5, "bart": write_bart_like, "marian": write_bart_like}
+    return {v: writers[v](root / v, v) for v in SEQ2SEQ}
+
+
+@pytest.mark.parametrize("variant", SEQ2SEQ)
+def test_encoder_decoders_fixed_shape_steps(
+    seq2seq_checkpoints: dict[str, Path], variant: str
+) -> None:
+    """T5's relative position bias counts from each query's slot; BART's and Marian's
+    positions follow the mask; sequences ending early and sampling as in the causal case."""
+    from test_seq2seq import source_batch
+
+    model = rx.load(seq2seq_checkpoints[variant])
+    growing, fixed = Generator(model), Generator(model, cuda_graphs=True)
+    prompts = source_batch()
+    first = growing.generate_ids(prompts, max_new_tokens=20, eos_token_ids=[])
+    assert fixed.generate_ids(prompts, max_new_tokens=20, eos_token_ids=[]) == first
+    eos = [first[1][3]]
+    ended = growing.generate_ids(prompts, max_new_tokens=20, eos_token_ids=eos)
+    assert fixed.generate_ids(prompts, max_new_tokens=20, eos_token_ids=eos) == ended
+    sampled = dict(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    assert fixed.generate_ids(prompts, **sampled) == growing.generate_ids(prompts, **sampled)
+
+
+@pytest.mark.skipif(not _can_compile_cpu_kernels(), reason="no C++ compiler or Python headers")
+def test_compiled_encoder_decoder_fixed_shape_steps(seq2seq_checkpoints: dict[str, Path]) -> None:
+    import torch._dynamo
+    from test_seq2seq import source_batch
+
+    model = rx.load(seq2seq_checkpoints["flan"])
+    settings = dict(max_new_tokens=10, eos_token_ids=[])
+    eager = Generator(model).generate_ids(source_batch(), **settings)
+    torch._dynamo.reset()
+    try:
+        compiled = Generator(model, compile=True, cuda_graphs=True)
+        assert compiled.generate_ids(source_batch(), **settings) == eager
+    finally:
+        torch._dynamo.reset()
+
+
+def test_relative_bias_places_queries_at_their_slots() -> None:
+    from registry_xf.layers.relative_bias import RelativePositionBias
+
+    bias = RelativePositionBias(n_heads=3, n_buckets=8, max_distance=16, bidirectional=False)
+    torch.nn.init.normal_(bias.weight)
+    at = bias(2, 20, torch.tensor([10, 11]))
+    assert at.shape == (1, 3, 2, 20)
+    assert torch.equal(at[..., :12], bias(2, 12))
 
 
 # -- recorded, on a CUDA device ---------------------------------------------------------
@@ -249,3 +299,17 @@ def test_compiled_recorded_steps_give_the_eager_tokens(checkpoints: dict[str, Pa
         assert greedy(Generator(model, compile=True, cuda_graphs=True)) == eager
     finally:
         torch._dynamo.reset()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", SEQ2SEQ)
+def test_recorded_encoder_decoder_steps_give_the_eager_tokens(
+    seq2seq_checkpoints: dict[str, Path], variant: str
+) -> None:
+    from test_seq2seq import source_batch
+
+    model = rx.load(seq2seq_checkpoints[variant], device="cuda")
+    settings = dict(max_new_tokens=20, eos_token_ids=[])
+    eager = Generator(model).generate_ids(source_batch(), **settings)
+    assert Generator(model, cuda_graphs=True).generate_ids(source_batch(), **settings) == eager

@@ -160,16 +160,10 @@ class Decoder(Assembly):
         cache: KVCache | None,
         cache_position: torch.Tensor,
     ) -> None:
-        """What a step of fixed shape needs: a cache, a mask over all of it, one position
-        (a long tensor on the cache's device) per new token, and no bias shared by the
-        layers (T5's relative positions are computed for the last queries)."""
+        """What a step of fixed shape needs: a cache, a mask over all of it, and one
+        position (a long tensor on the cache's device) per new token."""
         if cache is None:
             raise InputError("cache_position needs a cache to write into (model.new_cache)")
-        if self.attention_bias is not None:
-            raise InputError(
-                "cache_position (a step of fixed shape) does not apply to a decoder with "
-                "shared attention scores (T5's relative positions)"
-            )
         if not isinstance(cache_position, torch.Tensor) or cache_position.dtype != torch.long:
             found = getattr(cache_position, "dtype", type(cache_position).__name__)
             raise InputError(f"cache_position must be a tensor of torch.long; found {found}")
@@ -258,8 +252,9 @@ class Decoder(Assembly):
             )
         self.embeddings.check(input_ids, None, positions)
         mask = AttentionMask(key_mask, causal=True, query_positions=cache_position)
-        if self.attention_bias is not None:
-            mask.bias = self.attention_bias(n_new, n_past + n_new)
+        if self.attention_bias is not None:  # fixed: placed by the queries' slots
+            placed = (cache_position,) if fixed else ()
+            mask.bias = self.attention_bias(n_new, n_past + n_new, *placed)
         extra = {"memory": memory} if memory is not None else {}
         h = self.embeddings(input_ids, None, positions)
         states = [h] if output_hidden_states else []
@@ -341,7 +336,9 @@ def decoder(
     attention_bias: nn.Module | None = None,
 ) -> Decoder:
     """A causal decoder; ``max_positions`` bounds the positions it accepts;
-    ``attention_bias`` adds scores shared by every layer (T5's relative positions)."""
+    ``attention_bias`` adds scores shared by every layer (T5's relative positions); it is
+    called with the numbers of queries and keys, and in a step of fixed shape with the
+    queries' slots as well."""
     refuse_token_merging(layers)
     return within_size_bound(Decoder(embeddings, layers, final_norm, max_positions, attention_bias))
 

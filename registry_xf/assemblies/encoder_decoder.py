@@ -97,10 +97,13 @@ class EncoderDecoder(Assembly):
         memory: EncoderMemory | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        cache_position: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Encode ``input_ids`` (or reuse ``memory``), then decode ``decoder_input_ids``.
 
         Masks have 1 for real tokens; ``decoder_attention_mask`` covers cached tokens too.
+        ``cache_position`` makes the decoder's step one of fixed shape (see
+        :meth:`~registry_xf.assemblies.decoder.Decoder.forward`).
         """
         if decoder_input_ids is None:
             raise InputError("decoder_input_ids are needed: (batch, target length)")
@@ -122,6 +125,7 @@ class EncoderDecoder(Assembly):
             cache=cache,
             memory=memory,
             output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
         )
         return Seq2SeqOutput(
             last_hidden_state=out.last_hidden_state,
@@ -191,6 +195,7 @@ class Seq2SeqLM(EncoderDecoder):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         last_only: bool = False,
+        cache_position: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """As ``EncoderDecoder.forward``, with ``logits`` for every target position, or only
         the last one (``last_only``, for generation)."""
@@ -202,6 +207,7 @@ class Seq2SeqLM(EncoderDecoder):
             memory=memory,
             cache=cache,
             output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
         )
         h = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
         out.logits = self.logits(h)

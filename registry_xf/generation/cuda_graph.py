@@ -34,9 +34,26 @@ KEPT_STEPS = 4
 WARMUP_RUNS = 2
 
 
+# A decoding step of fixed shape: (new tokens (batch, 1), the mask over the whole cache,
+# the cache, the slot of the new tokens (1,)) -> the next logits (batch, vocab).
+Step = Callable[[torch.Tensor, torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+
+
+def causal_step(forward: Callable[..., Any]) -> Step:
+    """The fixed-shape step of a causal LM's ``forward`` (the model, or its compiled form)."""
+
+    def step(
+        tokens: torch.Tensor, mask: torch.Tensor, cache: KVCache, position: torch.Tensor
+    ) -> torch.Tensor:
+        out = forward(tokens, mask, cache=cache, last_only=True, cache_position=position)
+        return out.logits[:, -1]
+
+    return step
+
+
 class DecodingGraph:
-    """One decoding step of ``forward`` (a causal LM, or its compiled form) for a batch
-    whose ``mask`` (batch, the cache's max_length) the generator updates in place.
+    """One decoding ``step`` for a batch whose ``mask`` (batch, the cache's max_length) the
+    generator updates in place.
 
     Call it with each step's new tokens (batch,) and the slot they go to; it returns the
     next logits (batch, vocab). On a CUDA device the first call records the step and every
@@ -45,17 +62,10 @@ class DecodingGraph:
     same numbers, without the gain.
     """
 
-    def __init__(
-        self,
-        forward: Callable[..., Any],
-        cache: KVCache,
-        mask: torch.Tensor,
-        *,
-        record: bool,
-    ):
+    def __init__(self, step: Step, cache: KVCache, mask: torch.Tensor, *, record: bool):
         if record and mask.device.type != "cuda":
             raise RegistryXFError(f"a CUDA graph needs a CUDA device; the step is on {mask.device}")
-        self.forward = forward
+        self.step = step
         self.cache = cache
         self.mask = mask
         self.record = record
@@ -78,14 +88,7 @@ class DecodingGraph:
     def run(self) -> torch.Tensor:
         """The step itself, from the buffers: the logits of the new tokens."""
         with torch.inference_mode():
-            out = self.forward(
-                self.token,
-                self.mask,
-                cache=self.cache,
-                last_only=True,
-                cache_position=self.position,
-            )
-        return out.logits[:, -1]
+            return self.step(self.token, self.mask, self.cache, self.position)
 
     def capture(self) -> torch.Tensor:
         """Warm up on a side stream, then record the step; its output buffer is returned."""
@@ -129,7 +132,8 @@ class RecordedSteps:
         if step is None:
             cache = self.model.new_cache(batch, slots)
             mask = torch.zeros((batch, slots), dtype=torch.long, device=device)
-            step = DecodingGraph(self.forward, cache, mask, record=device.type == "cuda")
+            record = device.type == "cuda"
+            step = DecodingGraph(causal_step(self.forward), cache, mask, record=record)
         else:
             step.cache.reset()
             step.mask.zero_()
@@ -168,3 +172,20 @@ def start_copy_to_host(*tensors: torch.Tensor) -> Callable[[], tuple[torch.Tenso
         return copies
 
     return wait
+
+
+def launch_then_read(
+    graph: DecodingGraph,
+    tokens: torch.Tensor,
+    active: torch.Tensor,
+    finished: torch.Tensor,
+    position: int,
+    launch: bool,
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """Launch the next step (if ``launch``) before reading this one's results back, so
+    that the device computes it while the host hands them out: (the next logits, or
+    None; ``tokens``, ``active`` and ``finished`` on the host). If every sequence turns
+    out to be done, the launched step's result is simply dropped."""
+    results = start_copy_to_host(tokens, active, finished)
+    logits = graph(tokens, position) if launch else None
+    return logits, results()

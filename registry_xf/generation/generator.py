@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InputError, RegistryXFError
 from ..registry import registry
-from .cuda_graph import DecodingGraph, RecordedSteps, check_recordable, start_copy_to_host
+from .cuda_graph import DecodingGraph, RecordedSteps, check_recordable, launch_then_read
 from .processors import LogitsProcessor, next_tokens
 from .seq2seq import decoding_step, is_encoder_decoder, seq2seq_steps, start_decoding
 from .settings import GenerationSettings, SettingsError
@@ -57,11 +57,12 @@ class Generator:
     encoder, the cross-attention keys and values and the start token). Worth it for long
     or repeated generation.
 
-    ``cuda_graphs=True`` records a causal LM's decoding step in a CUDA graph and replays
-    it for every new token (see :mod:`~registry_xf.generation.cuda_graph`): at small
-    batches a step is then no longer bound by the host launching its kernels. A step is
-    recorded once per batch size and cache length (in blocks of 128 slots), and the four
-    used last are kept, with their caches, for later calls. It combines with
+    ``cuda_graphs=True`` records the decoding step in a CUDA graph and replays it for
+    every new token (see :mod:`~registry_xf.generation.cuda_graph`): at small batches a
+    step is then no longer bound by the host launching its kernels. A causal LM's step
+    is recorded once per batch size and cache length (in blocks of 128 slots), and the
+    four used last are kept, with their caches, for later calls; an encoder-decoder's is
+    recorded once per call (it reads that call's encoder memory). It combines with
     ``compile=True`` (the compiled step is what is recorded). On a device other than
     CUDA the steps run in the same fixed shape, unrecorded, and a warning says so.
     """
@@ -96,11 +97,6 @@ class Generator:
         self.extra_processors = list(logits_processors)
         self.extra_criteria = list(stopping_criteria)
         if cuda_graphs:
-            if is_encoder_decoder(model):
-                raise RegistryXFError(
-                    "cuda_graphs=True applies to causal language models; an "
-                    "encoder-decoder's decoding steps are not recorded"
-                )
             check_recordable(model)
         self.cuda_graphs = cuda_graphs
         self._warned_unrecorded = False
@@ -297,14 +293,18 @@ class Generator:
         """The recorded decoding step for a call of ``batch`` sequences of up to ``length``
         tokens: on a CUDA device, else unrecorded."""
         step = self._recorded.get(batch, length)
-        if not step.record and not self._warned_unrecorded:
+        self._warn_if_unrecorded(step.mask.device)
+        return step
+
+    def _warn_if_unrecorded(self, device: torch.device) -> None:
+        """Say once per generator that ``cuda_graphs=True`` gains nothing off CUDA."""
+        if device.type != "cuda" and not self._warned_unrecorded:
             logger.warning(
                 "cuda_graphs=True: the model is on %s, not a CUDA device; decoding steps "
                 "run in the fixed shape a graph needs, unrecorded (no gain)",
-                step.mask.device,
+                device,
             )
             self._warned_unrecorded = True
-        return step
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, with the tokenizer's special tokens, not truncated."""
@@ -399,7 +399,10 @@ class Generator:
                 step=self._step,
                 steady=self._steady,
                 step_mask=self.compiled,
+                graphs=self.cuda_graphs,
             )
+            if self.cuda_graphs:
+                self._warn_if_unrecorded(model.device)
             yield from (GenerationStep(*step) for step in steps)
             return
         device = model.device
@@ -452,15 +455,10 @@ class Generator:
                 done |= criterion(state).to(device=device, dtype=torch.bool)
             finished = finished | done
             if graph is not None:
-                # The next step is launched before this one's results are read back, so
-                # that the device computes it while the host hands them out (and its
-                # result is dropped if every sequence is done).
-                results = start_copy_to_host(token, active, finished)
-                if step + 1 < s.max_new_tokens:
-                    logits = graph(token, length)
-                read = GenerationStep(*results())
-                yield read
-                if bool(read.finished.all()):
+                launch = step + 1 < s.max_new_tokens
+                logits, read = launch_then_read(graph, token, active, finished, length, launch)
+                yield GenerationStep(*read)
+                if bool(read[2].all()):
                     return
                 continue
             yield GenerationStep(token, active, finished)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .cuda_graph import DecodingGraph, launch_then_read
 from .processors import LogitsProcessor, next_tokens
 from .settings import GenerationSettings
 from .stopping import GenerationState, StoppingCriterion
@@ -56,17 +57,24 @@ def start_decoding(
 
 
 def decoding_step(
-    model: Any, token: torch.Tensor, mask: torch.Tensor | None, memory: Any, cache: Any
+    model: Any,
+    token: torch.Tensor,
+    mask: torch.Tensor | None,
+    memory: Any,
+    cache: Any,
+    cache_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The logits after one new token per sequence. ``mask`` (batch, tokens so far), when
     given, gives the cached length by its shape, which stays symbolic under
-    ``torch.compile`` (one graph for every step); eagerly the cache's count does."""
+    ``torch.compile`` (one graph for every step); eagerly the cache's count does. With
+    ``cache_position`` the step has a fixed shape (``mask`` covers the whole cache)."""
     out = model(
         decoder_input_ids=token[:, None],
         decoder_attention_mask=mask,
         memory=memory,
         cache=cache,
         last_only=True,
+        cache_position=cache_position,
     )
     return out.logits[:, -1]
 
@@ -84,6 +92,7 @@ def seq2seq_steps(
     step: Callable[..., torch.Tensor] = decoding_step,
     steady: Callable[[bool], AbstractContextManager] | None = None,
     step_mask: bool = False,
+    graphs: bool = False,
 ) -> Iterator[Step]:
     """Encode the right-padded sources once, then decode one token per step.
 
@@ -92,6 +101,10 @@ def seq2seq_steps(
     each step); ``steady(after_first_step)`` is the context each step runs in. A
     sequence that is done keeps being fed padding (its results are dropped) until every
     sequence is done, as in the causal loop.
+
+    ``graphs``: the steps after the start have a fixed shape, recorded in a CUDA graph
+    on a CUDA device (a graph per call: it reads this call's encoder memory), and each
+    is launched before the previous one's tokens are read back.
     """
     start_id, pad = decoder_ids(model, pad_id)
     device = model.device
@@ -105,7 +118,8 @@ def seq2seq_steps(
     total = 1 + s.max_new_tokens
     ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
     ids[:, 0] = start_id
-    mask = torch.ones((batch, total), dtype=torch.long, device=device)
+    mask = torch.zeros((batch, total), dtype=torch.long, device=device)
+    mask[:, 0] = 1
     rng = None
     if s.sampling and s.seed is not None:
         rng = torch.Generator(device=device).manual_seed(s.seed)
@@ -113,6 +127,15 @@ def seq2seq_steps(
     cache = model.new_cache(batch, total)
     with torch.inference_mode():
         logits, memory = start(model, source, source_mask, ids[:, :1], cache)
+    graph = None
+    if graphs:
+
+        def fixed_step(
+            tokens: torch.Tensor, whole: torch.Tensor, cache: Any, position: torch.Tensor
+        ) -> torch.Tensor:
+            return step(model, tokens[:, 0], whole, memory, cache, position)
+
+        graph = DecodingGraph(fixed_step, cache, mask, record=device.type == "cuda")
     for n in range(s.max_new_tokens):
         length = 1 + n
         active = ~finished
@@ -120,11 +143,19 @@ def seq2seq_steps(
             logits, ids[:, :length], mask[:, :length], processors, s.sampling, rng, finished, pad
         )
         ids[:, length] = token
+        mask[:, length] = 1
         state = GenerationState(ids[:, : length + 1], 1, finished, decode)
         done = torch.zeros_like(finished)
         for criterion in criteria:
             done |= criterion(state).to(device=device, dtype=torch.bool)
         finished = finished | done
+        if graph is not None:
+            launch = n + 1 < s.max_new_tokens
+            logits, read = launch_then_read(graph, token, active, finished, length, launch)
+            yield read  # type: ignore[misc]
+            if bool(read[2].all()):
+                return
+            continue
         yield token, active, finished
         if bool(finished.all()):
             return

@@ -52,10 +52,16 @@ class RelativePositionBias(nn.Module):
         wide = wide.clamp(max=n_buckets - 1)
         return buckets + torch.where(distance < exact, distance, wide)
 
-    def forward(self, n_queries: int, n_keys: int) -> torch.Tensor:
-        """(1, heads, queries, keys); the queries are the last ``n_queries`` keys."""
+    def forward(
+        self, n_queries: int, n_keys: int, query_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(1, heads, queries, keys); the queries are the last ``n_queries`` keys, or sit
+        at ``query_positions`` among them (a decoding step of fixed shape)."""
         device = self.weight.device
-        query = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        if query_positions is not None:
+            query = query_positions.to(device)[:, None]
+        else:
+            query = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
         key = torch.arange(n_keys, device=device)[None, :]
         values = nn.functional.embedding(self.buckets(key - query), self.weight)
         return values.permute(2, 0, 1)[None]
