@@ -181,11 +181,12 @@ def launch_then_read(
     finished: torch.Tensor,
     position: int,
     launch: bool,
-) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Launch the next step (if ``launch``) before reading this one's results back, so
     that the device computes it while the host hands them out: (the next logits, or
     None; ``tokens``, ``active`` and ``finished`` on the host). If every sequence turns
     out to be done, the launched step's result is simply dropped."""
     results = start_copy_to_host(tokens, active, finished)
     logits = graph(tokens, position) if launch else None
-    return logits, results()
+    tokens, active, finished = results()
+    return logits, (tokens, active, finished)

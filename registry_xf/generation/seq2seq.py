@@ -152,7 +152,7 @@ def seq2seq_steps(
         if graph is not None:
             launch = n + 1 < s.max_new_tokens
             logits, read = launch_then_read(graph, token, active, finished, length, launch)
-            yield read  # type: ignore[misc]
+            yield read
             if bool(read[2].all()):
                 return
             continue
