@@ -11,6 +11,19 @@ import torch
 from .unpadding import Unpadded
 
 
+def query_slots(
+    n_queries: int,
+    n_keys: int,
+    device: torch.device,
+    query_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The queries' slots among the keys, as a column (queries, 1): ``query_positions``
+    (a step of fixed shape), or else the last ``n_queries`` keys."""
+    if query_positions is not None:
+        return query_positions.to(device)[:, None]
+    return torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+
+
 @dataclass
 class AttentionMask:
     """A mask built once per forward pass and shared by every layer.
@@ -63,10 +76,7 @@ class AttentionMask:
         needs_causal = self.causal and (n_queries > 1 or self.query_positions is not None)
         needs_window = window is not None and n_keys > window
         if needs_causal or needs_window:
-            if self.query_positions is not None:
-                q_pos = self.query_positions.to(device)[:, None]
-            else:
-                q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+            q_pos = query_slots(n_queries, n_keys, device, self.query_positions)
             k_pos = torch.arange(n_keys, device=device)[None, :]
             allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
             if self.causal:

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import Fraction, HeadCount, HeadWidth, PositionCount, PositionIndex, RopeBase, Width
+from .attention_mask import query_slots
 from .rope_scaling import RopeScaling, check_scaling, scaled_inv_freq
 
 SinusoidalLayout = Literal["interleaved", "halves"]
@@ -212,10 +213,7 @@ class ALiBi(nn.Module):
         """The additive bias (1, heads, queries, keys) in float32; the queries are the last
         keys, or sit at ``query_positions`` among them."""
         device = self.slopes.device
-        if query_positions is not None:
-            q_pos = query_positions.to(device)[:, None]
-        else:
-            q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        q_pos = query_slots(n_queries, n_keys, device, query_positions)
         k_pos = torch.arange(n_keys, device=device)[None, :]
         distance = (q_pos - k_pos).abs().float()
         return (-self.slopes[:, None, None] * distance)[None]

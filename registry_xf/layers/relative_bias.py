@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import ConfigError, ConfigProblem
 from ..registry import registry
 from ..types import HeadCount, PositionCount
+from .attention_mask import query_slots
 
 
 class RelativePositionBias(nn.Module):
@@ -58,10 +59,7 @@ class RelativePositionBias(nn.Module):
         """(1, heads, queries, keys); the queries are the last ``n_queries`` keys, or sit
         at ``query_positions`` among them (a decoding step of fixed shape)."""
         device = self.weight.device
-        if query_positions is not None:
-            query = query_positions.to(device)[:, None]
-        else:
-            query = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        query = query_slots(n_queries, n_keys, device, query_positions)
         key = torch.arange(n_keys, device=device)[None, :]
         values = nn.functional.embedding(self.buckets(key - query), self.weight)
         return values.permute(2, 0, 1)[None]
