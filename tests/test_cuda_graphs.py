@@ -72,6 +72,7 @@ def test_recorded_steps_are_kept_for_calls_of_the_same_shape(
     growing, fixed = Generator(model), Generator(model, cuda_graphs=True)
     assert greedy(fixed) == greedy(growing)
     (first,) = fixed._recorded.steps.values()
+    assert not fixed._recorded.busy  # returned after the call
     shorter = dict(max_new_tokens=9, eos_token_ids=[])
     assert fixed.generate_ids(PROMPTS[::-1], **shorter) == growing.generate_ids(
         PROMPTS[::-1], **shorter

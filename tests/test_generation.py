@@ -503,6 +503,32 @@ def test_stream_joins_to_the_generated_text(model: torch.nn.Module) -> None:
         assert all(pieces)
 
 
+def test_overlapping_calls_with_cuda_graphs_share_no_step(model: torch.nn.Module) -> None:
+    """Two streams of one generator read in turn, and calls from several threads, each
+    get a recorded step (cache and mask) of their own: the texts of calls made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = Generator(model, cuda_graphs=True)
+    prompts, settings = ["the cat", "a dog"], dict(max_new_tokens=40, eos_token_ids=[])
+    alone = [Generator(model).generate(p, **settings)[0] for p in prompts]
+    streams = [g.stream(p, **settings) for p in prompts]
+    texts = ["", ""]
+    pending = {0, 1}
+    while pending:
+        for i in sorted(pending):
+            piece = next(streams[i], None)
+            if piece is None:
+                pending.discard(i)
+            else:
+                texts[i] += piece
+    assert texts == alone
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(g.generate, prompts[i % 2], **settings) for i in range(8)]
+        assert [c.result()[0] for c in calls] == [alone[i % 2] for i in range(8)]
+    assert not g._recorded.busy
+    assert len(g._recorded.steps) == 1  # the one shape's kept step
+
+
 def test_stream_waits_for_whole_characters(model: torch.nn.Module) -> None:
     text = "hé€ the cat 🐈 done"
     pieces = list(scripted(model, text).stream("the cat", max_new_tokens=40))

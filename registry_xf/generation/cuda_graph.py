@@ -12,8 +12,10 @@ and the cache is written in place.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -111,36 +113,52 @@ class RecordedSteps:
 
     A step is kept per (batch size, cache length rounded up to whole blocks of
     ``SLOTS_PER_BLOCK`` slots, at most the model's positions); the ``KEPT_STEPS`` used
-    last are kept, their caches with them.
+    last are kept, their caches with them. A call borrows its step for as long as it
+    runs: calls that overlap (two streams read in turn, or threads) never share one.
     """
 
     def __init__(self, model: Any, forward: Callable[..., Any]):
         self.model = model
         self.forward = forward
         self.steps: OrderedDict[tuple, DecodingGraph] = OrderedDict()
+        self.busy: set[int] = set()  # ids of the steps lent out
+        self.lock = threading.Lock()
 
-    def get(self, batch: int, length: int) -> DecodingGraph:
+    @contextlib.contextmanager
+    def borrow(self, batch: int, length: int) -> Iterator[DecodingGraph]:
         """A step for ``batch`` sequences of up to ``length`` tokens, its cache emptied and
-        its mask zeroed for a new call."""
+        its mask zeroed, for the duration of one call. If the kept step of that shape is
+        lent out, the call gets one of its own, not kept."""
         device = self.model.device
         slots = -(-length // SLOTS_PER_BLOCK) * SLOTS_PER_BLOCK
         limit = getattr(self.model, "max_positions", None)
         if limit is not None:
             slots = max(min(slots, limit), length)
         key = (batch, slots, device)
-        step = self.steps.pop(key, None)
-        if step is None:
-            cache = self.model.new_cache(batch, slots)
-            mask = torch.zeros((batch, slots), dtype=torch.long, device=device)
-            record = device.type == "cuda"
-            step = DecodingGraph(causal_step(self.forward), cache, mask, record=record)
-        else:
-            step.cache.reset()
-            step.mask.zero_()
-        self.steps[key] = step
-        while len(self.steps) > KEPT_STEPS:
-            self.steps.popitem(last=False)
-        return step
+        with self.lock:
+            step = self.steps.get(key)
+            if step is None or id(step) in self.busy:
+                step = self._new(batch, slots, device)
+                if key not in self.steps:
+                    self.steps[key] = step
+            else:
+                step.cache.reset()
+                step.mask.zero_()
+            self.steps.move_to_end(key)
+            while len(self.steps) > KEPT_STEPS:
+                self.steps.popitem(last=False)
+            self.busy.add(id(step))
+        try:
+            yield step
+        finally:
+            with self.lock:
+                self.busy.discard(id(step))
+
+    def _new(self, batch: int, slots: int, device: torch.device) -> DecodingGraph:
+        cache = self.model.new_cache(batch, slots)
+        mask = torch.zeros((batch, slots), dtype=torch.long, device=device)
+        record = device.type == "cuda"
+        return DecodingGraph(causal_step(self.forward), cache, mask, record=record)
 
 
 def check_recordable(model: torch.nn.Module) -> None:

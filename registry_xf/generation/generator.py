@@ -289,13 +289,6 @@ class Generator:
             return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
 
-    def _decoding_graph(self, batch: int, length: int) -> DecodingGraph:
-        """The recorded decoding step for a call of ``batch`` sequences of up to ``length``
-        tokens: on a CUDA device, else unrecorded."""
-        step = self._recorded.get(batch, length)
-        self._warn_if_unrecorded(step.mask.device)
-        return step
-
     def _warn_if_unrecorded(self, device: torch.device) -> None:
         """Say once per generator that ``cuda_graphs=True`` gains nothing off CUDA."""
         if device.type != "cuda" and not self._warned_unrecorded:
@@ -381,7 +374,7 @@ class Generator:
         ``max_new_tokens``; a sequence that is done keeps being fed padding (its results
         are dropped) until every sequence is done.
         """
-        model, forward = self.model, self._forward
+        model = self.model
         width = max(len(p) for p in prompts)
         processors = self.logits_processors(s, self.prompt_length(width))
         criteria = self.stopping_criteria(s)
@@ -405,6 +398,25 @@ class Generator:
                 self._warn_if_unrecorded(model.device)
             yield from (GenerationStep(*step) for step in steps)
             return
+        if not self.cuda_graphs:
+            yield from self._causal_steps(prompts, s, processors, criteria, None)
+            return
+        total = width + s.max_new_tokens
+        with self._recorded.borrow(len(prompts), total) as graph:
+            self._warn_if_unrecorded(graph.mask.device)
+            yield from self._causal_steps(prompts, s, processors, criteria, graph)
+
+    def _causal_steps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        s: GenerationSettings,
+        processors: Sequence[LogitsProcessor],
+        criteria: Sequence[StoppingCriterion],
+        graph: DecodingGraph | None,
+    ) -> Iterator[GenerationStep]:
+        """A causal LM's loop; with ``graph``, the steps after the prompt are its fixed-shape
+        (recorded) ones, and its cache and mask are the call's."""
+        model, forward = self.model, self._forward
         device = model.device
         pad = self.pad_id
         batch, width = len(prompts), max(len(p) for p in prompts)
@@ -415,11 +427,9 @@ class Generator:
             ids[row, width - len(prompt) : width] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) : width] = 1
         ids, mask = ids.to(device), mask.to(device)
-        graph = cache = None
-        if self.cuda_graphs:  # the recorded step's own cache and mask, which it reads
-            graph = self._decoding_graph(batch, total)
+        if graph is not None:  # the recorded step's own mask (and cache), which it reads
             graph.mask[:, :total] = mask
-            cache, mask = graph.cache, graph.mask
+            mask = graph.mask
         rng = None
         seed = s.seed
         parallel = getattr(getattr(model, "record", None), "parallel", None)
@@ -429,8 +439,7 @@ class Generator:
             rng = torch.Generator(device=device).manual_seed(seed)
         decode = self.decode if self.tokenizer is not None else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        if cache is None:
-            cache = model.new_cache(batch, total)
+        cache = graph.cache if graph is not None else model.new_cache(batch, total)
         with torch.inference_mode():
             out = forward(ids[:, :width], mask[:, :width], cache=cache, last_only=True)
         logits = out.logits[:, -1]
