@@ -102,7 +102,9 @@ class DecodingGraph:
                     self.run()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: other threads (other calls) may use the GPU meanwhile; only
+            # this thread must not do what a recording forbids
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 logits = self.run()
         return logits
 
