@@ -2,9 +2,9 @@
 
 A recorded step must have the same shapes every time and read nothing back to the host:
 the decoder's ``cache_position`` step. On a CPU these tests check that step against the
-growing one (every decoder layout, left-padded batches, sequences finishing early,
-sampling, the compiled model) and its errors; where a CUDA device is present the tests
-marked ``cuda`` also record it and replay it.
+growing one (every decoder layout and T5, BART, Marian; left-padded batches, sequences
+finishing early, sampling, the compiled model) and its errors; where a CUDA device is
+present the tests marked ``cuda`` also record it and replay it.
 """
 
 from __future__ import annotations
